@@ -1,0 +1,47 @@
+"""porter: port pretrained models across frameworks, with proof.
+
+Public API (imports are lazy: ``import porter`` loads neither TensorFlow nor torch):
+
+    porter.convert(source, output=None, **options) -> ConvertResult
+    porter.finetune(source, data, output=None, **options) -> FinetuneResult
+    porter.load(model, device="auto", fp16=False, batch_size=32) -> Predictor
+    porter.inspect(model) -> InspectReport
+and the errors in ``porter.errors`` (PorterError and its subclasses).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+__version__ = "0.1.0"
+
+from .errors import (  # noqa: E402  (cheap, no heavy imports)
+    ConversionError, DataError, ModelLoadError, NetworkError, OutputError, PorterError, RuntimeSetupError,
+    SourceError, UnsafeModelError, UnsupportedError, UsageError, ValidationError,
+)
+
+_LAZY = {
+    "convert": ("porter.convert", "convert"),
+    "ConvertResult": ("porter.convert", "ConvertResult"),
+    "finetune": ("porter.finetune", "finetune"),
+    "load": ("porter.runtime.predictor", "load"),
+    "inspect": ("porter.inspection", "inspect_model"),
+    "ModelCard": ("porter.spec", "ModelCard"),
+    "PreprocessSpec": ("porter.spec", "PreprocessSpec"),
+}
+
+__all__ = sorted([*_LAZY, "PorterError", "ValidationError", "UsageError", "SourceError", "ModelLoadError",
+                  "UnsafeModelError", "UnsupportedError", "ConversionError", "OutputError", "DataError",
+                  "NetworkError", "RuntimeSetupError", "__version__"])
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        import importlib
+
+        module, attr = _LAZY[name]
+        value = getattr(importlib.import_module(module), attr)
+        if name != "convert":  # porter.convert the function would shadow the submodule; keep both reachable
+            globals()[name] = value
+        return value
+    raise AttributeError(f"module 'porter' has no attribute {name!r}")

@@ -1,0 +1,204 @@
+"""The porter command line: parse arguments, build one options object, call the public API, print.
+
+No logic lives here that the Python API lacks. Errors: a PorterError prints one line to stderr and exits
+non-zero; ``--debug`` shows the traceback. This module must not import TensorFlow or torch at start-up.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from typing import Callable, Sequence
+
+from . import __version__
+from .errors import PorterError, UsageError
+
+COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {}
+
+
+def command(name: str):
+    def decorate(fn):
+        COMMANDS[name] = fn
+        return fn
+
+    return decorate
+
+
+# --- shared argument parsing ----------------------------------------------------------------------------------
+
+def parse_dims(text: str) -> tuple[int, ...]:
+    try:
+        dims = tuple(int(p) for p in text.replace("x", ",").split(",") if p.strip())
+    except ValueError:
+        raise UsageError(f"bad shape {text!r}: expected comma-separated integers such as 224,224,3") from None
+    if not dims or any(d <= 0 for d in dims):
+        raise UsageError(f"bad shape {text!r}: dimensions must be positive integers")
+    return dims
+
+
+def parse_input_shapes(values: Sequence[str] | None) -> dict[str | None, tuple[int, ...]]:
+    shapes: dict[str | None, tuple[int, ...]] = {}
+    for v in values or ():
+        name, sep, dims = v.rpartition(":") if ":" in v else ("", "", v)
+        shapes[name or None] = parse_dims(dims)
+    return shapes
+
+
+def parse_floats(text: str | None, what: str) -> tuple[float, ...] | None:
+    if text is None:
+        return None
+    try:
+        return tuple(float(p) for p in text.split(",") if p.strip())
+    except ValueError:
+        raise UsageError(f"bad --{what} {text!r}: expected comma-separated numbers such as 0.5,0.5,0.5") from None
+
+
+def parse_hub_args(values: Sequence[str] | None) -> dict:
+    import ast
+
+    out = {}
+    for v in values or ():
+        name, sep, literal = v.partition("=")
+        if not sep or not name.isidentifier():
+            raise UsageError(f"bad --hub-arg {v!r}: expected name=value, e.g. pretrained=False")
+        try:
+            out[name] = ast.literal_eval(literal)
+        except (ValueError, SyntaxError):
+            raise UsageError(f"bad --hub-arg {v!r}: {literal!r} is not a Python literal "
+                             f"(quote strings: {name}=\"'text'\"; use True/False/None, numbers, lists)") from None
+    return out
+
+
+def read_labels(path: str | None) -> tuple[str, ...] | None:
+    if path is None:
+        return None
+    try:
+        with open(path, encoding="utf-8") as f:
+            labels = tuple(line.strip() for line in f if line.strip())
+    except OSError as e:
+        raise UsageError(f"can't read labels file {path}: {e.strerror}") from None
+    if not labels:
+        raise UsageError(f"labels file {path} is empty; put one class name per line")
+    return labels
+
+
+def add_preprocess_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--preprocess", choices=["raw", "unit", "tf", "torch", "caffe"],
+                   help="input normalization: raw 0..255, unit [0,1], tf [-1,1], torch ImageNet mean/std, caffe BGR mean subtraction")
+    p.add_argument("--mean", help="per-channel mean override, e.g. 0.5,0.5,0.5")
+    p.add_argument("--std", help="per-channel std override, e.g. 0.5,0.5,0.5")
+
+
+# --- convert ----------------------------------------------------------------------------------------------------
+
+def add_convert_parser(sub) -> None:
+    from .importers import list_importers
+
+    p = sub.add_parser("convert", help="import a model and write it as validated ONNX",
+                       description="Import a model, normalize it to ONNX and prove the ONNX computes what the source "
+                                   f"computes. Importers: {', '.join(list_importers())}.")
+    p.add_argument("source", help="keras:NAME, keras:PATH, torchhub:OWNER/REPO[:REF]:ENTRY, torchhub:DIR:ENTRY, "
+                                  "tfjs:PATH|URL, or a model file (.keras, .h5, SavedModel dir, model.json, .pt)")
+    p.add_argument("-o", "--output", required=True, help="the ONNX file to write")
+    p.add_argument("--opset", type=int, default=None, help="ONNX opset (default 17)")
+    p.add_argument("--input-shape", action="append", metavar="[NAME:]DIMS",
+                   help="concrete dims without the batch axis for inputs with unknown dims, e.g. 224,224,3 (repeatable)")
+    p.add_argument("--atol", type=float, default=None, help="parity absolute tolerance (default 1e-4)")
+    p.add_argument("--rtol", type=float, default=None, help="parity relative tolerance (default 1e-3)")
+    p.add_argument("--no-validate", action="store_true", help="skip the parity check against the source model")
+    p.add_argument("--weights", help="keras.applications weights: imagenet (default), none, or a weights file")
+    p.add_argument("--unsafe", action="store_true", help="allow Keras deserialization that runs code (Lambda layers)")
+    p.add_argument("--hub-arg", action="append", metavar="NAME=VALUE", help="keyword argument for a hub entry point (repeatable)")
+    p.add_argument("--trust-repo", action="store_true", help="allow running a remote hub repo's code")
+    p.add_argument("--labels", help="a text file with one class name per line")
+    add_preprocess_args(p)
+    p.add_argument("--force", action="store_true", help="overwrite the output if it exists")
+
+
+def convert_options(args: argparse.Namespace) -> dict:
+    opts = dict(force=args.force, validate=not args.no_validate, unsafe=args.unsafe, trust_repo=args.trust_repo,
+                input_shapes=parse_input_shapes(args.input_shape), hub_args=parse_hub_args(args.hub_arg))
+    for name in ("opset", "atol", "rtol", "weights", "preprocess"):
+        if getattr(args, name) is not None:
+            opts[name] = getattr(args, name)
+    if args.mean is not None:
+        opts["mean"] = parse_floats(args.mean, "mean")
+    if args.std is not None:
+        opts["std"] = parse_floats(args.std, "std")
+    if args.labels is not None:
+        opts["labels"] = read_labels(args.labels)
+    return opts
+
+
+@command("convert")
+def run_convert(args: argparse.Namespace) -> int:
+    from .convert import convert
+
+    result = convert(args.source, args.output, **convert_options(args))
+    print(result.summary())
+    return 0
+
+
+# --- inspect ----------------------------------------------------------------------------------------------------
+
+def add_inspect_parser(sub) -> None:
+    p = sub.add_parser("inspect", help="show an ONNX model's inputs, outputs, opset, metadata and size")
+    p.add_argument("model", help="an ONNX file")
+    p.add_argument("--cuts", action="store_true", help="list the tensors a new head can be attached to")
+    p.add_argument("--json", action="store_true", help="print JSON instead of text")
+
+
+@command("inspect")
+def run_inspect(args: argparse.Namespace) -> int:
+    from .inspection import inspect_model
+
+    report = inspect_model(args.model, cuts=args.cuts)
+    print(report.to_json() if args.json else report.to_text())
+    return 0
+
+
+# --- finetune (issue 5) -----------------------------------------------------------------------------------------
+# FINETUNE-CLI-PLACEHOLDER
+
+# --- predict and bench (issue 6) --------------------------------------------------------------------------------
+# RUNTIME-CLI-PLACEHOLDER
+
+
+# --- main -------------------------------------------------------------------------------------------------------
+
+PARSER_BUILDERS = [add_convert_parser, add_inspect_parser]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="porter",
+        description="Port pretrained models (Keras, PyTorch Hub, TF.js) to ONNX with proven parity, fine-tune a new "
+                    "head on your data, and run them fast with ONNX Runtime.")
+    parser.add_argument("--version", action="version", version=f"porter {__version__}")
+    parser.add_argument("--debug", action="store_true", help="show tracebacks and framework logs")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for build in PARSER_BUILDERS:
+        build(sub)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not args.command:
+        parser.print_help()
+        return 2
+    from .logging_setup import quiet_frameworks
+
+    quiet_frameworks(debug=args.debug)
+    try:
+        return COMMANDS[args.command](args)
+    except PorterError as e:
+        if args.debug:
+            raise
+        print(f"porter: error: {e}", file=sys.stderr)
+        return e.exit_code
+    except KeyboardInterrupt:
+        print("porter: interrupted", file=sys.stderr)
+        return 130

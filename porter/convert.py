@@ -1,0 +1,114 @@
+"""``porter.convert``: source reference -> importer -> normalized ONNX -> parity validation -> metadata -> file."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from . import __version__
+from .errors import UsageError
+from .options import ConvertOptions
+from .sources import SourceRef, parse_source
+from .spec import ModelCard, PreprocessSpec
+
+
+@dataclass
+class ConvertResult:
+    model: Any  # onnx.ModelProto
+    path: Path | None
+    parity: Any  # graph.validate.ParityReport | None
+    card: ModelCard
+    seconds: float
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def metadata(self) -> dict[str, str]:
+        return self.card.to_metadata()
+
+    def summary(self) -> str:
+        from .graph.inspect import graph_inputs, graph_outputs, opset_of, parameter_count
+
+        where = f" -> {self.path}" if self.path else ""
+        lines = [f"converted {self.card.source}{where} in {self.seconds:.1f} s",
+                 f"  opset {opset_of(self.model)}, {parameter_count(self.model):,} parameters, framework "
+                 f"{self.card.framework}"]
+        lines += [f"  input  {t.describe()}" for t in graph_inputs(self.model)]
+        lines += [f"  output {t.describe()}" for t in graph_outputs(self.model)]
+        pre = self.card.preprocess.describe() if self.card.preprocess else "unknown (give --preprocess to record it)"
+        lines.append(f"  preprocess: {pre}")
+        if self.card.labels:
+            lines.append(f"  labels: {len(self.card.labels)} ({', '.join(self.card.labels[:3])}{', ...' if len(self.card.labels) > 3 else ''})")
+        lines.append("  " + (self.parity.summary() if self.parity else "parity: not checked (--no-validate)"))
+        lines += [f"  note: {n}" for n in self.notes]
+        return "\n".join(lines)
+
+
+def resolve_preprocess(known: PreprocessSpec | None, opts: ConvertOptions, model) -> PreprocessSpec | None:
+    """The importer's preprocessing, overridden by --preprocess/--mean/--std; geometry read off the graph."""
+    from .graph.inspect import graph_inputs, image_geometry
+
+    if opts.preprocess is None and opts.mean is None and opts.std is None:
+        return known
+    inputs = graph_inputs(model)
+    geometry = image_geometry(inputs[0].shape) if len(inputs) == 1 else None
+    if geometry is None:
+        raise UsageError("--preprocess/--mean/--std describe image inputs, but this model's input is not a single "
+                         "rank-4 image tensor")
+    layout, size, channels = geometry
+    mode = opts.preprocess or (known.mode if known and known.mode in ("raw", "unit", "tf", "torch", "caffe") else "raw")
+    return PreprocessSpec.preset(mode, layout=layout, size=size, channels=channels, mean=opts.mean, std=opts.std)
+
+
+def convert(source: Any, output: str | Path | None = None, **options: Any) -> ConvertResult:
+    """Import ``source``, normalize it to ONNX, prove parity, attach metadata, and write ``output`` if given.
+
+    ``source`` is a reference string (``keras:MobileNetV2``, ``torchhub:DIR:ENTRY``, ``tfjs:URL`` ...), a path
+    detected by content, or an in-memory ``torch.nn.Module`` / ``keras.Model``. Options are the fields of
+    :class:`porter.options.ConvertOptions`. Raises a PorterError subclass on any user-facing failure; nothing is
+    written unless everything succeeded.
+    """
+    from .importers import get_importer
+    from .outputs import check_output, save_onnx
+
+    start = time.perf_counter()
+    opts = ConvertOptions.from_kwargs(**options)
+    ref: SourceRef = parse_source(source)
+    if output is not None:
+        check_output(output, opts.force)  # fail before minutes of work
+    if ref.importer == "onnx":
+        raise UsageError(f"{ref} is already an ONNX model; use porter inspect, finetune, predict or bench on it")
+
+    from .graph.normalize import normalize
+    from .graph.validate import validate
+
+    imported = get_importer(ref.importer)(ref, opts)
+    model = normalize(imported.onnx_model, imported.input_names, imported.output_names)
+    preprocess = resolve_preprocess(imported.preprocess, opts, model)
+    report = None
+    if opts.validate:
+        report = validate(model, imported.run_source, atol=opts.atol, rtol=opts.rtol,
+                          batch_sizes=opts.validation_batch_sizes, seed=opts.seed, preprocess=preprocess)
+    labels = opts.labels if opts.labels is not None else imported.labels
+    card = ModelCard(
+        source=str(ref), framework=imported.framework, porter_version=__version__,
+        framework_versions=imported.framework_versions, preprocess=preprocess,
+        labels=tuple(labels) if labels is not None else None,
+        parity=report.to_dict() if report else None, provenance=dict(imported.provenance))
+    _check_labels(card, model)
+    card.apply_to(model)
+    model.producer_name, model.producer_version = "porter", __version__
+    path = save_onnx(model, output, opts.force) if output is not None else None
+    return ConvertResult(model, path, report, card, time.perf_counter() - start, list(imported.notes))
+
+
+def _check_labels(card: ModelCard, model) -> None:
+    from .graph.inspect import graph_outputs
+
+    if not card.labels:
+        return
+    classes = [o.shape[-1] for o in graph_outputs(model) if len(o.shape) == 2 and isinstance(o.shape[-1], int)]
+    if classes and len(card.labels) not in classes:
+        raise UsageError(f"{len(card.labels)} labels given but the model has {classes[0]} classes; "
+                         f"the labels file needs one line per class")

@@ -1,0 +1,1 @@
+"""ONNX-level work that knows nothing of the source framework: normalize, validate, inspect, surgery."""

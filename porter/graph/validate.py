@@ -1,0 +1,186 @@
+"""Prove an ONNX model computes what its source computes.
+
+Seeded inputs at several batch sizes go through the source model and ONNX Runtime; every output is compared
+(max abs, max rel, scaled difference, top-1 agreement for classifiers). Failures are collected, then raised
+once as a ValidationError that names each failing output with its figures.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field
+from typing import Callable, Sequence
+
+import numpy as np
+import onnx
+
+from ..errors import UsageError, ValidationError
+from ..spec import PreprocessSpec
+from .inspect import TensorInfo, graph_inputs, graph_outputs
+
+
+@dataclass(frozen=True)
+class OutputParity:
+    output: str
+    batch_size: int
+    max_abs: float
+    max_rel: float
+    scaled: float  # max_abs / max(1, max |reference|): the headline figure
+    top1_agreement: float | None  # fraction of rows whose argmax agrees, for (batch, classes) outputs
+    ok: bool
+    problem: str = ""  # shape/dtype mismatch, NaN ...
+
+    def describe(self) -> str:
+        if self.problem:
+            return f"{self.output} @batch {self.batch_size}: {self.problem}"
+        top1 = f", top-1 {self.top1_agreement:.0%}" if self.top1_agreement is not None else ""
+        return (f"{self.output} @batch {self.batch_size}: max abs {self.max_abs:.3g}, max rel {self.max_rel:.3g}, "
+                f"scaled {self.scaled:.3g}{top1}")
+
+
+@dataclass(frozen=True)
+class ParityReport:
+    results: tuple[OutputParity, ...]
+    atol: float
+    rtol: float
+    batch_sizes: tuple[int, ...]
+    seed: int
+    failures: tuple[OutputParity, ...] = field(default=())
+
+    @property
+    def passed(self) -> bool:
+        return not self.failures
+
+    @property
+    def max_abs(self) -> float:
+        return max((r.max_abs for r in self.results), default=0.0)
+
+    @property
+    def max_scaled(self) -> float:
+        return max((r.scaled for r in self.results), default=0.0)
+
+    @property
+    def min_top1(self) -> float | None:
+        vals = [r.top1_agreement for r in self.results if r.top1_agreement is not None]
+        return min(vals) if vals else None
+
+    def to_dict(self) -> dict:
+        """Compact figures for the model card (per output: worst over batch sizes)."""
+        per_output: dict[str, dict] = {}
+        for r in self.results:
+            cur = per_output.setdefault(r.output, {"max_abs": 0.0, "max_rel": 0.0, "scaled": 0.0})
+            cur["max_abs"] = max(cur["max_abs"], _finite(r.max_abs))
+            cur["max_rel"] = max(cur["max_rel"], _finite(r.max_rel))
+            cur["scaled"] = max(cur["scaled"], _finite(r.scaled))
+            if r.top1_agreement is not None:
+                cur["top1_agreement"] = min(cur.get("top1_agreement", 1.0), r.top1_agreement)
+        return {"passed": self.passed, "atol": self.atol, "rtol": self.rtol, "batch_sizes": list(self.batch_sizes),
+                "seed": self.seed, "outputs": per_output}
+
+    def summary(self) -> str:
+        top1 = f", top-1 agreement {self.min_top1:.0%}" if self.min_top1 is not None else ""
+        status = "passed" if self.passed else "FAILED"
+        return (f"parity {status} at batch sizes {', '.join(map(str, self.batch_sizes))}: max abs diff "
+                f"{self.max_abs:.2e}, max scaled diff {self.max_scaled:.2e}{top1} (atol {self.atol:g}, rtol {self.rtol:g})")
+
+
+def _finite(x: float) -> float:
+    return x if math.isfinite(x) else 1e30
+
+
+def make_inputs(inputs: Sequence[TensorInfo], batch: int, rng: np.random.Generator,
+                preprocess: PreprocessSpec | None = None) -> list[np.ndarray]:
+    """Seeded inputs of the model's shapes; image inputs with known preprocessing get real-looking pixels."""
+    arrays = []
+    for info in inputs:
+        dims = list(info.shape)
+        if not dims:
+            raise UsageError(f"input {info.name} has no known rank; give --input-shape")
+        rest = dims[1:]
+        unknown = [i + 1 for i, d in enumerate(rest) if not isinstance(d, int) or d <= 0]
+        if unknown:
+            raise UsageError(f"input {info.name!r} has unknown dims {info.describe()}; give concrete dims without the "
+                             f"batch axis, e.g. --input-shape {info.name}:" + ",".join(
+                                 str(d) if isinstance(d, int) and d > 0 else "N" for d in rest))
+        shape = (batch, *rest)
+        dtype = np.dtype(info.dtype) if info.dtype != "unknown" else np.dtype("float32")
+        if dtype.kind == "f":
+            if preprocess is not None and len(shape) == 4:
+                pixels = rng.uniform(0, 255, size=shape)
+                ch_axis = 3 if preprocess.layout == "NHWC" else 1
+                bshape = [1, 1, 1, 1]
+                bshape[ch_axis] = -1
+                n = shape[ch_axis]
+                mean = np.resize(np.asarray(preprocess.mean, dtype=np.float64), n).reshape(bshape)
+                std = np.resize(np.asarray(preprocess.std, dtype=np.float64), n).reshape(bshape)
+                arrays.append(((pixels * preprocess.scale - mean) / std).astype(dtype))
+            else:
+                arrays.append(rng.standard_normal(shape).astype(dtype))
+        elif dtype.kind in "iu":
+            arrays.append(rng.integers(0, 10, size=shape).astype(dtype))
+        elif dtype.kind == "b":
+            arrays.append(rng.random(shape) > 0.5)
+        else:
+            raise UsageError(f"input {info.name!r} has dtype {info.dtype}, which porter can't generate test data for; "
+                             f"use --no-validate")
+    return arrays
+
+
+def compare(name: str, batch: int, got: np.ndarray, ref: np.ndarray, atol: float, rtol: float) -> OutputParity:
+    got, ref = np.asarray(got), np.asarray(ref)
+    if got.shape != ref.shape:
+        return OutputParity(name, batch, math.inf, math.inf, math.inf, None, False,
+                            f"shape {list(got.shape)} from ONNX vs {list(ref.shape)} from the source")
+    if got.size == 0:
+        return OutputParity(name, batch, 0.0, 0.0, 0.0, None, True)
+    g = got.astype(np.float64)
+    r = ref.astype(np.float64)
+    if not np.isfinite(g).all() and not np.array_equal(np.isfinite(g), np.isfinite(r)):
+        return OutputParity(name, batch, math.inf, math.inf, math.inf, None, False, "ONNX produced NaN/inf where the source did not")
+    finite = np.isfinite(r) & np.isfinite(g)
+    diff = np.abs(g - r)[finite] if finite.any() else np.zeros(1)
+    rabs = np.abs(r)[finite] if finite.any() else np.zeros(1)
+    max_abs = float(diff.max())
+    max_rel = float((diff / np.maximum(rabs, 1e-12)).max()) if diff.size else 0.0
+    scaled = max_abs / max(1.0, float(rabs.max()))
+    top1 = None
+    if r.ndim == 2 and r.shape[1] > 1 and got.dtype.kind == "f":
+        top1 = float(np.mean(np.argmax(g, axis=1) == np.argmax(r, axis=1)))
+    ok = bool(np.all(diff <= atol + rtol * rabs))
+    return OutputParity(name, batch, max_abs, max_rel, scaled, top1, ok)
+
+
+def validate(model: onnx.ModelProto, run_source: Callable[[Sequence[np.ndarray]], Sequence[np.ndarray]], *,
+             atol: float, rtol: float, batch_sizes: Sequence[int] = (1, 3), seed: int = 0,
+             preprocess: PreprocessSpec | None = None, raise_on_failure: bool = True) -> ParityReport:
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.log_severity_level = 3
+    session = ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
+    inputs = graph_inputs(model)
+    outputs = [o.name for o in graph_outputs(model)]
+    rng = np.random.default_rng(seed)
+    results: list[OutputParity] = []
+    for batch in batch_sizes:
+        feed = make_inputs(inputs, batch, rng, preprocess)
+        got = session.run(outputs, {i.name: a for i, a in zip(inputs, feed)})
+        ref = list(run_source(feed))
+        if len(ref) != len(got):
+            raise ValidationError(f"the source model returned {len(ref)} outputs but the ONNX model has {len(got)} "
+                                  f"({', '.join(outputs)})")
+        for name, g, r in zip(outputs, got, ref):
+            res = compare(name, batch, g, r, atol, rtol)
+            if res.ok and g.ndim >= 1 and g.shape[0] != batch:
+                res = OutputParity(name, batch, res.max_abs, res.max_rel, res.scaled, res.top1_agreement, False,
+                                   f"leading axis is {g.shape[0]}, not the batch size {batch}")
+            results.append(res)
+    failures = tuple(r for r in results if not r.ok)
+    report = ParityReport(tuple(results), atol, rtol, tuple(batch_sizes), seed, failures)
+    if failures and raise_on_failure:
+        raise ValidationError(
+            f"ONNX output differs from the source for {len(failures)} check(s): "
+            + "; ".join(f.describe() for f in failures)
+            + f" (atol {atol:g}, rtol {rtol:g}); loosen --atol/--rtol if this is expected, or report the model",
+            report=report)
+    return report

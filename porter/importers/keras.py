@@ -1,0 +1,319 @@
+"""Keras importer: keras.applications by name, .keras / .h5 files, SavedModel directories, in-memory models.
+
+Keras files load in safe mode: a Lambda layer (or anything else that would run code from the file) is refused
+unless the user passes --unsafe. Conversion goes through ``tf.function`` + ``tf2onnx.convert.from_function``
+(tf2onnx's ``from_keras`` does not understand Keras 3 models).
+"""
+
+from __future__ import annotations
+
+import difflib
+import json
+import os
+import re
+import zipfile
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+
+from ..logging_setup import heavy_import
+from ..errors import ConversionError, ModelLoadError, NetworkError, SourceError, UnsafeModelError, UsageError
+from ..options import ConvertOptions
+from ..sources import SourceRef
+from ..spec import PreprocessSpec
+from . import ImportedModel, register_importer
+
+# keras.applications module -> preprocessing family (what the family's preprocess_input does)
+APPLICATION_PREPROCESS = {
+    "mobilenet": "tf", "mobilenet_v2": "tf", "inception_v3": "tf", "inception_resnet_v2": "tf", "xception": "tf",
+    "nasnet": "tf", "resnet_v2": "tf",
+    "vgg16": "caffe", "vgg19": "caffe", "resnet": "caffe", "resnet50": "caffe",
+    "densenet": "torch",
+    # these include their own rescaling layers: they take raw 0..255 pixels
+    "efficientnet": "raw", "efficientnet_v2": "raw", "convnext": "raw", "mobilenet_v3": "raw", "regnet": "raw",
+    "resnet_rs": "raw",
+}
+UNSAFE_CLASSES = ("Lambda", "TFOpLambda")
+
+
+def _tf():
+    return heavy_import("tensorflow")
+
+
+def _keras():
+    _tf()
+    return heavy_import("keras")
+
+
+def framework_versions() -> dict[str, str]:
+    tf, keras, tf2onnx = _tf(), _keras(), heavy_import("tf2onnx")
+
+    return {"tensorflow": tf.__version__, "keras": keras.__version__, "tf2onnx": tf2onnx.__version__}
+
+
+# --- loading ----------------------------------------------------------------------------------------------------
+
+def application_names() -> list[str]:
+    apps = _keras().applications
+    return sorted(n for n in dir(apps) if n[:1].isupper() and callable(getattr(apps, n)))
+
+
+def load_application(name: str, opts: ConvertOptions):
+    keras = _keras()
+    names = application_names()
+    if name not in names:
+        lower = {n.lower(): n for n in names}
+        close = difflib.get_close_matches(name, names, n=4, cutoff=0.5) or (
+            [lower[name.lower()]] if name.lower() in lower else [])
+        hint = f"did you mean {', '.join(close)}?" if close else f"available: {', '.join(names)}"
+        raise SourceError(f"unknown keras.applications model {name!r}; {hint}")
+    ctor = getattr(keras.applications, name)
+    weights: Any = opts.weights or "imagenet"
+    kwargs: dict[str, Any] = {}
+    shape = opts.shape_for("input", 1) or opts.shape_for(None, 1)
+    if shape:
+        kwargs["input_shape"] = tuple(shape)
+    if weights.lower() == "none":
+        weights = None
+    elif weights != "imagenet":
+        if not Path(weights).is_file():
+            raise SourceError(f"weights file not found: {weights}; use --weights imagenet, none, or a path to an .h5 file")
+    try:
+        model = ctor(weights=weights, **kwargs)
+    except ValueError as e:
+        raise UsageError(f"keras.applications.{name} rejected the options: {_first_line(e)}") from None
+    except Exception as e:  # noqa: BLE001 - keras.utils.get_file raises plain Exception on fetch failures
+        msg = str(e)
+        if weights == "imagenet" and ("fetch failure" in msg or "URL" in msg or isinstance(e, OSError)):
+            url = re.search(r"https?://\S+", msg)
+            fname = url.group(0).rstrip(".:,;").rsplit("/", 1)[-1] if url else f"the {name} weights file"
+            cache = Path(os.environ.get("KERAS_HOME", Path.home() / ".keras")) / "models"
+            raise NetworkError(f"can't download ImageNet weights for {name} (offline?); place {fname} in {cache} "
+                               f"or use --weights none|PATH") from None
+        raise ModelLoadError(f"can't build keras.applications.{name}: {_first_line(e)}") from None
+    return model, ctor.__module__.rsplit(".", 1)[-1], weights
+
+
+def _scan_config_for_unsafe(config: Any) -> list[str]:
+    """Names of layers whose deserialization runs code (Lambda etc.), found anywhere in a Keras config."""
+    found: list[str] = []
+
+    def walk(node: Any) -> None:
+        if isinstance(node, dict):
+            if node.get("class_name") in UNSAFE_CLASSES:
+                found.append(str(node.get("config", {}).get("name", node.get("class_name"))))
+            for v in node.values():
+                walk(v)
+        elif isinstance(node, list):
+            for v in node:
+                walk(v)
+
+    walk(config)
+    return found
+
+
+def _read_config(ref: SourceRef) -> Any:
+    path = Path(ref.location)
+    try:
+        if ref.form == "keras-file":
+            with zipfile.ZipFile(path) as z:
+                return json.loads(z.read("config.json"))
+        import h5py
+
+        with h5py.File(path, "r") as f:
+            raw = f.attrs.get("model_config")
+            if raw is None:
+                raise ModelLoadError(f"{path} holds only weights, no model architecture; load them into the model in "
+                                     f"Python and pass the model to porter.convert, or save it with model.save()")
+            return json.loads(raw.decode() if isinstance(raw, bytes) else raw)
+    except ModelLoadError:
+        raise
+    except (OSError, KeyError, ValueError, zipfile.BadZipFile) as e:
+        raise ModelLoadError(f"can't read {path}: {_first_line(e)} — the file looks truncated or corrupt; "
+                             f"save the model again") from None
+
+
+def load_file(ref: SourceRef, opts: ConvertOptions):
+    unsafe = _scan_config_for_unsafe(_read_config(ref))
+    if unsafe and not opts.unsafe:
+        raise UnsafeModelError(f"{ref.location} contains Lambda layer(s) {', '.join(unsafe)} whose code would run on "
+                               f"load; porter refuses it in safe mode. If you trust the file, pass --unsafe")
+    keras = _keras()
+    try:
+        return keras.models.load_model(ref.location, compile=False, safe_mode=not opts.unsafe)
+    except ValueError as e:
+        if "safe_mode" in str(e) or "arbitrary code" in str(e):
+            raise UnsafeModelError(f"{ref.location} needs unsafe deserialization ({_first_line(e)[:120]}); if you "
+                                   f"trust the file, pass --unsafe") from None
+        raise ModelLoadError(f"can't load {ref.location}: {_first_line(e)}") from None
+    except TypeError as e:
+        m = re.search(r"class[^']*'([^']+)'", str(e))
+        what = f"custom class {m.group(1)!r}" if m else "a custom object"
+        raise ModelLoadError(f"{ref.location} uses {what} that Keras can't rebuild without its Python code; load the "
+                             f"model in Python and pass it to porter.convert") from None
+    except Exception as e:  # noqa: BLE001 - h5py/zip errors of every kind mean "corrupt"
+        raise ModelLoadError(f"can't load {ref.location}: {_first_line(e)} — the file looks truncated or corrupt") from None
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip() or type(e).__name__
+    return text.splitlines()[0]
+
+
+# --- conversion -------------------------------------------------------------------------------------------------
+
+def _clean(name: str) -> str:
+    return name.split(":")[0]
+
+
+def _input_specs(model, opts: ConvertOptions):
+    tf = _tf()
+    specs = []
+    n = len(model.inputs)
+    for t in model.inputs:
+        name = _clean(t.name)
+        dims = list(t.shape[1:])
+        if any(d is None for d in dims):
+            given = opts.shape_for(name, n)
+            if given is None:
+                example = ",".join("224" if d is None else str(d) for d in dims)
+                raise UsageError(f"input {name!r} has unknown dims {['?' if d is None else d for d in t.shape]}; give "
+                                 f"concrete dims without the batch axis, e.g. --input-shape {example}")
+            if len(given) != len(dims) or any(d is not None and d != g for d, g in zip(dims, given)):
+                raise UsageError(f"--input-shape {','.join(map(str, given))} does not fit input {name!r} of shape "
+                                 f"{['?' if d is None else d for d in t.shape]} (give the dims without the batch axis)")
+            dims = list(given)
+        specs.append(tf.TensorSpec((None, *dims), tf.as_dtype(t.dtype), name=name))
+    return specs
+
+
+def _output_names(model) -> list[str]:
+    names = []
+    for t in model.outputs:
+        history = getattr(t, "_keras_history", None)
+        op = getattr(history, "operation", None) if history is not None else None
+        names.append(op.name if op is not None else _clean(t.name))
+    return names
+
+
+def convert_tf_function(fn, specs: Sequence[Any], opts: ConvertOptions):
+    """Run tf2onnx on a tf.function; map its failures to porter errors."""
+    tf2onnx = heavy_import("tf2onnx")
+    try:
+        onnx_model, _ = tf2onnx.convert.from_function(fn, input_signature=list(specs), opset=opts.opset)
+    except ValueError as e:
+        if "opset" in str(e).lower():
+            raise UsageError(f"tf2onnx can't target opset {opts.opset}: {_first_line(e)}; try --opset 17") from None
+        raise ConversionError(f"tf2onnx failed: {_first_line(e)}") from None
+    except Exception as e:  # noqa: BLE001 - tf2onnx raises many kinds
+        raise ConversionError(f"tf2onnx failed: {type(e).__name__}: {_first_line(e)}") from None
+    return onnx_model
+
+
+def keras_model_to_imported(model, opts: ConvertOptions, source_label: str) -> ImportedModel:
+    """Convert an in-memory keras.Model; shared by the Keras and TF.js (layers-model) importers."""
+    tf = _tf()
+    keras = _keras()
+    specs = _input_specs(model, opts)
+    single = len(specs) == 1
+
+    def call(*xs):
+        out = model(xs[0] if single else list(xs), training=False)
+        return tf.nest.flatten(out)
+
+    fn = tf.function(call, input_signature=specs, autograph=False)
+    onnx_model = convert_tf_function(fn, specs, opts)
+
+    def run_source(arrays: Sequence[np.ndarray]) -> list[np.ndarray]:
+        out = model(arrays[0] if single else list(arrays), training=False)
+        return [np.asarray(keras.ops.convert_to_numpy(o)) for o in tf.nest.flatten(out)]
+
+    return ImportedModel(
+        onnx_model=onnx_model, run_source=run_source, framework="keras", framework_versions=framework_versions(),
+        input_names=[s.name for s in specs], output_names=_output_names(model),
+        provenance={"exporter": "tf2onnx", "source_model": source_label})
+
+
+def import_savedmodel(ref: SourceRef, opts: ConvertOptions) -> ImportedModel:
+    tf = _tf()
+    try:
+        loaded = tf.saved_model.load(ref.location)
+    except Exception as e:  # noqa: BLE001
+        raise ModelLoadError(f"can't load SavedModel {ref.location}: {_first_line(e)}") from None
+    sigs = dict(getattr(loaded, "signatures", {}) or {})
+    if not sigs:
+        raise ModelLoadError(f"SavedModel {ref.location} has no serving signatures; export it with a signature "
+                             f"(model.export() or tf.saved_model.save(..., signatures=...))")
+    sig = sigs.get("serving_default") or sigs[sorted(sigs)[0]]
+    _, kw_specs = sig.structured_input_signature
+    names = sorted(kw_specs)
+    specs = []
+    for name in names:
+        s = kw_specs[name]
+        dims = list(s.shape[1:])
+        if any(d is None for d in dims):
+            given = opts.shape_for(name, len(names))
+            if given is None:
+                raise UsageError(f"SavedModel input {name!r} has unknown dims {s.shape}; give --input-shape "
+                                 f"{name}:" + ",".join("N" if d is None else str(d) for d in dims))
+            dims = list(given)
+        specs.append(tf.TensorSpec((None, *dims), s.dtype, name=name))
+    out_names = sorted(sig.structured_outputs)
+
+    def call(*xs):
+        out = sig(**dict(zip(names, xs)))
+        return [out[k] for k in out_names]
+
+    fn = tf.function(call, input_signature=specs, autograph=False)
+    onnx_model = convert_tf_function(fn, specs, opts)
+
+    def run_source(arrays: Sequence[np.ndarray]) -> list[np.ndarray]:
+        out = sig(**{n: tf.constant(a) for n, a in zip(names, arrays)})
+        return [out[k].numpy() for k in out_names]
+
+    return ImportedModel(onnx_model=onnx_model, run_source=run_source, framework="tensorflow",
+                         framework_versions=framework_versions(), input_names=names, output_names=out_names,
+                         provenance={"exporter": "tf2onnx", "signature": "serving_default" if "serving_default" in sigs else sorted(sigs)[0]})
+
+
+def _imagenet_labels() -> tuple[str, ...] | None:
+    """ImageNet class names from Keras's cache (no download: labels are a nicety, not worth a network call)."""
+    path = Path(os.environ.get("KERAS_HOME", Path.home() / ".keras")) / "models" / "imagenet_class_index.json"
+    try:
+        index = json.loads(path.read_text())
+        return tuple(index[str(i)][1] for i in range(len(index)))
+    except (OSError, ValueError, KeyError):
+        return None
+
+
+@register_importer("keras")
+def import_keras(ref: SourceRef, opts: ConvertOptions) -> ImportedModel:
+    if ref.form == "savedmodel":
+        return import_savedmodel(ref, opts)
+    preprocess = None
+    labels = None
+    notes: list[str] = []
+    if ref.form == "application":
+        model, family, weights = load_application(ref.location, opts)
+        mode = APPLICATION_PREPROCESS.get(family)
+        shape = tuple(model.inputs[0].shape[1:])
+        if mode:
+            size = tuple(shape[:2]) if all(isinstance(d, int) for d in shape[:2]) else None
+            preprocess = PreprocessSpec.preset(mode, layout="NHWC", size=size, channels=shape[-1])
+        if weights == "imagenet" and model.outputs[0].shape[-1] == 1000:
+            labels = _imagenet_labels()
+            if labels is None:
+                notes.append("ImageNet labels not in Keras's cache (imagenet_class_index.json); none recorded")
+        label = f"keras.applications.{ref.location} (weights={weights or 'none'})"
+    elif ref.form == "object":
+        model, label = ref.obj, f"keras.Model {ref.obj.name}"
+    elif ref.form in ("keras-file", "h5-file"):
+        model, label = load_file(ref, opts), Path(ref.location).name
+    else:
+        raise SourceError(f"the Keras importer can't read {ref} ({ref.form})")
+    imported = keras_model_to_imported(model, opts, label)
+    imported.preprocess = preprocess
+    imported.labels = labels
+    imported.notes.extend(notes)
+    return imported

@@ -1,0 +1,117 @@
+"""``porter inspect``: what an ONNX file holds. Imports onnx only — never TensorFlow or torch."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .errors import ModelLoadError, SourceError
+from .spec import ModelCard
+
+
+@dataclass
+class InspectReport:
+    path: str
+    ir_version: int
+    opset: int
+    producer: str
+    inputs: list[Any]
+    outputs: list[Any]
+    parameters: int
+    size_bytes: int
+    card: ModelCard | None
+    other_metadata: dict[str, str]
+    cuts: list[Any] | None = field(default=None)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "path": self.path, "ir_version": self.ir_version, "opset": self.opset, "producer": self.producer,
+            "inputs": [{"name": t.name, "dtype": t.dtype, "shape": list(t.shape)} for t in self.inputs],
+            "outputs": [{"name": t.name, "dtype": t.dtype, "shape": list(t.shape)} for t in self.outputs],
+            "parameters": self.parameters, "size_bytes": self.size_bytes,
+            "porter": self.card.to_metadata() if self.card else None, "metadata": self.other_metadata,
+            "cuts": [_cut_dict(c) for c in self.cuts] if self.cuts is not None else None,
+        }
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2)
+
+    def to_text(self) -> str:
+        lines = [f"{self.path}: ONNX IR {self.ir_version}, opset {self.opset}, producer {self.producer or '?'}, "
+                 f"{self.parameters:,} parameters, {self.size_bytes / 1e6:.2f} MB"]
+        lines += [f"  input  {t.describe()}" for t in self.inputs]
+        lines += [f"  output {t.describe()}" for t in self.outputs]
+        c = self.card
+        if c is None:
+            lines.append("  porter metadata: none (not written by porter; preprocessing unknown)")
+        else:
+            lines.append(f"  source: {c.source} ({c.framework}; porter {c.porter_version})")
+            if c.framework_versions:
+                lines.append("  versions: " + ", ".join(f"{k} {v}" for k, v in sorted(c.framework_versions.items())))
+            lines.append(f"  preprocess: {c.preprocess.describe() if c.preprocess else 'unknown'}")
+            if c.labels is not None:
+                shown = ", ".join(c.labels[:8]) + (", ..." if len(c.labels) > 8 else "")
+                lines.append(f"  labels ({len(c.labels)}): {shown}")
+            if c.parity:
+                outs = c.parity.get("outputs", {})
+                worst = max((o.get("scaled", 0.0) for o in outs.values()), default=0.0)
+                lines.append(f"  parity: {'passed' if c.parity.get('passed') else 'FAILED'}, max scaled diff "
+                             f"{worst:.2e} at batch sizes {c.parity.get('batch_sizes')}")
+            if c.cut:
+                lines.append(f"  cut: {c.cut}")
+            if c.training:
+                lines.append("  training: " + ", ".join(f"{k} {v}" for k, v in c.training.items()
+                                                        if not isinstance(v, (list, dict))))
+            for k, v in sorted(c.provenance.items()):
+                lines.append(f"  {k}: {v}")
+        for k, v in sorted(self.other_metadata.items()):
+            lines.append(f"  {k}: {v}")
+        if self.cuts is not None:
+            lines.append("  cut candidates (best first):" if self.cuts else "  cut candidates: none found")
+            for cut in self.cuts:
+                d = _cut_dict(cut)
+                lines.append(f"    {d['tensor']}  {d['shape']}  {d['reason']}")
+        return "\n".join(lines)
+
+
+def _cut_dict(cut: Any) -> dict[str, Any]:
+    if isinstance(cut, dict):
+        return cut
+    if hasattr(cut, "tensor"):
+        return {"tensor": cut.tensor, "shape": list(getattr(cut, "shape", [])), "reason": getattr(cut, "reason", "")}
+    tensor, shape, reason = cut
+    return {"tensor": tensor, "shape": list(shape), "reason": reason}
+
+
+def load_onnx(path: str | Path):
+    """Load an ONNX file with a clear error for anything that isn't one."""
+    import onnx
+
+    p = Path(path)
+    if not p.is_file():
+        raise SourceError(f"model not found: {path} (no such file)")
+    try:
+        return onnx.load_model(str(p))
+    except Exception as e:  # noqa: BLE001 - protobuf DecodeError and friends
+        raise ModelLoadError(f"{path} is not an ONNX model ({type(e).__name__}); convert it first with porter convert") from None
+
+
+def inspect_model(path: str | Path, cuts: bool = False) -> InspectReport:
+    from .graph.inspect import graph_inputs, graph_outputs, opset_of, parameter_count
+
+    model = load_onnx(path)
+    if not model.graph.node and not model.graph.input:
+        raise ModelLoadError(f"{path} is not an ONNX model (it parsed as an empty graph); convert it first with porter convert")
+    props = {p.key: p.value for p in model.metadata_props}
+    cut_list = None
+    if cuts:
+        from .graph.surgery import cut_candidates
+
+        cut_list = list(cut_candidates(model))
+    return InspectReport(
+        path=str(path), ir_version=model.ir_version, opset=opset_of(model), producer=model.producer_name,
+        inputs=graph_inputs(model), outputs=graph_outputs(model), parameters=parameter_count(model),
+        size_bytes=Path(path).stat().st_size, card=ModelCard.from_metadata(props),
+        other_metadata={k: v for k, v in props.items() if not k.startswith("porter.")}, cuts=cut_list)

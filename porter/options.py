@@ -1,0 +1,50 @@
+"""Options for ``porter.convert``: one object, built by the CLI or by a pipeline, passed to every importer."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, fields
+from typing import Any
+
+from .errors import UsageError
+
+DEFAULT_OPSET = 17  # supported by tf2onnx 1.16+ and torch.onnx, runs on every current ONNX Runtime
+
+
+@dataclass(frozen=True)
+class ConvertOptions:
+    opset: int = DEFAULT_OPSET
+    # input name (or None for "the only input") -> dims without the batch axis
+    input_shapes: dict[str | None, tuple[int, ...]] = field(default_factory=dict)
+    atol: float = 1e-4
+    rtol: float = 1e-3
+    validate: bool = True
+    validation_batch_sizes: tuple[int, ...] = (1, 3)
+    seed: int = 0
+    force: bool = False
+    unsafe: bool = False  # allow deserialization that runs code (Keras Lambda layers)
+    weights: str | None = None  # keras.applications: imagenet | none | PATH (default imagenet)
+    hub_args: dict[str, Any] = field(default_factory=dict)
+    trust_repo: bool = False
+    preprocess: str | None = None  # raw | unit | tf | torch | caffe: overrides what the importer knows
+    mean: tuple[float, ...] | None = None
+    std: tuple[float, ...] | None = None
+    labels: tuple[str, ...] | None = None
+
+    @classmethod
+    def from_kwargs(cls, **kwargs: Any) -> "ConvertOptions":
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(kwargs) - known)
+        if unknown:
+            raise UsageError(f"unknown convert option(s): {', '.join(unknown)}; known: {', '.join(sorted(known))}")
+        if "input_shape" in kwargs:  # convenience spelling for single-input models
+            raise UsageError("use input_shapes={None: (H, W, C)} (or {'name': dims}) for input shapes")
+        if not 7 <= int(kwargs.get("opset", DEFAULT_OPSET)) <= 21:
+            raise UsageError(f"opset {kwargs['opset']} is out of range; porter supports opsets 7 to 21 (default {DEFAULT_OPSET})")
+        return cls(**kwargs)
+
+    def shape_for(self, name: str, n_inputs: int) -> tuple[int, ...] | None:
+        if name in self.input_shapes:
+            return self.input_shapes[name]
+        if None in self.input_shapes and n_inputs == 1:
+            return self.input_shapes[None]
+        return None

@@ -1,0 +1,65 @@
+"""Writing results: never half-written, never over an existing file without ``force``."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import tempfile
+from pathlib import Path
+from typing import Iterator
+
+from .errors import OutputError
+
+TWO_GB = 2 * 1024**3
+
+
+def check_output(path: str | os.PathLike, force: bool) -> Path:
+    """Fail early (before any work) if ``path`` can't be written."""
+    out = Path(path).expanduser()
+    if out.is_dir():
+        raise OutputError(f"output {out} is a directory; give a file name such as {out / 'model.onnx'}")
+    if out.exists() and not force:
+        raise OutputError(f"output {out} already exists; use --force (force=True) to overwrite it")
+    if not out.parent.exists():
+        raise OutputError(f"output directory {out.parent} does not exist; create it first")
+    if not os.access(out.parent, os.W_OK):
+        raise OutputError(f"output directory {out.parent} is not writable")
+    return out
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | os.PathLike, force: bool) -> Iterator[Path]:
+    """Yield a temporary path in the target directory; rename it onto ``path`` only if the block succeeds."""
+    out = check_output(path, force)
+    fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent)
+    os.close(fd)
+    tmp_path = Path(tmp)
+    try:
+        yield tmp_path
+        if out.exists() and not force:  # appeared while we worked
+            raise OutputError(f"output {out} appeared while porter was working; use --force to overwrite it")
+        os.replace(tmp_path, out)
+    finally:
+        if tmp_path.exists():
+            tmp_path.unlink()
+
+
+def write_bytes(path: str | os.PathLike, data: bytes, force: bool) -> Path:
+    with atomic_path(path, force) as tmp:
+        tmp.write_bytes(data)
+    return Path(path)
+
+
+def save_onnx(model, path: str | os.PathLike, force: bool) -> Path:
+    """Save one ONNX file; weights go to external data (``NAME.data`` beside it) only over 2 GB."""
+    import onnx
+
+    out = Path(path)
+    if model.ByteSize() < TWO_GB:
+        return write_bytes(out, model.SerializeToString(), force)
+    data_name = out.name + ".data"
+    check_output(out.parent / data_name, force)
+    with atomic_path(out, force) as tmp:
+        onnx.save_model(model, str(tmp), save_as_external_data=True, all_tensors_to_one_file=True,
+                        location=data_name, size_threshold=1024)
+    return out

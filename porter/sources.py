@@ -1,0 +1,247 @@
+"""The one place that parses source references and recognises model files by their content.
+
+Spellings:
+    keras:NAME                     a keras.applications model (MobileNetV2, ResNet50, ...)
+    keras:PATH                     a .keras / .h5 file or a SavedModel directory
+    torchhub:OWNER/REPO[:REF]:ENTRY  a GitHub hub repo (through torch.hub's download and cache)
+    torchhub:PATH:ENTRY            a local directory with a hubconf.py
+    tfjs:PATH | tfjs:URL           a TF.js model.json (layers-model or graph-model)
+    onnx:PATH                      an ONNX file (finetune, predict)
+    PATH                           any of the files above, detected by content
+    URL                            http(s)://.../model.json
+An nn.Module or keras.Model passed to the Python API is wrapped as a SourceRef with ``obj`` set.
+"""
+
+from __future__ import annotations
+
+import gzip
+import json
+import os
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from .errors import SourceError
+
+PREFIXES = ("keras", "torchhub", "tfjs", "onnx")
+HDF5_MAGIC = b"\x89HDF\r\n\x1a\n"
+
+
+@dataclass(frozen=True)
+class SourceRef:
+    """A parsed source. ``importer`` names the importer; ``form`` says which of its spellings was used."""
+
+    importer: str  # keras | torchhub | tfjs | onnx
+    form: str  # application | keras-file | h5-file | savedmodel | hub-local | hub-remote | torchscript | state-dict | module | json-file | url | onnx-file | object
+    location: str  # path, URL, application name, or owner/repo
+    entry: str | None = None  # torchhub entry point
+    ref: str | None = None  # torchhub git ref
+    text: str = ""  # what the user wrote
+    obj: Any = None  # an in-memory model (API only)
+
+    def __str__(self) -> str:
+        return self.text or self.location
+
+
+def parse_source(source: Any) -> SourceRef:
+    """Parse a reference string, a path, or an in-memory model into a SourceRef."""
+    if isinstance(source, SourceRef):
+        return source
+    if isinstance(source, os.PathLike):
+        return _detect_path(Path(source), str(source))
+    if not isinstance(source, str):
+        return _from_object(source)
+    text = source.strip()
+    if not text:
+        raise SourceError("empty source reference; give a model path or a reference such as keras:MobileNetV2")
+    if text.startswith(("http://", "https://")):
+        return SourceRef("tfjs", "url", text, text=text)
+    prefix, sep, rest = text.partition(":")
+    if sep and prefix in PREFIXES and not _is_windows_drive(text):
+        return _PARSERS[prefix](rest, text)
+    if sep and prefix.lower() in PREFIXES:
+        raise SourceError(f"unknown prefix {prefix!r} in {text!r}; prefixes are lower case: {', '.join(p + ':' for p in PREFIXES)}")
+    path = Path(text).expanduser()
+    if path.exists():
+        return _detect_path(path, text)
+    if sep and prefix not in PREFIXES and "/" in prefix and not prefix.startswith((".", "/", "~")):
+        raise SourceError(
+            f"{text!r} is neither a file nor a prefixed reference; did you mean torchhub:{text} "
+            f"(a GitHub hub repo) or ./{text} (a local path)?")
+    if sep and "://" not in text and prefix not in PREFIXES and not prefix.startswith((".", "/", "~")):
+        raise SourceError(f"unknown source prefix {prefix!r} in {text!r}; use one of: {', '.join(p + ':' for p in PREFIXES)} or a path")
+    raise SourceError(f"model not found: {text} (no such file or directory); check the path, or use a "
+                      f"reference such as keras:MobileNetV2 or torchhub:OWNER/REPO:ENTRY")
+
+
+def _is_windows_drive(text: str) -> bool:
+    return len(text) > 2 and text[1] == ":" and text[0].isalpha() and text[2] in "\\/"
+
+
+def _from_object(obj: Any) -> SourceRef:
+    mod = type(obj).__module__
+    for base in type(obj).__mro__:
+        name = f"{base.__module__}.{base.__qualname__}"
+        if name == "torch.nn.modules.module.Module":
+            return SourceRef("torchhub", "module", type(obj).__name__, text=f"module:{type(obj).__name__}", obj=obj)
+        if name in ("keras.src.models.model.Model", "keras.src.layers.layer.Layer"):
+            return SourceRef("keras", "object", obj.name, text=f"keras-object:{obj.name}", obj=obj)
+    raise SourceError(f"can't convert an object of type {mod}.{type(obj).__name__}; pass a path, a reference "
+                      f"string, a torch.nn.Module or a keras.Model")
+
+
+# --- prefixed forms -------------------------------------------------------------------------------------------
+
+def _parse_keras(rest: str, text: str) -> SourceRef:
+    if not rest:
+        raise SourceError("keras: needs an application name or a path, e.g. keras:MobileNetV2 or keras:model.keras")
+    path = Path(rest).expanduser()
+    if path.exists() or any(c in rest for c in "/\\") or path.suffix in (".keras", ".h5", ".hdf5"):
+        if not path.exists():
+            raise SourceError(f"model not found: {rest} (no such file or directory)")
+        ref = _detect_path(path, text)
+        if ref.importer != "keras":
+            raise SourceError(f"{rest} is not a Keras model: it looks like a {ref.importer} model ({ref.form}); "
+                              f"drop the keras: prefix to let porter detect it")
+        return ref
+    return SourceRef("keras", "application", rest, text=text)
+
+
+def _parse_torchhub(rest: str, text: str) -> SourceRef:
+    location, sep, entry = rest.rpartition(":")
+    if not sep or not location or not entry:
+        raise SourceError(f"{text!r}: a hub reference needs an entry point: torchhub:OWNER/REPO[:REF]:ENTRY "
+                          f"or torchhub:PATH:ENTRY")
+    local = Path(location).expanduser()
+    if local.is_dir() or location.startswith((".", "/", "~")):
+        if not local.is_dir():
+            raise SourceError(f"hub directory not found: {location}")
+        return SourceRef("torchhub", "hub-local", str(local), entry=entry, text=text)
+    repo, _, ref = location.partition(":")
+    parts = repo.split("/")
+    if len(parts) != 2 or not all(parts) or any(p in (".", "..") for p in parts):
+        raise SourceError(f"{text!r}: expected torchhub:OWNER/REPO[:REF]:ENTRY (or a local directory that exists)")
+    return SourceRef("torchhub", "hub-remote", repo, entry=entry, ref=ref or None, text=text)
+
+
+def _parse_tfjs(rest: str, text: str) -> SourceRef:
+    if rest.startswith(("http://", "https://")):
+        return SourceRef("tfjs", "url", rest, text=text)
+    if "://" in rest:
+        raise SourceError(f"{text!r}: only http(s) URLs are supported for TF.js models")
+    path = Path(rest).expanduser()
+    if path.is_dir():
+        path = path / "model.json"
+    if not path.exists():
+        raise SourceError(f"model not found: {rest} (no such file or directory)")
+    return SourceRef("tfjs", "json-file", str(path), text=text)
+
+
+def _parse_onnx(rest: str, text: str) -> SourceRef:
+    path = Path(rest).expanduser()
+    if not path.is_file():
+        raise SourceError(f"model not found: {rest} (no such file)")
+    return SourceRef("onnx", "onnx-file", str(path), text=text)
+
+
+_PARSERS = {"keras": _parse_keras, "torchhub": _parse_torchhub, "tfjs": _parse_tfjs, "onnx": _parse_onnx}
+
+
+# --- detection by content -------------------------------------------------------------------------------------
+
+def _detect_path(path: Path, text: str) -> SourceRef:
+    if path.is_dir():
+        if (path / "saved_model.pb").exists() or (path / "saved_model.pbtxt").exists():
+            return SourceRef("keras", "savedmodel", str(path), text=text)
+        if (path / "hubconf.py").exists():
+            raise SourceError(f"{text} is a hub directory; name the entry point: torchhub:{text}:ENTRY")
+        if (path / "model.json").exists():
+            return SourceRef("tfjs", "json-file", str(path / "model.json"), text=text)
+        raise SourceError(f"{text} is a directory but not a model: no saved_model.pb, model.json or hubconf.py in it")
+    kind = sniff_file(path)
+    suffix = path.suffix.lower()
+    if kind == "keras-zip":
+        return SourceRef("keras", "keras-file", str(path), text=text)
+    if kind == "hdf5":
+        return SourceRef("keras", "h5-file", str(path), text=text)
+    if kind == "torchscript":
+        return SourceRef("torchhub", "torchscript", str(path), text=text)
+    if kind == "torch-pickle":
+        return SourceRef("torchhub", "state-dict", str(path), text=text)
+    if kind == "tfjs-json":
+        return SourceRef("tfjs", "json-file", str(path), text=text)
+    if kind == "onnx":
+        return SourceRef("onnx", "onnx-file", str(path), text=text)
+    expected = {".keras": "a Keras zip archive holding config.json", ".h5": "an HDF5 file", ".hdf5": "an HDF5 file",
+                ".json": "a TF.js model.json", ".onnx": "an ONNX protobuf", ".pt": "a TorchScript archive",
+                ".pth": "a TorchScript archive"}.get(suffix)
+    found = {"empty": "an empty file", "zip": "a zip archive of another kind",
+             "damaged-zip": "a damaged or truncated zip archive", "json": "JSON that is not a TF.js model",
+             "truncated-hdf5": "a truncated HDF5 file"}.get(kind, "not a model file porter knows")
+    if expected:
+        raise SourceError(f"{path} is not {expected}: it is {found}; check that the file is complete and of the kind its name says")
+    raise SourceError(f"{path}: unrecognised model file ({found}); porter reads .keras, .h5, SavedModel directories, "
+                      f"TF.js model.json, TorchScript .pt and ONNX files")
+
+
+def sniff_file(path: Path) -> str:
+    """Name the kind of a model file from its first bytes, never from its name."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(8192)
+    except OSError as e:
+        raise SourceError(f"can't read {path}: {e.strerror}") from None
+    if not head:
+        return "empty"
+    if head.startswith(HDF5_MAGIC):
+        return "hdf5"
+    if head.startswith(b"PK"):
+        try:
+            with zipfile.ZipFile(path) as z:
+                names = z.namelist()
+        except (zipfile.BadZipFile, OSError):
+            return "damaged-zip"
+        if "config.json" in names and any(n.endswith(".weights.h5") or n == "metadata.json" for n in names):
+            return "keras-zip"
+        if any(n.endswith("/constants.pkl") or "/code/" in n for n in names):
+            return "torchscript"
+        if any(n.endswith("data.pkl") for n in names):
+            return "torch-pickle"
+        return "zip"
+    if head.startswith(b"\x1f\x8b"):
+        try:
+            with gzip.open(path, "rb") as f:
+                head = f.read(8192)
+        except (OSError, EOFError):
+            return "unknown"
+    stripped = head.lstrip()
+    if stripped.startswith(b"{"):
+        return "tfjs-json" if b'"modelTopology"' in head or b'"weightsManifest"' in head or _is_tfjs_json(path) else "json"
+    if _looks_like_onnx(path, head):
+        return "onnx"
+    return "unknown"
+
+
+def _is_tfjs_json(path: Path) -> bool:
+    try:
+        raw = path.read_bytes()
+        if raw[:2] == b"\x1f\x8b":
+            raw = gzip.decompress(raw)
+        data = json.loads(raw)
+    except (OSError, ValueError, EOFError):
+        return False
+    return isinstance(data, dict) and ("modelTopology" in data or "weightsManifest" in data)
+
+
+def _looks_like_onnx(path: Path, head: bytes) -> bool:
+    # ModelProto starts with ir_version (field 1, varint: 0x08) and usually producer_name (0x12) etc.
+    if not head or head[0] != 0x08:
+        return False
+    try:
+        import onnx
+
+        onnx.load_model(str(path), load_external_data=False)
+        return True
+    except Exception:  # noqa: BLE001 - any parse failure means "not ONNX"
+        return False

@@ -1,0 +1,186 @@
+"""Typed metadata that travels inside the ONNX file: preprocessing and the model card.
+
+Everything porter knows about a model is stored under ``porter.*`` keys in ``metadata_props`` so that a
+deployed model carries its own labels and normalization. ``ModelCard.from_onnx`` reads it back; nothing else
+in porter parses those keys.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field, replace
+from typing import Any, Sequence
+
+from .errors import UsageError
+
+METADATA_PREFIX = "porter."
+
+# name -> (channel_order, scale, mean, std): x = (pixels[0..255] in channel_order * scale - mean) / std
+PRESETS: dict[str, tuple[str, float, tuple[float, ...], tuple[float, ...]]] = {
+    "raw": ("RGB", 1.0, (0.0, 0.0, 0.0), (1.0, 1.0, 1.0)),
+    "unit": ("RGB", 1.0 / 255.0, (0.0, 0.0, 0.0), (1.0, 1.0, 1.0)),
+    "tf": ("RGB", 1.0 / 127.5, (1.0, 1.0, 1.0), (1.0, 1.0, 1.0)),
+    "torch": ("RGB", 1.0 / 255.0, (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),
+    "caffe": ("BGR", 1.0, (103.939, 116.779, 123.68), (1.0, 1.0, 1.0)),
+}
+
+
+@dataclass(frozen=True)
+class PreprocessSpec:
+    """How raw 0..255 pixels become the model's input tensor.
+
+    ``x = (pixels_in_channel_order * scale - mean) / std``, resized to ``size`` (H, W) and laid out as
+    ``layout`` (NHWC or NCHW). ``mode`` names the preset the values came from ("custom" when overridden).
+    """
+
+    mode: str = "raw"
+    layout: str = "NHWC"
+    size: tuple[int, int] | None = None
+    channels: int | None = 3
+    channel_order: str = "RGB"
+    scale: float = 1.0
+    mean: tuple[float, ...] = (0.0, 0.0, 0.0)
+    std: tuple[float, ...] = (1.0, 1.0, 1.0)
+
+    def __post_init__(self) -> None:
+        if self.layout not in ("NHWC", "NCHW"):
+            raise UsageError(f"preprocessing layout must be NHWC or NCHW, got {self.layout!r}")
+        if self.channel_order not in ("RGB", "BGR"):
+            raise UsageError(f"channel order must be RGB or BGR, got {self.channel_order!r}")
+        if any(s == 0 for s in self.std):
+            raise UsageError(f"preprocessing std must not contain 0, got {list(self.std)}")
+
+    @classmethod
+    def preset(cls, mode: str, *, layout: str = "NHWC", size: Sequence[int] | None = None,
+               channels: int | None = 3, mean: Sequence[float] | None = None,
+               std: Sequence[float] | None = None) -> "PreprocessSpec":
+        if mode not in PRESETS:
+            raise UsageError(f"unknown preprocessing {mode!r}; choose one of: {', '.join(PRESETS)}")
+        order, scale, pmean, pstd = PRESETS[mode]
+        custom = mean is not None or std is not None
+        n = channels or 3
+        return cls(
+            mode="custom" if custom else mode,
+            layout=layout,
+            size=tuple(int(s) for s in size) if size else None,
+            channels=channels,
+            channel_order=order,
+            scale=scale,
+            mean=_per_channel(mean if mean is not None else pmean, n, "mean"),
+            std=_per_channel(std if std is not None else pstd, n, "std"),
+        )
+
+    def with_(self, **changes: Any) -> "PreprocessSpec":
+        return replace(self, **changes)
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["size"] = list(self.size) if self.size else None
+        d["mean"], d["std"] = list(self.mean), list(self.std)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "PreprocessSpec":
+        return cls(
+            mode=d.get("mode", "custom"),
+            layout=d.get("layout", "NHWC"),
+            size=tuple(d["size"]) if d.get("size") else None,
+            channels=d.get("channels"),
+            channel_order=d.get("channel_order", "RGB"),
+            scale=float(d.get("scale", 1.0)),
+            mean=tuple(float(v) for v in d.get("mean", (0.0,))),
+            std=tuple(float(v) for v in d.get("std", (1.0,))),
+        )
+
+    def describe(self) -> str:
+        size = "x".join(map(str, self.size)) if self.size else "any size"
+        return (f"{self.mode} ({self.layout}, {size}, {self.channels or '?'}ch {self.channel_order}, "
+                f"x*{self.scale:.6g} - {_fmt(self.mean)} / {_fmt(self.std)})")
+
+
+def _per_channel(values: Sequence[float], n: int, what: str) -> tuple[float, ...]:
+    vals = tuple(float(v) for v in values)
+    if len(vals) == 1:
+        return vals * n
+    if len(vals) == 3 and n == 1:  # a grey model fed the RGB preset: average the channel stats
+        return (sum(vals) / 3.0,)
+    if len(vals) != n:
+        raise UsageError(f"--{what} needs 1 or {n} values (one per channel), got {len(vals)}")
+    return vals
+
+
+def _fmt(values: Sequence[float]) -> str:
+    return "[" + ", ".join(f"{v:.6g}" for v in values) + "]"
+
+
+@dataclass(frozen=True)
+class ModelCard:
+    """What porter records about a model, serialized under ``porter.*`` in ONNX ``metadata_props``.
+
+    ``provenance`` holds importer-specific facts (exporter used, TF.js format, generatedBy ...) as
+    string pairs; ``training`` holds fine-tuning figures; ``cut`` the tensor a fine-tuned head is attached to.
+    """
+
+    source: str
+    framework: str
+    porter_version: str
+    framework_versions: dict[str, str] = field(default_factory=dict)
+    preprocess: PreprocessSpec | None = None
+    labels: tuple[str, ...] | None = None
+    parity: dict[str, Any] | None = None
+    provenance: dict[str, str] = field(default_factory=dict)
+    cut: str | None = None
+    training: dict[str, Any] | None = None
+
+    def with_(self, **changes: Any) -> "ModelCard":
+        return replace(self, **changes)
+
+    def to_metadata(self) -> dict[str, str]:
+        m = {
+            "porter.version": self.porter_version,
+            "porter.source": self.source,
+            "porter.framework": self.framework,
+            "porter.framework_versions": json.dumps(self.framework_versions, sort_keys=True),
+            "porter.preprocess": json.dumps(self.preprocess.to_dict()) if self.preprocess else "unknown",
+        }
+        if self.labels is not None:
+            m["porter.labels"] = json.dumps(list(self.labels))
+        if self.parity is not None:
+            m["porter.parity"] = json.dumps(self.parity, sort_keys=True)
+        if self.provenance:
+            m["porter.provenance"] = json.dumps(self.provenance, sort_keys=True)
+        if self.cut is not None:
+            m["porter.cut"] = self.cut
+        if self.training is not None:
+            m["porter.training"] = json.dumps(self.training, sort_keys=True)
+        return m
+
+    @classmethod
+    def from_metadata(cls, props: dict[str, str]) -> "ModelCard | None":
+        if "porter.source" not in props:
+            return None
+        pre = props.get("porter.preprocess", "unknown")
+        return cls(
+            source=props["porter.source"],
+            framework=props.get("porter.framework", "unknown"),
+            porter_version=props.get("porter.version", "unknown"),
+            framework_versions=json.loads(props.get("porter.framework_versions", "{}")),
+            preprocess=None if pre == "unknown" else PreprocessSpec.from_dict(json.loads(pre)),
+            labels=tuple(json.loads(props["porter.labels"])) if "porter.labels" in props else None,
+            parity=json.loads(props["porter.parity"]) if "porter.parity" in props else None,
+            provenance=json.loads(props.get("porter.provenance", "{}")),
+            cut=props.get("porter.cut"),
+            training=json.loads(props["porter.training"]) if "porter.training" in props else None,
+        )
+
+    @classmethod
+    def from_onnx(cls, model) -> "ModelCard | None":
+        return cls.from_metadata({p.key: p.value for p in model.metadata_props})
+
+    def apply_to(self, model) -> None:
+        """Replace every porter.* entry of ``model.metadata_props`` with this card; keep the others."""
+        keep = [(p.key, p.value) for p in model.metadata_props if not p.key.startswith(METADATA_PREFIX)]
+        del model.metadata_props[:]
+        for key, value in keep + sorted(self.to_metadata().items()):
+            entry = model.metadata_props.add()
+            entry.key, entry.value = key, value
