@@ -21,8 +21,8 @@ from .errors import (  # noqa: E402  (cheap, no heavy imports)
 )
 
 _LAZY = {
-    "convert": ("porter.convert", "convert"),
-    "ConvertResult": ("porter.convert", "ConvertResult"),
+    "convert": ("porter.conversion", "convert"),
+    "ConvertResult": ("porter.conversion", "ConvertResult"),
     "finetune": ("porter.finetune", "finetune"),
     "load": ("porter.runtime.predictor", "load"),
     "inspect": ("porter.inspection", "inspect_model"),
@@ -41,7 +41,6 @@ def __getattr__(name: str) -> Any:
 
         module, attr = _LAZY[name]
         value = getattr(importlib.import_module(module), attr)
-        if name != "convert":  # porter.convert the function would shadow the submodule; keep both reachable
-            globals()[name] = value
+        globals()[name] = value
         return value
     raise AttributeError(f"module 'porter' has no attribute {name!r}")

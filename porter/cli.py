@@ -133,7 +133,7 @@ def convert_options(args: argparse.Namespace) -> dict:
 
 @command("convert")
 def run_convert(args: argparse.Namespace) -> int:
-    from .convert import convert
+    from .conversion import convert
 
     result = convert(args.source, args.output, **convert_options(args))
     print(result.summary())

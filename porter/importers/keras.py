@@ -59,6 +59,12 @@ def application_names() -> list[str]:
     return sorted(n for n in dir(apps) if n[:1].isupper() and callable(getattr(apps, n)))
 
 
+def application_preprocess(name: str) -> str | None:
+    """The preprocessing family of a keras.applications constructor (None when porter doesn't know it)."""
+    ctor = getattr(_keras().applications, name)
+    return APPLICATION_PREPROCESS.get(ctor.__module__.rsplit(".", 1)[-1])
+
+
 def load_application(name: str, opts: ConvertOptions):
     keras = _keras()
     names = application_names()
@@ -92,7 +98,7 @@ def load_application(name: str, opts: ConvertOptions):
             raise NetworkError(f"can't download ImageNet weights for {name} (offline?); place {fname} in {cache} "
                                f"or use --weights none|PATH") from None
         raise ModelLoadError(f"can't build keras.applications.{name}: {_first_line(e)}") from None
-    return model, ctor.__module__.rsplit(".", 1)[-1], weights
+    return model, weights
 
 
 def _scan_config_for_unsafe(config: Any) -> list[str]:
@@ -167,12 +173,19 @@ def _clean(name: str) -> str:
     return name.split(":")[0]
 
 
+def _tensor_name(t) -> str:
+    """The name of the layer that produced a KerasTensor (the Input layer for inputs), else the tensor's own."""
+    history = getattr(t, "_keras_history", None)
+    op = getattr(history, "operation", None) if history is not None else None
+    return op.name if op is not None else _clean(t.name)
+
+
 def _input_specs(model, opts: ConvertOptions):
     tf = _tf()
     specs = []
     n = len(model.inputs)
     for t in model.inputs:
-        name = _clean(t.name)
+        name = _tensor_name(t)
         dims = list(t.shape[1:])
         if any(d is None for d in dims):
             given = opts.shape_for(name, n)
@@ -189,12 +202,7 @@ def _input_specs(model, opts: ConvertOptions):
 
 
 def _output_names(model) -> list[str]:
-    names = []
-    for t in model.outputs:
-        history = getattr(t, "_keras_history", None)
-        op = getattr(history, "operation", None) if history is not None else None
-        names.append(op.name if op is not None else _clean(t.name))
-    return names
+    return [_tensor_name(t) for t in model.outputs]
 
 
 def convert_tf_function(fn, specs: Sequence[Any], opts: ConvertOptions):
@@ -295,8 +303,8 @@ def import_keras(ref: SourceRef, opts: ConvertOptions) -> ImportedModel:
     labels = None
     notes: list[str] = []
     if ref.form == "application":
-        model, family, weights = load_application(ref.location, opts)
-        mode = APPLICATION_PREPROCESS.get(family)
+        model, weights = load_application(ref.location, opts)
+        mode = application_preprocess(ref.location)
         shape = tuple(model.inputs[0].shape[1:])
         if mode:
             size = tuple(shape[:2]) if all(isinstance(d, int) for d in shape[:2]) else None

@@ -1,0 +1,119 @@
+"""Classification heads trained on backbone features, and their export to ONNX.
+
+A head standardizes its input with the training features' mean and std, then applies a linear layer (``linear``)
+or Linear-ReLU-Dropout-Linear (``mlp``). For export the standardization is folded into the first layer:
+``W((x - mu) / sigma) + b = (W / sigma) x + (b - W (mu / sigma))``, so the ONNX head is plain ``Gemm`` nodes
+followed by ``Softmax`` (``probabilities``) and ``ArgMax`` (``label``). The head is built with ``onnx.helper``
+at the backbone's opset and IR version -- no exporter in between.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+if TYPE_CHECKING:
+    import onnx
+    import torch
+
+HEADS = ("linear", "mlp")
+HEAD_INPUT = "porter/head/features"
+PROBABILITIES = "probabilities"
+LABEL = "label"
+
+
+def make_head(kind: str, in_features: int, classes: int, *, hidden: int = 256, dropout: float = 0.0,
+              mean: np.ndarray | None = None, std: np.ndarray | None = None) -> "torch.nn.Module":
+    """A torch head; call inside a seeded context (its weights come from torch's global generator)."""
+    import torch
+    from torch import nn
+
+    class Head(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.kind = kind
+            m = np.zeros(in_features, np.float32) if mean is None else np.asarray(mean, np.float32)
+            s = np.ones(in_features, np.float32) if std is None else np.asarray(std, np.float32)
+            self.register_buffer("mean", torch.from_numpy(m.copy()))
+            self.register_buffer("std", torch.from_numpy(s.copy()))
+            if kind == "linear":
+                self.net = nn.Sequential(nn.Dropout(dropout), nn.Linear(in_features, classes))
+            elif kind == "mlp":
+                self.net = nn.Sequential(nn.Linear(in_features, hidden), nn.ReLU(), nn.Dropout(dropout),
+                                         nn.Linear(hidden, classes))
+            else:
+                raise ValueError(f"unknown head {kind!r}")
+
+        def forward(self, x: "torch.Tensor") -> "torch.Tensor":  # logits
+            return self.net((x - self.mean) / self.std)
+
+    return Head()
+
+
+def standardization(features: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Per-feature mean and std of the training features; constant features get std 1 (nothing to scale)."""
+    f = features.astype(np.float64)
+    mean = f.mean(axis=0)
+    std = f.std(axis=0)
+    std = np.where(std < 1e-6 * max(1.0, float(np.abs(mean).max(initial=0.0))), 1.0, std)
+    return mean.astype(np.float32), std.astype(np.float32)
+
+
+def folded_layers(head: "torch.nn.Module") -> list[tuple[np.ndarray, np.ndarray]]:
+    """The head's linear layers as (W [out x in], b) with the standardization folded into the first."""
+    from torch import nn
+
+    linears = [m for m in head.net if isinstance(m, nn.Linear)]
+    layers = [(m.weight.detach().double().numpy(), m.bias.detach().double().numpy()) for m in linears]
+    mean = head.mean.double().numpy()
+    std = head.std.double().numpy()
+    w, b = layers[0]
+    layers[0] = (w / std[None, :], b - (w / std[None, :]) @ mean)
+    return [(w.astype(np.float32), b.astype(np.float32)) for w, b in layers]
+
+
+def predict_proba(head: "torch.nn.Module", features: np.ndarray, batch: int = 4096) -> np.ndarray:
+    """Softmax probabilities of the (unfolded) torch head, in eval mode."""
+    import torch
+
+    head.eval()
+    out = []
+    with torch.no_grad():
+        for i in range(0, len(features), batch):
+            x = torch.from_numpy(np.ascontiguousarray(features[i:i + batch], dtype=np.float32))
+            out.append(torch.softmax(head(x), dim=1).numpy())
+    return np.concatenate(out) if out else np.zeros((0, 0), np.float32)
+
+
+def head_to_onnx(head: "torch.nn.Module", *, opset: int, ir_version: int, batch_dim: str | int | None = "batch",
+                 input_name: str = HEAD_INPUT) -> "onnx.ModelProto":
+    """The head as an ONNX model: ``input_name`` (batch x features) -> ``probabilities``, ``label``."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    layers = folded_layers(head)
+    nodes, inits = [], []
+    x = input_name
+    for i, (w, b) in enumerate(layers):
+        wn, bn, y = f"porter/head/W{i}", f"porter/head/b{i}", f"porter/head/dense{i}"
+        inits += [numpy_helper.from_array(w, wn), numpy_helper.from_array(b, bn)]
+        nodes.append(helper.make_node("Gemm", [x, wn, bn], [y], name=f"porter/head/gemm{i}", transB=1))
+        x = y
+        if i < len(layers) - 1:
+            nodes.append(helper.make_node("Relu", [x], [x + "/relu"], name=f"porter/head/relu{i}"))
+            x = x + "/relu"
+    nodes.append(helper.make_node("Softmax", [x], [PROBABILITIES], name="porter/head/softmax", axis=1))
+    nodes.append(helper.make_node("ArgMax", [x], [LABEL], name="porter/head/argmax", axis=1, keepdims=0))
+    in_features = layers[0][0].shape[1]
+    classes = layers[-1][0].shape[0]
+    graph = helper.make_graph(
+        nodes, "porter_head",
+        [helper.make_tensor_value_info(input_name, TensorProto.FLOAT, [batch_dim, in_features])],
+        [helper.make_tensor_value_info(PROBABILITIES, TensorProto.FLOAT, [batch_dim, classes]),
+         helper.make_tensor_value_info(LABEL, TensorProto.INT64, [batch_dim])],
+        initializer=inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)], ir_version=ir_version,
+                              producer_name="porter")
+    onnx.checker.check_model(model)
+    return model

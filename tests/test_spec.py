@@ -1,0 +1,66 @@
+"""Typed metadata: presets mean what they say, and the model card survives a round trip through ONNX."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import pytest
+from onnx import helper
+
+from porter.errors import UsageError
+from porter.spec import ModelCard, PreprocessSpec
+
+
+def _apply(spec: PreprocessSpec, pixels: np.ndarray) -> np.ndarray:
+    px = pixels[..., ::-1] if spec.channel_order == "BGR" else pixels
+    return (px * spec.scale - np.array(spec.mean)) / np.array(spec.std)
+
+
+@pytest.mark.parametrize("mode, lo, hi", [("raw", 0, 255), ("unit", 0, 1), ("tf", -1, 1)])
+def test_presets_map_pixel_range(mode, lo, hi):
+    spec = PreprocessSpec.preset(mode)
+    out = _apply(spec, np.array([[0.0, 0.0, 0.0], [255.0, 255.0, 255.0]]))
+    np.testing.assert_allclose(out[0], lo, atol=1e-9)
+    np.testing.assert_allclose(out[1], hi, atol=1e-9)
+
+
+def test_caffe_is_bgr_mean_subtraction_and_torch_is_imagenet_stats():
+    caffe = PreprocessSpec.preset("caffe")
+    out = _apply(caffe, np.array([10.0, 20.0, 30.0]))  # RGB pixel
+    np.testing.assert_allclose(out, [30 - 103.939, 20 - 116.779, 10 - 123.68])
+    torch = PreprocessSpec.preset("torch", layout="NCHW")
+    np.testing.assert_allclose(_apply(torch, np.array([255.0, 0.0, 127.5])),
+                               [(1 - 0.485) / 0.229, (0 - 0.456) / 0.224, (0.5 - 0.406) / 0.225])
+
+
+def test_overrides_and_bad_values():
+    spec = PreprocessSpec.preset("unit", mean=[0.5], std=[0.25, 0.5, 1.0])
+    assert spec.mode == "custom" and spec.mean == (0.5, 0.5, 0.5) and spec.std == (0.25, 0.5, 1.0)
+    with pytest.raises(UsageError, match="needs 1 or 3 values"):
+        PreprocessSpec.preset("unit", mean=[0.1, 0.2])
+    with pytest.raises(UsageError, match="must not contain 0"):
+        PreprocessSpec.preset("unit", std=[0.0])
+    with pytest.raises(UsageError, match="unknown preprocessing 'imagenet'"):
+        PreprocessSpec.preset("imagenet")
+
+
+def test_model_card_round_trip_through_onnx_file(tmp_path):
+    graph = helper.make_graph([helper.make_node("Identity", ["x"], ["y"])], "g",
+                              [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, ["batch", 2])],
+                              [helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, ["batch", 2])])
+    model = helper.make_model(graph)
+    entry = model.metadata_props.add()
+    entry.key, entry.value = "author", "someone"
+    card = ModelCard(source="keras:MobileNetV2", framework="keras", porter_version="0.1.0",
+                     framework_versions={"keras": "3"}, preprocess=PreprocessSpec.preset("tf", size=(96, 96)),
+                     labels=("cat", "dog"), parity={"passed": True, "outputs": {"y": {"max_abs": 1e-7}}},
+                     provenance={"exporter": "tf2onnx"}, cut="features", training={"epochs": 3})
+    card.apply_to(model)
+    card.apply_to(model)  # idempotent: no duplicate keys
+    path = tmp_path / "m.onnx"
+    onnx.save(model, path)
+    loaded = onnx.load(path)
+    keys = [p.key for p in loaded.metadata_props]
+    assert len(keys) == len(set(keys)) and "author" in keys
+    assert ModelCard.from_onnx(loaded) == card
+    assert ModelCard.from_onnx(helper.make_model(graph)) is None

@@ -1,0 +1,213 @@
+"""Cut detection, backbone extraction and head merging on small hand-built ONNX classifiers."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+from porter.errors import UsageError
+from porter.graph.surgery import FEATURES, choose_cut, cut_candidates, extract_backbone, merge_head, model_hash
+
+RNG = np.random.default_rng(0)
+
+
+def _w(name, *shape):
+    return numpy_helper.from_array(RNG.standard_normal(shape).astype(np.float32) * 0.3, name)
+
+
+def build(kind: str, opset: int = 17) -> onnx.ModelProto:
+    """Tiny image classifiers, one per way a classifier ends. NCHW input [batch, 3, 8, 8] unless said."""
+    nhwc = kind in ("matmul_add", "reducemean")
+    x = helper.make_tensor_value_info("image", TensorProto.FLOAT, ["batch", 8, 8, 3] if nhwc else ["batch", 3, 8, 8])
+    inits = [_w("conv_w", 4, 3, 3, 3), _w("conv_b", 4)]
+    nodes = []
+    src = "image"
+    if nhwc:
+        nodes.append(helper.make_node("Transpose", ["image"], ["nchw"], perm=[0, 3, 1, 2]))
+        src = "nchw"
+    nodes += [helper.make_node("Conv", [src, "conv_w", "conv_b"], ["conv"], pads=[1, 1, 1, 1], name="conv1"),
+              helper.make_node("Relu", ["conv"], ["relu"])]
+    if kind == "gemm":
+        inits += [_w("fc_w", 5, 4), _w("fc_b", 5)]
+        nodes += [helper.make_node("GlobalAveragePool", ["relu"], ["pool"], name="gap"),
+                  helper.make_node("Flatten", ["pool"], ["flat"], axis=1),
+                  helper.make_node("Gemm", ["flat", "fc_w", "fc_b"], ["logits"], transB=1, name="fc"),
+                  helper.make_node("Softmax", ["logits"], ["prob"], axis=1)]
+    elif kind == "matmul_add":
+        inits += [_w("fc_w", 4, 5), _w("fc_b", 5)]
+        nodes += [helper.make_node("ReduceMean", ["relu"], ["pool"], axes=[2, 3], keepdims=0, name="mean"),
+                  helper.make_node("MatMul", ["pool", "fc_w"], ["mm"], name="dense/MatMul"),
+                  helper.make_node("Add", ["mm", "fc_b"], ["logits"]),
+                  helper.make_node("Softmax", ["logits"], ["prob"], axis=-1)]
+    elif kind == "conv1x1":
+        inits += [_w("cls_w", 5, 4, 1, 1), _w("cls_b", 5)]
+        nodes += [helper.make_node("GlobalAveragePool", ["relu"], ["pool"], name="gap"),
+                  helper.make_node("Conv", ["pool", "cls_w", "cls_b"], ["cls"], name="classifier"),
+                  helper.make_node("Flatten", ["cls"], ["logits"], axis=1),
+                  helper.make_node("Softmax", ["logits"], ["prob"], axis=1)]
+    elif kind == "classmaps":  # SqueezeNet style: 1x1 conv class maps, then pooling, no classifier after it
+        inits += [_w("cls_w", 5, 4, 1, 1), _w("cls_b", 5)]
+        nodes += [helper.make_node("Conv", ["relu", "cls_w", "cls_b"], ["maps"], name="classmaps"),
+                  helper.make_node("GlobalAveragePool", ["maps"], ["pool"], name="gap"),
+                  helper.make_node("Flatten", ["pool"], ["logits"], axis=1),
+                  helper.make_node("Softmax", ["logits"], ["prob"], axis=1)]
+    elif kind == "reducemean":  # opset 18 ReduceMean (axes as an input), NHWC, then a Gemm
+        opset = max(opset, 18)
+        inits += [numpy_helper.from_array(np.array([1, 2], np.int64), "axes"), _w("fc_w", 5, 4), _w("fc_b", 5)]
+        nodes += [helper.make_node("Transpose", ["relu"], ["back"], perm=[0, 2, 3, 1]),
+                  helper.make_node("ReduceMean", ["back", "axes"], ["pool"], keepdims=1, name="mean"),
+                  helper.make_node("Reshape", ["pool", "shape"], ["flat"]),
+                  helper.make_node("Gemm", ["flat", "fc_w", "fc_b"], ["logits"], transB=1),
+                  helper.make_node("Softmax", ["logits"], ["prob"], axis=1)]
+        inits.append(numpy_helper.from_array(np.array([-1, 4], np.int64), "shape"))
+    elif kind == "noclassifier":
+        nodes += [helper.make_node("Flatten", ["relu"], ["prob"], axis=1)]
+    else:
+        raise ValueError(kind)
+    out = helper.make_tensor_value_info("prob", TensorProto.FLOAT, ["batch", None])
+    model = helper.make_model(helper.make_graph(nodes, kind, [x], [out], initializer=inits),
+                              opset_imports=[helper.make_opsetid("", opset)], ir_version=8)
+    onnx.checker.check_model(model)
+    return onnx.shape_inference.infer_shapes(model)
+
+
+def run(model, x):
+    sess = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    return sess.run(None, {sess.get_inputs()[0].name: x})
+
+
+def image_for(model, n=3):
+    shape = [n] + [d.dim_value for d in model.graph.input[0].type.tensor_type.shape.dim[1:]]
+    return RNG.standard_normal(shape).astype(np.float32)
+
+
+@pytest.mark.parametrize("kind, name, shape, reason", [
+    ("gemm", "flat", ("batch", 4), "Gemm"),
+    ("matmul_add", "pool", ("batch", 4), "MatMul + Add"),
+    ("conv1x1", "pool", ("batch", 4, 1, 1), "1x1 Conv"),
+    ("reducemean", "flat", (None, 4), "Gemm"),
+])
+def test_detects_final_classifier_input(kind, name, shape, reason):
+    model = build(kind)
+    cands = cut_candidates(model)
+    assert cands[0].name == name
+    assert tuple(cands[0].shape)[1:] == shape[1:]
+    assert reason in cands[0].reason
+    cut = choose_cut(model)
+    assert cut.name == name and cut.note is None
+
+
+def test_candidates_also_list_global_pooling():
+    cands = cut_candidates(build("gemm"))
+    assert [c.name for c in cands] == ["flat", "pool"]
+    assert "GlobalAveragePool" in cands[1].reason
+    cands = cut_candidates(build("reducemean"))
+    assert [c.name for c in cands] == ["flat", "pool"]
+    assert "ReduceMean" in cands[1].reason
+
+
+def test_classmaps_falls_back_to_last_global_pooling_and_says_so():
+    model = build("classmaps")
+    cut = choose_cut(model)
+    assert cut.name == "pool"
+    assert cut.note and "no final classifier found" in cut.note and "'pool'" in cut.note
+
+
+def test_no_candidate_is_an_error():
+    with pytest.raises(UsageError, match="no cut found.*--cut"):
+        choose_cut(build("noclassifier"))
+
+
+def test_unknown_cut_lists_candidates():
+    with pytest.raises(UsageError) as e:
+        choose_cut(build("gemm"), "nope")
+    msg = str(e.value)
+    assert "'nope' is not a tensor" in msg and "flat [batch, 4]" in msg and "pool [batch, 4, 1, 1]" in msg
+    assert "\n" not in msg
+
+
+def test_weight_as_cut_is_refused():
+    with pytest.raises(UsageError, match="weight"):
+        choose_cut(build("gemm"), "fc_w")
+
+
+def test_spatial_cut_says_its_shape():
+    with pytest.raises(UsageError, match=r"'relu' has shape \[batch, 4, 8, 8\], not batch x features"):
+        choose_cut(build("gemm"), "relu")
+
+
+@pytest.mark.parametrize("kind", ["gemm", "matmul_add", "conv1x1", "classmaps", "reducemean"])
+def test_extracted_backbone_computes_the_cut_tensor(kind):
+    model = build(kind)
+    cut = choose_cut(model)
+    backbone = extract_backbone(model, cut)
+    assert [o.name for o in backbone.graph.output] == [FEATURES]
+    assert [i.name for i in backbone.graph.input] == [model.graph.input[0].name]
+    assert backbone.opset_import == model.opset_import and backbone.ir_version == model.ir_version
+    assert not any(n.op_type in ("Softmax", "Gemm", "MatMul") for n in backbone.graph.node)
+    # reference: the full model with the cut tensor exposed as an extra output
+    probe = onnx.ModelProto()
+    probe.CopyFrom(model)
+    probe.graph.output.append(helper.make_tensor_value_info(cut.name, TensorProto.FLOAT, None))
+    x = image_for(model)
+    want = run(probe, x)[-1].reshape(3, -1)
+    (got,) = run(backbone, x)
+    assert got.shape == (3, 5 if kind == "classmaps" else 4)
+    np.testing.assert_array_equal(got, want)
+
+
+def test_user_cut_at_pooling_is_flattened():
+    model = build("gemm")
+    backbone = extract_backbone(model, "pool")
+    (got,) = run(backbone, image_for(model, 2))
+    assert got.shape == (2, 4)
+
+
+def test_merge_head_outputs_probabilities_and_label():
+    import torch
+
+    from porter.finetune.heads import head_to_onnx, make_head, predict_proba
+
+    model = build("gemm")
+    backbone = extract_backbone(model)
+    mean, std = np.array([0.5, 1, 2, 3], np.float32), np.array([0.1, 2, 3, 0.5], np.float32)
+    torch.manual_seed(0)
+    for kind in ("linear", "mlp"):
+        head = make_head(kind, 4, 3, hidden=8, mean=mean, std=std)
+        onnx_head = head_to_onnx(head, opset=17, ir_version=backbone.ir_version)
+        merged = merge_head(backbone, onnx_head)
+        assert [o.name for o in merged.graph.output] == ["probabilities", "label"]
+        assert [i.name for i in merged.graph.input] == ["image"]
+        x = image_for(model, 5)
+        prob, label = run(merged, x)
+        (feats,) = run(backbone, x)
+        want = predict_proba(head, feats)
+        np.testing.assert_allclose(prob, want, atol=1e-5, rtol=1e-4)
+        assert label.dtype == np.int64 and label.shape == (5,)
+        np.testing.assert_array_equal(label, want.argmax(1))
+
+
+def test_merge_renames_clashing_backbone_tensors():
+    from porter.finetune.heads import head_to_onnx, make_head
+
+    model = build("gemm")
+    from porter.graph.normalize import rename_tensor
+
+    rename_tensor(model, "relu", "probabilities")  # a backbone tensor with a head output's name
+    backbone = extract_backbone(model)
+    merged = merge_head(backbone, head_to_onnx(make_head("linear", 4, 2), opset=17, ir_version=8))
+    prob, label = run(merged, image_for(model, 2))
+    assert prob.shape == (2, 2)
+
+
+def test_model_hash_ignores_names_and_metadata_but_not_weights():
+    a, b = build("gemm"), build("gemm")
+    assert model_hash(a) != model_hash(b)  # different random weights
+    c = onnx.ModelProto()
+    c.CopyFrom(a)
+    c.graph.node[0].name = "renamed"
+    c.producer_name = "x"
+    assert model_hash(a) == model_hash(c)
