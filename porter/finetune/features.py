@@ -1,0 +1,306 @@
+"""Backbone features, computed once and cached on disk.
+
+The backbone runs in ONNX Runtime (``porter.runtime.session``: CUDA where it works, else CPU) in batches, while
+a thread pool decodes and resizes the next images (Pillow releases the GIL, so decoding and inference overlap).
+Unreadable images are skipped, counted and named. Features are cached under
+``<porter cache>/features/<key>.npz``, the key hashing the backbone (weights and graph), the cut, the data
+(paths, sizes, mtimes; or the array bytes) and the preprocessing, so a second run with other head settings
+skips extraction.
+"""
+
+from __future__ import annotations
+
+import collections
+import contextlib
+import hashlib
+import json
+import os
+import sys
+import tempfile
+import time
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from ..errors import DataError
+from .data import Dataset
+
+if TYPE_CHECKING:
+    import onnx
+
+    from ..spec import PreprocessSpec
+
+CACHE_FORMAT = 1
+
+
+@dataclass(frozen=True)
+class InputGeometry:
+    """What the backbone's single input takes: an image (layout, size, channels) or a vector of ``dims``."""
+
+    name: str
+    kind: str  # image | vector
+    layout: str | None = None
+    size: tuple[int, int] | None = None
+    channels: int | None = None
+    dims: tuple[Any, ...] = ()
+
+
+@dataclass
+class Features:
+    features: np.ndarray  # float32 N_valid x F
+    labels: np.ndarray  # int64 N_valid
+    index: np.ndarray  # positions of the valid examples in the dataset
+    skipped: list[tuple[str, str]] = field(default_factory=list)  # (example name, why)
+    seconds: float = 0.0
+    cached: bool = False
+    cache_path: str | None = None
+    device: str = "cpu"
+    providers: list[str] = field(default_factory=list)
+
+    @property
+    def per_second(self) -> float:
+        n = len(self.index) + len(self.skipped)
+        return n / self.seconds if self.seconds > 0 else float("inf")
+
+
+# --- progress bar -----------------------------------------------------------------------------------------------
+
+class Progress:
+    """A one-line progress bar on stderr (redrawn on a terminal, a few plain lines otherwise)."""
+
+    def __init__(self, total: int, label: str, enabled: bool = True, stream=None):
+        self.total, self.label, self.enabled = total, label, enabled
+        self.stream = stream or sys.stderr
+        self.tty = bool(getattr(self.stream, "isatty", lambda: False)())
+        self.start = time.perf_counter()
+        self.done = 0
+        self._last_pct = -1
+
+    def update(self, n: int) -> None:
+        self.done += n
+        if not self.enabled:
+            return
+        pct = int(100 * self.done / max(1, self.total))
+        if self.tty:
+            self._draw("\r", "")
+        elif pct // 25 > self._last_pct // 25 and self.done < self.total:
+            self._draw("", "\n")
+        self._last_pct = pct
+
+    def close(self) -> None:
+        if self.enabled:
+            self._draw("\r" if self.tty else "", "\n")
+
+    def _draw(self, pre: str, post: str) -> None:
+        elapsed = time.perf_counter() - self.start
+        rate = self.done / elapsed if elapsed > 0 else 0.0
+        width = 24
+        fill = int(width * self.done / max(1, self.total))
+        bar = "#" * fill + "." * (width - fill)
+        self.stream.write(f"{pre}{self.label} [{bar}] {self.done}/{self.total} {rate:,.0f}/s {elapsed:.1f}s{post}")
+        self.stream.flush()
+
+
+# --- cache ------------------------------------------------------------------------------------------------------
+
+def feature_cache_dir(override: str | os.PathLike | None = None) -> Path:
+    """``override``, else ``$PORTER_CACHE/features``, else the runtime's cache directory + ``/features``."""
+    if override is not None:
+        return Path(override).expanduser()
+    env = os.environ.get("PORTER_CACHE")
+    if env:
+        return Path(env).expanduser() / "features"
+    from ..runtime.session import cache_dir
+
+    return cache_dir() / "features"
+
+
+def cache_key(backbone_hash: str, cut: str, dataset: Dataset, spec: "PreprocessSpec | None",
+              geometry: InputGeometry) -> str:
+    payload = {"format": CACHE_FORMAT, "backbone": backbone_hash, "cut": cut, "data": dataset.fingerprint,
+               "preprocess": spec.to_dict() if spec is not None and geometry.kind == "image" else None,
+               "size": geometry.size, "channels": geometry.channels, "layout": geometry.layout}
+    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:32]
+
+
+def _load_cached(path: Path, dataset: Dataset) -> Features | None:
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            feats, index = z["features"], z["index"]
+            skipped = [tuple(s) for s in json.loads(str(z["skipped"]))]
+    except Exception:  # noqa: BLE001 - a corrupt or foreign cache file is recomputed
+        return None
+    if feats.ndim != 2 or len(feats) != len(index) or (len(index) and index.max() >= len(dataset)):
+        return None
+    return Features(feats, dataset.labels[index], index, skipped, cached=True, cache_path=str(path))
+
+
+def _save_cached(path: Path, f: Features) -> None:
+    with contextlib.suppress(OSError):  # a read-only cache only costs a recomputation next time
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=".feat-", suffix=".npz", dir=path.parent)
+        try:
+            with os.fdopen(fd, "wb") as out:
+                np.savez(out, features=f.features, index=f.index, skipped=np.array(json.dumps(f.skipped)))
+            os.replace(tmp, path)
+        finally:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+
+
+# --- extraction -------------------------------------------------------------------------------------------------
+
+def compute_features(backbone: "onnx.ModelProto", dataset: Dataset, geometry: InputGeometry,
+                     spec: "PreprocessSpec | None", *, cut: str, backbone_hash: str, batch_size: int = 64,
+                     device: str = "auto", cache: bool = True, cache_dir: str | os.PathLike | None = None,
+                     progress: bool = True, workers: int | None = None) -> Features:
+    """Features for every readable example of ``dataset`` (from the cache when it has them)."""
+    path = feature_cache_dir(cache_dir) / f"{cache_key(backbone_hash, cut, dataset, spec, geometry)}.npz"
+    if cache and path.is_file():
+        hit = _load_cached(path, dataset)
+        if hit is not None:
+            _check_classes(dataset, hit)
+            return hit
+    start = time.perf_counter()
+    _check_vectors(dataset, geometry)
+    session, device_used, providers = _session(backbone, device)
+    feats, index, skipped = _run(session, dataset, geometry, spec, batch_size, progress, workers)
+    result = Features(feats, dataset.labels[index], index, skipped, time.perf_counter() - start,
+                      device=device_used, providers=providers)
+    _check_classes(dataset, result)
+    if cache:
+        _save_cached(path, result)
+        result.cache_path = str(path)
+    return result
+
+
+def _session(backbone: "onnx.ModelProto", device: str):
+    from ..runtime.session import SessionConfig, create_session, resolve_device
+
+    resolved, _ = resolve_device(device)
+    # spin off: the decoding threads need the CPU between batches
+    session, info = create_session(backbone.SerializeToString(), SessionConfig(device=resolved, spin=False, cache=False))
+    return session, resolved, list(info.providers)
+
+
+def _check_vectors(dataset: Dataset, g: InputGeometry) -> None:
+    if dataset.kind == "vectors":
+        if g.kind == "image" and dataset.x is not None and dataset.x.ndim == 2:
+            raise DataError(f"the data are vectors of {dataset.x.shape[1]} numbers but the model takes images "
+                            f"{_fmt(g.dims)}; give an image folder (or pixel arrays)")
+        want = tuple(g.dims[1:])
+        got = tuple(dataset.x.shape[1:])
+        if len(want) != len(got) or any(isinstance(w, int) and w > 0 and w != h for w, h in zip(want, got)):
+            what = "CSV has" if dataset.source.lower().endswith((".csv", ".tsv", ".txt")) else "x has"
+            if len(got) == 1 and len(want) == 1:
+                raise DataError(f"{what} {got[0]} feature columns but the model takes {want[0]} features "
+                                f"(input {g.name!r} {_fmt(g.dims)})")
+            raise DataError(f"{what} examples of shape {list(got)} but the model input {g.name!r} is {_fmt(g.dims)}")
+    elif g.kind != "image":
+        raise DataError(f"the data are images but the model input {g.name!r} is {_fmt(g.dims)}, not an image; "
+                        f"give a CSV (or an array) of {_fmt(g.dims[1:])} values per example")
+
+
+def _fmt(dims) -> str:
+    return "[" + ", ".join("?" if not isinstance(d, int) or d <= 0 else str(d) for d in dims) + "]"
+
+
+def _check_classes(dataset: Dataset, f: Features) -> None:
+    counts = np.bincount(f.labels, minlength=len(dataset.classes))
+    position = {name: i for i, name in enumerate(dataset.names)} if f.skipped else {}
+    for c, name in enumerate(dataset.classes):
+        if counts[c] == 0:
+            bad = [s for s in f.skipped if dataset.labels[position[s[0]]] == c]
+            example = f" (e.g. {bad[0][1]})" if bad else ""
+            raise DataError(f"class {name!r} has no readable image: all {int((dataset.labels == c).sum())} of its "
+                            f"files failed to decode{example}")
+
+
+def _decode(item: Any, name: str, size: tuple[int, int]) -> np.ndarray:
+    from ..imaging import load_image
+
+    return load_image(item, size, name=name)
+
+
+def _run(session, dataset: Dataset, g: InputGeometry, spec: "PreprocessSpec | None", batch_size: int,
+         progress: bool, workers: int | None):
+    from ..imaging import to_tensor
+
+    n = len(dataset)
+    batch_size = max(1, int(batch_size))
+    bar = Progress(n, "features", enabled=progress)
+    outs: list[np.ndarray] = []
+    index: list[int] = []
+    skipped: list[tuple[str, str]] = []
+
+    def infer(batch: np.ndarray, first: bool) -> np.ndarray:
+        try:
+            (y,) = session.run(None, {g.name: batch})
+        except Exception as e:  # noqa: BLE001 - ORT raises its own types
+            msg = " ".join(str(e).split())[:300]
+            if first and g.kind == "image":
+                size = "x".join(map(str, g.size or ()))
+                raise DataError(f"image size {size} doesn't fit the backbone (input {g.name!r} {_fmt(g.dims)}): "
+                                f"{msg}; give --image-size with a size the model accepts") from None
+            raise DataError(f"the backbone failed on a batch: {msg}") from None
+        y = np.asarray(y)
+        if y.ndim != 2:
+            raise DataError(f"the cut tensor has shape {list(y.shape)} at run time, not batch x features; "
+                            f"choose another --cut")
+        return y.astype(np.float32, copy=False)
+
+    if dataset.kind == "vectors":
+        for i in range(0, n, batch_size):
+            outs.append(infer(np.ascontiguousarray(dataset.x[i:i + batch_size], np.float32), i == 0))
+            index.extend(range(i, min(n, i + batch_size)))
+            bar.update(min(batch_size, n - i))
+    else:
+        if spec is None:
+            raise DataError("the model's preprocessing is unknown; give --preprocess (raw, unit, tf, torch or caffe)")
+        if g.size is None:
+            raise DataError(f"the model input {g.name!r} {_fmt(g.dims)} has no fixed image size; give --image-size H,W")
+        nworkers = workers or min(8, (os.cpu_count() or 2))
+        with ThreadPoolExecutor(max_workers=nworkers, thread_name_prefix="porter-decode") as pool:
+            pending: collections.deque[tuple[int, Future]] = collections.deque()
+            ahead = batch_size * 3  # decode up to three batches ahead of inference
+            submitted = 0
+
+            def fill():
+                nonlocal submitted
+                while submitted < n and len(pending) < ahead:
+                    i = submitted
+                    pending.append((i, pool.submit(_decode, dataset.items[i], dataset.names[i], g.size)))
+                    submitted += 1
+
+            fill()
+            first = True
+            while pending:
+                images, ids, seen = [], [], 0
+                while pending and len(images) < batch_size:
+                    i, fut = pending.popleft()
+                    seen += 1
+                    try:
+                        images.append(fut.result())
+                        ids.append(i)
+                    except DataError as e:
+                        skipped.append((dataset.names[i], str(e)))
+                    fill()
+                bar.update(seen)
+                if not images:
+                    continue
+                outs.append(infer(to_tensor(images, spec, g.channels), first))
+                first = False
+                index.extend(ids)
+    bar.close()
+    if not outs:
+        first = skipped[0][1] if skipped else "no examples"
+        raise DataError(f"none of the {n} images could be read (e.g. {first})")
+    feats = np.concatenate(outs)
+    if not np.isfinite(feats).all():
+        bad = int((~np.isfinite(feats)).any(axis=1).sum())
+        raise DataError(f"the backbone produced NaN or inf features for {bad} of {len(feats)} examples; check the "
+                        f"preprocessing (--preprocess, --mean, --std)")
+    return feats, np.asarray(index, np.int64), skipped
