@@ -162,12 +162,85 @@ def run_inspect(args: argparse.Namespace) -> int:
 # FINETUNE-CLI-PLACEHOLDER
 
 # --- predict and bench (issue 6) --------------------------------------------------------------------------------
-# RUNTIME-CLI-PLACEHOLDER
+DEVICE_CHOICES = ["auto", "cuda", "tensorrt", "cpu"]
+
+
+def add_predict_parser(sub) -> None:
+    p = sub.add_parser("predict", help="classify images (or run any image model) with ONNX Runtime",
+                       description="Run an ONNX model on image files and directories (recursive), preprocessing them "
+                                   "as the model's porter metadata says. Decoding runs in parallel with inference; an "
+                                   "unreadable file is reported on its own line and the exit code is non-zero.")
+    p.add_argument("model", help="an ONNX file (from porter convert or finetune)")
+    p.add_argument("inputs", nargs="+", metavar="INPUT", help="image files or directories")
+    p.add_argument("--top-k", type=int, default=5, help="classes to report per image (default 5)")
+    p.add_argument("--format", choices=["table", "csv", "json"], default="table", help="output format (default table)")
+    p.add_argument("--device", choices=DEVICE_CHOICES, default="auto", help="where to run (default auto: CUDA if it works, else CPU)")
+    p.add_argument("--batch-size", type=int, default=None, help="images per batch (default 32)")
+    p.add_argument("--fp16", action="store_true", help="run in half precision (GPU), checked against fp32 first")
+    p.add_argument("--preprocess", choices=["raw", "unit", "tf", "torch", "caffe"],
+                   help="normalization for a model without porter metadata (overrides the metadata)")
+
+
+def add_bench_parser(sub) -> None:
+    p = sub.add_parser("bench", help="measure latency and throughput with ONNX Runtime",
+                       description="Warm up, then time the model per batch size: p50/p95 latency and throughput. "
+                                   "--against-source also runs the original framework model on the same inputs.")
+    p.add_argument("model", help="an ONNX file")
+    p.add_argument("--batch-sizes", default="1,8,32", help="comma-separated batch sizes (default 1,8,32)")
+    p.add_argument("--device", choices=DEVICE_CHOICES, default="auto", help="where to run (default auto)")
+    p.add_argument("--fp16", action="store_true", help="run in half precision (GPU), checked against fp32 first")
+    p.add_argument("--against-source", action="store_true",
+                   help="also time the source model (rebuilt from the metadata's source reference) and print ratios")
+    p.add_argument("--seconds", type=float, default=1.0, help="minimum timed seconds per batch size (default 1)")
+    p.add_argument("--warmup", type=int, default=3, help="untimed runs before timing (default 3)")
+    p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+
+
+@command("predict")
+def run_predict(args: argparse.Namespace) -> int:
+    from .imaging import list_images
+    from .runtime import load
+    from .runtime.formatting import PredictionWriter
+
+    if args.top_k < 1:
+        raise UsageError(f"--top-k must be at least 1, got {args.top_k}")
+    paths = list_images(args.inputs)
+    predictor = load(args.model, device=args.device, fp16=args.fp16, batch_size=args.batch_size,
+                     preprocess=args.preprocess)
+    print(f"porter: {predictor.describe()}", file=sys.stderr)
+    for note in predictor.notes:
+        print(f"porter: {note}", file=sys.stderr)
+    writer = PredictionWriter(sys.stdout, args.format, top_k=args.top_k, classifier=predictor.is_classifier,
+                              path_width=max(len(str(p)) for p in paths))
+    failed = 0
+    for prediction in predictor.iter_predictions([str(p) for p in paths], top_k=args.top_k, errors="report"):
+        failed += prediction.error is not None
+        writer.write(prediction)
+    writer.close()
+    if failed:
+        print(f"porter: error: {failed} of {len(paths)} inputs could not be read", file=sys.stderr)
+        return 1
+    return 0
+
+
+@command("bench")
+def run_bench(args: argparse.Namespace) -> int:
+    from .runtime import load
+    import json
+
+    from .runtime.bench import bench, parse_batch_sizes
+
+    sizes = parse_batch_sizes(args.batch_sizes)
+    predictor = load(args.model, device=args.device, fp16=args.fp16, batch_size=max(sizes))
+    report = bench(predictor, sizes, warmup=args.warmup, min_seconds=args.seconds, against_source=args.against_source)
+    print(json.dumps(report.to_dict(), indent=2) if args.json else report.to_table())
+    return 0
 
 
 # --- main -------------------------------------------------------------------------------------------------------
 
 PARSER_BUILDERS = [add_convert_parser, add_inspect_parser]
+PARSER_BUILDERS += [add_predict_parser, add_bench_parser]
 
 
 def build_parser() -> argparse.ArgumentParser:

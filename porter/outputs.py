@@ -11,6 +11,7 @@ from typing import Iterator
 from .errors import OutputError
 
 TWO_GB = 2 * 1024**3
+EXTERNAL_THRESHOLD = 1024  # tensors smaller than this stay inline even in an external-data model
 
 
 def check_output(path: str | os.PathLike, force: bool) -> Path:
@@ -59,7 +60,9 @@ def save_onnx(model, path: str | os.PathLike, force: bool) -> Path:
         return write_bytes(out, model.SerializeToString(), force)
     data_name = out.name + ".data"
     check_output(out.parent / data_name, force)
+    copy = onnx.ModelProto()
+    copy.CopyFrom(model)  # save_model moves tensors out of the proto it is given; keep the caller's whole
     with atomic_path(out, force) as tmp:
-        onnx.save_model(model, str(tmp), save_as_external_data=True, all_tensors_to_one_file=True,
-                        location=data_name, size_threshold=1024)
+        onnx.save_model(copy, str(tmp), save_as_external_data=True, all_tensors_to_one_file=True,
+                        location=data_name, size_threshold=EXTERNAL_THRESHOLD)
     return out

@@ -240,3 +240,20 @@ def test_validation_failure_names_every_output(fixtures_dir):
 def test_unknown_option_is_a_usage_error():
     with pytest.raises(UsageError, match="unknown convert option"):
         porter.convert("keras:MobileNetV2", opsett=13)
+
+
+def test_external_data_only_over_the_size_limit(fixtures_dir, tmp_path, monkeypatch):
+    from porter import outputs
+
+    small = tmp_path / "small.onnx"
+    porter.convert(str(fixtures_dir / "keras" / "cnn_bn.keras"), small)
+    assert sorted(_no_leftovers(tmp_path)) == ["small.onnx"]
+    monkeypatch.setattr(outputs, "TWO_GB", 1000)  # pretend the model is huge
+    monkeypatch.setattr(outputs, "EXTERNAL_THRESHOLD", 64)
+    big = tmp_path / "big.onnx"
+    porter.convert(str(fixtures_dir / "keras" / "cnn_bn.keras"), big)
+    assert (tmp_path / "big.onnx.data").exists()
+    model = onnx.load(big)  # loads its external data from beside it
+    x = np.random.default_rng(0).standard_normal((2, 16, 16, 3)).astype(np.float32)
+    np.testing.assert_allclose(_session(model).run(None, {"image": x})[0],
+                               _session(onnx.load(small)).run(None, {"image": x})[0], rtol=1e-6)

@@ -24,7 +24,7 @@ from .heads import make_head, standardization
 class TrainConfig:
     epochs: int = 100
     batch_size: int = 64
-    lr: float = 1e-3
+    lr: float = 1e-2
     weight_decay: float = 1e-4
     head: str = "linear"
     hidden: int = 256

@@ -33,7 +33,7 @@ import subprocess
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 from ..errors import RuntimeSetupError, UsageError
 
@@ -42,7 +42,7 @@ CPU_EP = "CPUExecutionProvider"
 CUDA_EP = "CUDAExecutionProvider"
 TRT_EP = "TensorrtExecutionProvider"
 GPU_WHEEL_HINT = "pip uninstall onnxruntime && pip install onnxruntime-gpu"
-CUDA_LIBS_HINT = "pip install 'onnxruntime-gpu[cuda,cudnn]' (or install the CUDA toolkit and cuDNN and add them to LD_LIBRARY_PATH)"
+CUDA_LIBS_HINT = "pip install 'onnxruntime-gpu[cuda,cudnn]', or put the CUDA toolkit and cuDNN on LD_LIBRARY_PATH"
 
 
 # --- what the machine can do --------------------------------------------------------------------------------------
@@ -165,7 +165,7 @@ def _driver_problem() -> str | None:
     try:
         lib = ctypes.CDLL("libcuda.so.1")
     except OSError:
-        return "no NVIDIA driver (libcuda.so.1 not found; install the driver, or run on a machine with a GPU)"
+        return "no NVIDIA driver (libcuda.so.1 not found: install the driver, or run on a machine with a GPU)"
     try:
         rc = lib.cuInit(0)
         if rc != 0:
@@ -243,7 +243,7 @@ def resolve_device(requested: str) -> tuple[str, str]:
         return "tensorrt", ""
     problem = cuda_problem()
     if problem:
-        return "cpu", f"auto: running on CPU, CUDA is unavailable: {problem}"
+        return "cpu", f"auto: running on CPU; CUDA is unavailable: {problem.split('; ')[0]}"
     return "cuda", "auto: running on CUDA"
 
 
@@ -341,10 +341,14 @@ def cache_key(model_bytes: bytes, config: SessionConfig, variant: str = "") -> s
     return f"{h}-{config.device}{variant}-ort{ort.__version__}-{platform.machine()}-{machine}"
 
 
-def create_session(model_bytes: bytes, config: SessionConfig, *, variant: str = "",
-                   input_profiles: dict[str, tuple[Any, ...]] | None = None):
-    """An InferenceSession for ``model_bytes`` on ``config.device``, via the optimized-model cache.
+def create_session(model: bytes | str, config: SessionConfig, *, variant: str = "",
+                   input_profiles: dict[str, tuple[Any, ...]] | None = None,
+                   transform: Callable[[], bytes] | None = None):
+    """An InferenceSession for ``model`` (serialized bytes, or a path for external-data models) on
+    ``config.device``, through the optimized-model cache.
 
+    ``variant`` and ``transform`` describe a derived model (e.g. "-fp16" and the fp16 conversion): the cache
+    is keyed on the original bytes plus the variant, so a cache hit skips the transform too.
     Returns ``(session, SessionInfo)``. Raises RuntimeSetupError if the requested GPU provider did not
     start (onnxruntime would silently fall back to CPU).
     """
@@ -352,9 +356,9 @@ def create_session(model_bytes: bytes, config: SessionConfig, *, variant: str = 
     providers = providers_for(config, input_profiles)
     info = SessionInfo(providers=[])
     cached: Path | None = None
-    if config.cache and config.device != "tensorrt":  # TensorRT caches engines instead; its graphs can't be saved
-        root = cache_dir(config.cache_dir) / "ort"
-        cached = root / f"{cache_key(model_bytes, config, variant)}.onnx"
+    if config.cache and isinstance(model, bytes) and config.device != "tensorrt":
+        # TensorRT caches engines instead (its compiled graphs can't be saved as ONNX)
+        cached = cache_dir(config.cache_dir) / "ort" / f"{cache_key(model, config, variant)}.onnx"
     session = None
     if cached is not None and cached.is_file():
         try:
@@ -366,6 +370,7 @@ def create_session(model_bytes: bytes, config: SessionConfig, *, variant: str = 
                 cached.unlink()
             session = None
     if session is None:
+        source = transform() if transform is not None else model
         so = session_options(config)
         tmp = None
         if cached is not None:
@@ -375,10 +380,10 @@ def create_session(model_bytes: bytes, config: SessionConfig, *, variant: str = 
                 os.close(fd)
                 so.optimized_model_filepath = tmp
             except OSError as e:
-                info.notes.append(f"optimized-model cache not writable ({e.strerror}); optimizing every load")
+                info.notes.append(f"optimized-model cache not writable ({e.strerror}); optimizing on every load")
                 tmp = None
         try:
-            session = _new_session(model_bytes, so, providers)
+            session = _new_session(source, so, providers)
             if tmp and Path(tmp).is_file() and Path(tmp).stat().st_size > 0:
                 os.replace(tmp, cached)
                 info.cache_path = str(cached)
@@ -394,10 +399,10 @@ def create_session(model_bytes: bytes, config: SessionConfig, *, variant: str = 
     return session, info
 
 
-def _new_session(model_bytes: bytes, so, providers):
+def _new_session(model: bytes | str, so, providers):
     ort = _ort()
     try:
-        return ort.InferenceSession(model_bytes, sess_options=so, providers=providers)
+        return ort.InferenceSession(model, sess_options=so, providers=providers)
     except Exception as e:  # noqa: BLE001 - ORT raises its own Fail/InvalidGraph/NotImplemented types
         msg = " ".join(str(e).split())
         if "NOT_IMPLEMENTED" in msg or "Could not find an implementation" in msg:

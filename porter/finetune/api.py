@@ -1,0 +1,486 @@
+"""``porter.finetune``: cut a model's classifier off, train a new head on your data, ship one ONNX file.
+
+source -> ONNX (converted with parity, or read) -> cut -> backbone -> features (cached) -> head (torch) ->
+head ONNX at the backbone's opset -> merged model -> check (merged == backbone + head) -> model + report.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import sys
+import time
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+
+from .. import __version__
+from ..errors import UsageError, ValidationError
+from ..spec import PRESETS, ModelCard, PreprocessSpec
+from .data import Dataset, load_data
+from .features import Features, InputGeometry, compute_features
+from .heads import HEADS
+
+VALIDATION_EXAMPLES = 16
+VALIDATION_ATOL = 1e-4
+
+
+@dataclass(frozen=True)
+class FinetuneOptions:
+    """Everything ``porter finetune`` can be told; the CLI builds one of these, as a pipeline would."""
+
+    epochs: int = 100  # upper bound: early stopping on the validation loss decides
+    batch_size: int = 64
+    lr: float = 1e-2
+    weight_decay: float = 1e-4
+    head: str = "linear"  # linear | mlp
+    hidden: int = 256  # mlp hidden units
+    dropout: float | None = None  # default 0.0 for linear, 0.2 for mlp
+    patience: int = 10
+    val_split: float = 0.2
+    balance: bool = False  # class weights for imbalanced data
+    seed: int = 0
+    cut: str | None = None  # tensor to attach the head to (default: detected)
+    image_size: tuple[int, int] | None = None  # (H, W) for backbones without a fixed size
+    preprocess: str | None = None  # raw | unit | tf | torch | caffe (default: the model's metadata)
+    mean: tuple[float, ...] | None = None
+    std: tuple[float, ...] | None = None
+    device: str = "auto"  # auto | cuda | cpu (backbone inference; heads train on the CPU)
+    force: bool = False
+    label_column: str = "label"  # CSV data
+    preprocessed: bool = False  # array data that is already the model's input tensor
+    feature_batch_size: int = 64
+    cache: bool = True  # reuse / store backbone features
+    cache_dir: str | None = None
+    workers: int | None = None  # image decoding threads
+    progress: bool = True  # progress bar and per-epoch lines on stderr
+    convert_options: dict[str, Any] = field(default_factory=dict)  # for porter.convert when SOURCE isn't ONNX
+
+    @classmethod
+    def from_kwargs(cls, **kwargs: Any) -> "FinetuneOptions":
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(kwargs) - known)
+        if unknown:
+            raise UsageError(f"unknown finetune option(s): {', '.join(unknown)}; known: {', '.join(sorted(known))}")
+        if kwargs.get("image_size") is not None:
+            kwargs["image_size"] = _size(kwargs["image_size"])
+        for name in ("mean", "std"):
+            if kwargs.get(name) is not None:
+                v = kwargs[name]
+                kwargs[name] = (float(v),) if isinstance(v, (int, float)) else tuple(float(x) for x in v)
+        opts = cls(**kwargs)
+        opts.check()
+        return opts
+
+    def check(self) -> None:
+        def need(ok: bool, msg: str) -> None:
+            if not ok:
+                raise UsageError(msg)
+
+        need(isinstance(self.epochs, int) and self.epochs >= 1, f"--epochs must be a positive integer, got {self.epochs}")
+        need(isinstance(self.batch_size, int) and self.batch_size >= 1, f"--batch-size must be a positive integer, got {self.batch_size}")
+        need(self.lr > 0, f"--lr must be positive, got {self.lr}")
+        need(self.weight_decay >= 0, f"--weight-decay must be 0 or more, got {self.weight_decay}")
+        need(self.head in HEADS, f"unknown head {self.head!r}; choose one of: {', '.join(HEADS)}")
+        need(isinstance(self.hidden, int) and self.hidden >= 1, f"--hidden must be a positive integer, got {self.hidden}")
+        need(self.dropout is None or 0.0 <= self.dropout < 1.0, f"--dropout must be in [0, 1), got {self.dropout}")
+        need(isinstance(self.patience, int) and self.patience >= 1, f"--patience must be a positive integer, got {self.patience}")
+        need(0.0 < self.val_split < 1.0, f"--val-split must be between 0 and 1 (exclusive), got {self.val_split}")
+        need(self.preprocess is None or self.preprocess in PRESETS,
+             f"unknown preprocessing {self.preprocess!r}; choose one of: {', '.join(PRESETS)}")
+        need(self.feature_batch_size >= 1, f"feature_batch_size must be positive, got {self.feature_batch_size}")
+
+    @property
+    def head_dropout(self) -> float:
+        return self.dropout if self.dropout is not None else (0.2 if self.head == "mlp" else 0.0)
+
+
+def _size(value: Any) -> tuple[int, int]:
+    if isinstance(value, str):
+        parts = value.replace("x", ",").split(",")
+    elif isinstance(value, int):
+        parts = [value, value]
+    else:
+        parts = list(value)
+    try:
+        size = tuple(int(p) for p in parts)
+    except (TypeError, ValueError):
+        raise UsageError(f"bad image size {value!r}: expected H,W such as 224,224") from None
+    if len(size) == 1:
+        size = size * 2
+    if len(size) != 2 or min(size) <= 0:
+        raise UsageError(f"bad image size {value!r}: expected two positive integers H,W such as 224,224")
+    return size  # type: ignore[return-value]
+
+
+@dataclass
+class FinetuneResult:
+    model: Any  # onnx.ModelProto: backbone + head
+    path: Path | None
+    card: ModelCard
+    metrics: dict[str, Any]
+    report: dict[str, Path]  # metrics / curves / confusion -> path (empty when no output was given)
+    seconds: float
+    timings: dict[str, float]
+    notes: list[str] = field(default_factory=list)
+    features_cached: bool = False
+    head: Any = field(default=None, repr=False)  # the trained torch head (unfolded)
+
+    @property
+    def labels(self) -> tuple[str, ...]:
+        return self.card.labels or ()
+
+    @property
+    def val_accuracy(self) -> float:
+        return self.metrics["final"]["val_accuracy"]
+
+    def summary(self) -> str:
+        m = self.metrics
+        where = f" -> {self.path}" if self.path else ""
+        ex = m["examples"]
+        lines = [f"fine-tuned {self.card.source} on {m['data']['source']}: {len(self.labels)} classes, "
+                 f"{ex['train']} train / {ex['val']} val examples{where} in {self.seconds:.1f} s"]
+        cut = m["cut"]
+        lines.append(f"  cut: {cut['tensor']} {cut['shape']} ({cut['reason']}), {cut['features']} features")
+        f = m["features"]
+        if f["cached"]:
+            lines.append(f"  features: from cache ({f['cache']})")
+        else:
+            lines.append(f"  features: {f['examples']} examples in {f['seconds']:.2f} s "
+                         f"({f['per_second']:,.0f}/s, {f['device']})")
+        t = m["training"]
+        stop = "early stop" if t["stopped_early"] else "all epochs"
+        lines.append(f"  head: {t['head']}, best epoch {t['best_epoch']}/{t['epochs_run']} ({stop}), "
+                     f"val_loss {m['final']['val_loss']:.4f}, val_acc {m['final']['val_accuracy']:.4f}")
+        c = m["check"]
+        lines.append(f"  check: merged model == backbone + head (max |diff| {c['max_abs_diff']:.2g} on "
+                     f"{c['examples']} examples, labels agree)")
+        if m["data"]["skipped"]:
+            lines.append(f"  skipped: {len(m['data']['skipped'])} unreadable file(s), listed in the report")
+        if self.report:
+            lines.append("  report: " + ", ".join(str(p) for p in self.report.values()))
+        lines += [f"  note: {n}" for n in self.notes]
+        return "\n".join(lines)
+
+
+# --- the pipeline -----------------------------------------------------------------------------------------------
+
+def finetune(source: Any, data: Any, output: str | os.PathLike | None = None, **options: Any) -> FinetuneResult:
+    """Train a new classification head on ``data`` on top of ``source`` and return (and write) one ONNX model.
+
+    ``source``: any source porter converts (reference string, path, nn.Module, keras.Model; converted with a
+    parity check first), an ONNX file, or an ``onnx.ModelProto``. ``data``: a folder with one subfolder of
+    images per class, a CSV file (feature columns + ``label_column``), or an ``(x, y)`` pair of arrays.
+    ``output``: the ONNX file to write; the report goes beside it. Options: the fields of
+    :class:`FinetuneOptions`. Raises a PorterError on any user mistake; nothing is written unless all succeeded.
+    """
+    from ..graph.inspect import opset_of
+    from ..graph.surgery import choose_cut, extract_backbone, feature_dim, format_shape, merge_head, model_hash
+    from ..outputs import check_output
+    from .heads import head_to_onnx
+    from .report import classification_metrics, report_paths
+    from .train import TrainConfig, stratified_split, train_head
+
+    start = time.perf_counter()
+    timings: dict[str, float] = {}
+    opts = FinetuneOptions.from_kwargs(**options)
+    log = _logger(opts.progress)
+    paths = report_paths(output) if output is not None else {}
+    if output is not None:
+        for p in [Path(output), *paths.values()]:
+            check_output(p, opts.force)  # before any work
+
+    t = time.perf_counter()
+    dataset = load_data(data, label_column=opts.label_column, preprocessed=opts.preprocessed)
+    timings["data"] = time.perf_counter() - t
+
+    t = time.perf_counter()
+    model, card, notes = _load_source(source, opts)
+    timings["load"] = time.perf_counter() - t
+    geometry = _geometry(model, opts, card)
+    spec, note = _preprocess(card, opts, geometry)
+    if note:
+        notes.append(note)
+
+    cut = choose_cut(model, opts.cut)
+    if cut.note and opts.cut is None:
+        notes.append(cut.note)
+    backbone = extract_backbone(model, cut)
+    bhash = model_hash(backbone)
+
+    t = time.perf_counter()
+    if opts.progress:
+        log(f"porter: {len(dataset)} examples in {len(dataset.classes)} classes from {dataset.source}; cut at "
+            f"{cut.name!r} {format_shape(cut.shape)}")
+    feats = compute_features(backbone, dataset, geometry, spec, cut=cut.name, backbone_hash=bhash,
+                             batch_size=opts.feature_batch_size, device=opts.device, cache=opts.cache,
+                             cache_dir=opts.cache_dir, progress=opts.progress, workers=opts.workers)
+    timings["features"] = time.perf_counter() - t
+    if feats.cached:
+        log(f"porter: features from cache ({feats.cache_path})")
+    if feats.skipped:
+        notes.append(f"skipped {len(feats.skipped)} unreadable file(s): "
+                     f"{', '.join(s[0] for s in feats.skipped[:3])}{' ...' if len(feats.skipped) > 3 else ''}")
+    dim = feature_dim(cut)
+    if dim is not None and feats.features.shape[1] != dim:
+        raise UsageError(f"the cut tensor gave {feats.features.shape[1]} features but its shape says {dim}")
+
+    t = time.perf_counter()
+    train_idx, val_idx = stratified_split(feats.labels, dataset.classes, opts.val_split, opts.seed)
+    config = TrainConfig(epochs=opts.epochs, batch_size=opts.batch_size, lr=opts.lr, weight_decay=opts.weight_decay,
+                         head=opts.head, hidden=opts.hidden, dropout=opts.head_dropout, patience=opts.patience,
+                         balance=opts.balance, seed=opts.seed)
+    trained = train_head(feats.features[train_idx], feats.labels[train_idx], feats.features[val_idx],
+                         feats.labels[val_idx], len(dataset.classes), config, log=log if opts.progress else None)
+    timings["train"] = time.perf_counter() - t
+
+    t = time.perf_counter()
+    batch_dim = _batch_dim(backbone)
+    head_model = head_to_onnx(trained.head, opset=opset_of(backbone), ir_version=backbone.ir_version,
+                              batch_dim=batch_dim)
+    merged = merge_head(backbone, head_model)
+    check = _check_merged(merged, backbone, trained.head, dataset, feats, geometry, spec)
+    timings["merge"] = time.perf_counter() - t
+
+    y_val = feats.labels[val_idx]
+    val_pred = trained.val_probabilities.argmax(1)
+    val_metrics = classification_metrics(y_val, val_pred, dataset.classes)
+    best = trained.best_epoch - 1
+    h = trained.history
+    final = {"epoch": trained.best_epoch, "loss": h["loss"][best], "accuracy": h["accuracy"][best],
+             "val_loss": h["val_loss"][best], "val_accuracy": val_metrics["accuracy"]}
+    metrics = {
+        "porter_version": __version__,
+        "source": card.source,
+        "data": {"source": dataset.source, "kind": dataset.kind, "examples": len(dataset),
+                 "class_counts": dataset.counts(),
+                 "skipped": [{"file": n, "error": e} for n, e in feats.skipped],
+                 "ignored_files": dataset.ignored[:100], "ignored_count": len(dataset.ignored)},
+        "labels": list(dataset.classes),
+        "examples": {"train": int(len(train_idx)), "val": int(len(val_idx))},
+        "cut": {"tensor": cut.name, "shape": format_shape(cut.shape), "reason": cut.reason,
+                "features": int(feats.features.shape[1])},
+        "preprocess": spec.to_dict() if spec else None,
+        "features": {"cached": feats.cached, "cache": feats.cache_path, "examples": int(len(feats.index)),
+                     "seconds": round(feats.seconds, 4),
+                     "per_second": round(feats.per_second, 1) if not feats.cached else None,
+                     "device": feats.device if not feats.cached else None, "providers": feats.providers},
+        "training": {"head": opts.head, "hidden": opts.hidden if opts.head == "mlp" else None,
+                     "dropout": opts.head_dropout, "epochs": opts.epochs, "epochs_run": trained.epochs_run,
+                     "best_epoch": trained.best_epoch, "stopped_early": trained.stopped_early,
+                     "patience": opts.patience, "batch_size": opts.batch_size, "lr": opts.lr,
+                     "weight_decay": opts.weight_decay, "balance": opts.balance, "class_weights": trained.class_weights,
+                     "val_split": opts.val_split, "seed": opts.seed, "seconds": round(trained.seconds, 4)},
+        "history": {k: [round(float(v), 6) for v in vals] for k, vals in h.items()},
+        "final": final,
+        "validation": val_metrics,
+        "check": check,
+        "timings": {k: round(v, 4) for k, v in timings.items()},
+    }
+
+    new_card = _card(card, dataset, spec, cut.name, metrics, source, check)
+    new_card.apply_to(merged)
+    merged.producer_name, merged.producer_version = "porter", __version__
+    metrics["seconds"] = round(time.perf_counter() - start, 4)
+
+    path = None
+    if output is not None:
+        path = _write(merged, Path(output), paths, metrics, dataset.classes, trained, opts.force)
+    return FinetuneResult(merged, path, new_card, metrics, paths, time.perf_counter() - start, timings, notes,
+                          feats.cached, trained.head)
+
+
+# --- steps ------------------------------------------------------------------------------------------------------
+
+def _logger(enabled: bool):
+    def log(line: str) -> None:
+        if enabled:
+            print(line, file=sys.stderr, flush=True)
+
+    return log
+
+
+def _load_source(source: Any, opts: FinetuneOptions):
+    """(model, card, notes): an ONNX model as is, anything else through porter.convert (with parity)."""
+    import onnx
+
+    from ..sources import parse_source
+
+    notes: list[str] = []
+    if isinstance(source, onnx.ModelProto):
+        model = source
+        card = ModelCard.from_onnx(model) or ModelCard(source=model.graph.name or "onnx-model", framework="onnx",
+                                                       porter_version=__version__)
+        return model, card, notes
+    ref = parse_source(source)
+    if ref.importer == "onnx":
+        from ..errors import ModelLoadError
+
+        if opts.convert_options:
+            raise UsageError(f"{ref} is already ONNX; convert options ({', '.join(sorted(opts.convert_options))}) "
+                             f"don't apply to it")
+        try:
+            model = onnx.load_model(ref.location)
+        except Exception as e:  # noqa: BLE001 - protobuf / external-data errors
+            raise ModelLoadError(f"can't read ONNX model {ref.location}: {' '.join(str(e).split())[:200]}") from None
+        card = ModelCard.from_onnx(model) or ModelCard(source=str(ref), framework="onnx", porter_version=__version__)
+        return model, card, notes
+    try:
+        from ..conversion import convert
+    except ImportError:
+        from ..convert import convert
+
+    result = convert(ref, None, **opts.convert_options)
+    notes += list(result.notes)
+    if result.parity is not None:
+        notes.append(f"converted {ref} first: {result.parity.summary()}")
+    return result.model, result.card, notes
+
+
+def _geometry(model, opts: FinetuneOptions, card: ModelCard) -> InputGeometry:
+    from ..graph.inspect import graph_inputs, image_geometry
+
+    inputs = graph_inputs(model)
+    if len(inputs) != 1:
+        raise UsageError(f"porter finetune needs a model with one input; this one has {len(inputs)} "
+                         f"({', '.join(i.name for i in inputs)})")
+    t = inputs[0]
+    geo = image_geometry(t.shape)
+    if geo is None:
+        if opts.image_size is not None:
+            raise UsageError(f"--image-size is for image models; this model's input {t.describe()} is not an image")
+        if t.dtype not in ("float32", "unknown"):
+            raise UsageError(f"the model input {t.describe()} is {t.dtype}; porter finetune feeds float32")
+        return InputGeometry(t.name, "vector", dims=t.shape)
+    if t.dtype not in ("float32", "unknown"):
+        raise UsageError(f"the model input {t.describe()} is {t.dtype}; porter finetune feeds float32 images")
+    layout, size, channels = geo
+    if opts.image_size is not None:
+        if size is not None and tuple(opts.image_size) != tuple(size):
+            raise UsageError(f"image size {opts.image_size[0]}x{opts.image_size[1]} doesn't fit the backbone: its "
+                             f"input {t.describe()} takes {size[0]}x{size[1]}; drop --image-size or give "
+                             f"{size[0]},{size[1]}")
+        size = tuple(opts.image_size)
+    elif size is None and card.preprocess is not None and card.preprocess.size:
+        size = tuple(card.preprocess.size)
+    return InputGeometry(t.name, "image", layout, size, channels, dims=t.shape)
+
+
+def _preprocess(card: ModelCard, opts: FinetuneOptions, g: InputGeometry) -> tuple[PreprocessSpec | None, str | None]:
+    known = card.preprocess
+    if g.kind != "image":
+        if opts.preprocess or opts.mean or opts.std:
+            raise UsageError("--preprocess/--mean/--std describe image inputs; this model takes vectors")
+        return known, None
+    geo = dict(layout=g.layout, size=g.size, channels=g.channels)
+    if opts.preprocess is None and opts.mean is None and opts.std is None:
+        if known is not None:
+            return known.with_(**geo), None
+        return (PreprocessSpec.preset("raw", **geo),
+                "the model records no preprocessing; feeding raw 0..255 pixels (give --preprocess unit|tf|torch|caffe "
+                "if the backbone was trained on normalized input)")
+    if opts.preprocess is None and known is not None and known.mode not in PRESETS:
+        n = g.channels or 3
+        base = PreprocessSpec.preset("raw", channels=n, mean=opts.mean or known.mean, std=opts.std or known.std)
+        return known.with_(mode="custom", mean=base.mean, std=base.std, **geo), None
+    mode = opts.preprocess or (known.mode if known is not None and known.mode in PRESETS else "raw")
+    return PreprocessSpec.preset(mode, mean=opts.mean, std=opts.std, **geo), None
+
+
+def _batch_dim(model) -> str | int:
+    dims = model.graph.input[0].type.tensor_type.shape.dim
+    if dims and dims[0].HasField("dim_param"):
+        return dims[0].dim_param
+    if dims and dims[0].HasField("dim_value"):
+        return dims[0].dim_value
+    return "batch"
+
+
+def _sample_inputs(dataset: Dataset, feats: Features, g: InputGeometry, spec: PreprocessSpec | None
+                   ) -> tuple[np.ndarray, np.ndarray]:
+    """Up to VALIDATION_EXAMPLES model inputs, spread over the data, and their positions in ``feats``."""
+    from ..imaging import load_image, to_tensor
+
+    n = len(feats.index)
+    pos = np.unique(np.linspace(0, n - 1, min(n, VALIDATION_EXAMPLES)).round().astype(np.int64))
+    idx = feats.index[pos]
+    if dataset.kind == "vectors":
+        return np.ascontiguousarray(dataset.x[idx], np.float32), pos
+    images = [load_image(dataset.items[i], g.size, name=dataset.names[i]) for i in idx]
+    return to_tensor(images, spec, g.channels), pos
+
+
+def _check_merged(merged, backbone, head, dataset: Dataset, feats: Features, g: InputGeometry,
+                  spec: PreprocessSpec | None) -> dict[str, Any]:
+    """The merged model's outputs == the backbone's features through the torch head, on real examples."""
+    from ..runtime.session import SessionConfig, create_session
+    from .heads import predict_proba
+
+    x, pos = _sample_inputs(dataset, feats, g, spec)
+    cfg = SessionConfig(device="cpu", cache=False, spin=False)
+    bsess, _ = create_session(backbone.SerializeToString(), cfg)
+    msess, _ = create_session(merged.SerializeToString(), cfg)
+    (fresh,) = bsess.run(None, {g.name: x})
+    prob, label = msess.run(None, {g.name: x})
+    want = predict_proba(head, np.asarray(fresh, np.float32))
+    diff = float(np.abs(prob - want).max())
+    cache_diff = float(np.abs(fresh - feats.features[pos]).max())
+    scale = float(np.abs(feats.features[pos]).max()) or 1.0
+    problems = []
+    if not np.isfinite(diff) or diff > VALIDATION_ATOL:
+        problems.append(f"probabilities differ by up to {diff:.3g} (tolerance {VALIDATION_ATOL})")
+    if not np.array_equal(label, prob.argmax(1)):
+        problems.append("label is not the argmax of probabilities")
+    if cache_diff > 1e-3 * max(1.0, scale):
+        problems.append(f"the features used for training differ from the backbone's by up to {cache_diff:.3g} "
+                        f"(a stale feature cache? rerun with cache=False)")
+    if problems:
+        raise ValidationError("the merged model does not compute backbone + head: " + "; ".join(problems))
+    return {"examples": int(len(x)), "max_abs_diff": diff, "atol": VALIDATION_ATOL,
+            "cached_feature_max_abs_diff": cache_diff, "passed": True}
+
+
+def _card(card: ModelCard, dataset: Dataset, spec, cut: str, metrics: dict, source: Any, check: dict) -> ModelCard:
+    provenance = dict(card.provenance)
+    provenance["finetuned_from"] = str(source) if isinstance(source, (str, os.PathLike)) else card.source
+    if card.labels:
+        provenance["original_classes"] = str(len(card.labels))
+    training = {
+        "head": metrics["training"]["head"], "best_epoch": metrics["training"]["best_epoch"],
+        "epochs_run": metrics["training"]["epochs_run"], "val_accuracy": metrics["final"]["val_accuracy"],
+        "val_loss": round(metrics["final"]["val_loss"], 6), "train_accuracy": round(metrics["final"]["accuracy"], 6),
+        "examples": metrics["examples"], "class_counts": metrics["data"]["class_counts"],
+        "features": metrics["cut"]["features"], "seed": metrics["training"]["seed"],
+        "data": dataset.source, "skipped": len(metrics["data"]["skipped"]),
+        "source_parity": card.parity,
+    }
+    parity = {"check": "merged model vs backbone features -> head", "examples": check["examples"],
+              "max_abs_diff": check["max_abs_diff"], "atol": check["atol"], "passed": True}
+    return card.with_(labels=tuple(dataset.classes), preprocess=spec, cut=cut, training=training,
+                      parity=parity, provenance=provenance, porter_version=__version__)
+
+
+def _write(model, output: Path, paths: dict[str, Path], metrics: dict, classes: Sequence[str], trained,
+           force: bool) -> Path:
+    from ..outputs import TWO_GB, atomic_path, save_onnx
+    from .report import confusion_png, curves_png, metrics_json
+
+    title = f"{output.name}: val acc {metrics['final']['val_accuracy']:.4f}"
+    blobs = {
+        paths["metrics"]: metrics_json(metrics),
+        paths["curves"]: curves_png(trained.history, trained.best_epoch, title),
+        paths["confusion"]: confusion_png(metrics["validation"]["confusion_matrix"], classes,
+                                          f"validation confusion matrix ({metrics['examples']['val']} examples)"),
+    }
+    small = model.ByteSize() < TWO_GB
+    if small:
+        blobs[output] = model.SerializeToString()
+    with contextlib.ExitStack() as stack:  # all temp files written, then all renamed; a failure leaves none
+        temps = {p: stack.enter_context(atomic_path(p, force)) for p in blobs}
+        for p, data in blobs.items():
+            temps[p].write_bytes(data)
+    if not small:
+        save_onnx(model, output, force)
+    return output

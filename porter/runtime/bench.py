@@ -1,0 +1,223 @@
+"""``porter bench``: latency (p50/p95) and throughput per batch size, optionally beside the source framework.
+
+Each batch size is warmed up, then timed for at least ``min_seconds`` (and ``min_runs`` runs). Inputs are the
+model's seeded example inputs (smooth random images through the model's preprocessing, or normals), so
+decoding is not part of the figure: ``porter predict`` overlaps decoding with inference and is measured
+separately. On a GPU the inputs are placed on the device once and outputs stay there (IO binding), which
+measures the model, not PCIe copies.
+
+``against_source=True`` rebuilds the original model from the card's ``source`` through its importer and runs
+``ImportedModel.run_source`` on the same inputs in the same process, reporting speed-up ratios and the max
+absolute difference of the outputs.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable, Sequence
+
+import numpy as np
+
+from ..errors import NetworkError, PorterError, SourceError, UsageError
+from . import session as S
+from .predictor import Predictor
+
+
+@dataclass(frozen=True)
+class Timing:
+    batch_size: int
+    p50_ms: float
+    p95_ms: float
+    throughput: float  # items per second (from the median)
+    runs: int
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"batch_size": self.batch_size, "p50_ms": round(self.p50_ms, 4), "p95_ms": round(self.p95_ms, 4),
+                "throughput": round(self.throughput, 2), "runs": self.runs}
+
+
+@dataclass
+class BenchReport:
+    model: str
+    engine: str  # e.g. "onnxruntime cpu", "onnxruntime cuda fp16"
+    providers: list[str]
+    rows: list[Timing]
+    source_engine: str | None = None
+    source_rows: list[Timing] = field(default_factory=list)
+    max_abs_diff: dict[int, float] = field(default_factory=dict)  # batch size -> max |onnx - source|
+    notes: list[str] = field(default_factory=list)
+
+    def speedup(self, batch_size: int) -> float | None:
+        ours = next((r for r in self.rows if r.batch_size == batch_size), None)
+        theirs = next((r for r in self.source_rows if r.batch_size == batch_size), None)
+        if ours is None or theirs is None:
+            return None
+        return ours.throughput / theirs.throughput if theirs.throughput else None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"model": self.model, "engine": self.engine, "providers": self.providers,
+                "rows": [r.to_dict() for r in self.rows], "source_engine": self.source_engine,
+                "source_rows": [r.to_dict() for r in self.source_rows],
+                "speedup": {r.batch_size: self.speedup(r.batch_size) for r in self.rows} if self.source_rows else {},
+                "max_abs_diff": self.max_abs_diff, "notes": self.notes}
+
+    def to_table(self) -> str:
+        head = ["batch", "p50 ms", "p95 ms", "items/s"]
+        if self.source_rows:
+            head += [f"{self.source_engine} p50 ms", "p95 ms", "items/s", "speed-up", "max |diff|"]
+        lines = [head]
+        src = {r.batch_size: r for r in self.source_rows}
+        for r in self.rows:
+            cells = [str(r.batch_size), f"{r.p50_ms:.2f}", f"{r.p95_ms:.2f}", f"{r.throughput:.1f}"]
+            if self.source_rows:
+                s = src.get(r.batch_size)
+                sp = self.speedup(r.batch_size)
+                diff = self.max_abs_diff.get(r.batch_size)
+                cells += ([f"{s.p50_ms:.2f}", f"{s.p95_ms:.2f}", f"{s.throughput:.1f}"] if s else ["-"] * 3)
+                cells += [f"{sp:.2f}x" if sp else "-", f"{diff:.2g}" if diff is not None else "-"]
+            lines.append(cells)
+        widths = [max(len(row[i]) for row in lines) for i in range(len(head))]
+        text = [f"{self.model}: {self.engine} ({S.describe_providers(self.providers)})"]
+        for i, row in enumerate(lines):
+            text.append("  ".join(c.rjust(w) if i else c.ljust(w) for c, w in zip(row, widths)).rstrip())
+        text.extend(f"note: {n}" for n in self.notes)
+        return "\n".join(text)
+
+
+def measure(fn: Callable[[], Any], *, warmup: int = 3, min_seconds: float = 1.0, min_runs: int = 5,
+            max_runs: int = 10_000) -> list[float]:
+    """Seconds per call of ``fn`` after ``warmup`` calls, until ``min_seconds`` and ``min_runs`` are both met."""
+    for _ in range(warmup):
+        fn()
+    times: list[float] = []
+    start = time.perf_counter()
+    while len(times) < max_runs and (len(times) < min_runs or time.perf_counter() - start < min_seconds):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return times
+
+
+def summarize(times: Sequence[float], batch_size: int) -> Timing:
+    arr = np.asarray(times)
+    p50 = float(np.percentile(arr, 50))
+    return Timing(batch_size, p50 * 1e3, float(np.percentile(arr, 95)) * 1e3, batch_size / p50 if p50 else 0.0, len(arr))
+
+
+def parse_batch_sizes(text: str | Sequence[int]) -> tuple[int, ...]:
+    if isinstance(text, str):
+        try:
+            sizes = tuple(int(p) for p in text.split(",") if p.strip())
+        except ValueError:
+            raise UsageError(f"bad batch sizes {text!r}: expected comma-separated integers such as 1,8,32") from None
+    else:
+        sizes = tuple(int(s) for s in text)
+    if not sizes or any(s < 1 for s in sizes):
+        raise UsageError(f"batch sizes must be positive integers, got {text!r}")
+    return sizes
+
+
+def bench(predictor: Predictor, batch_sizes: Sequence[int] | str = (1, 8, 32), *, warmup: int = 3,
+          min_seconds: float = 1.0, min_runs: int = 5, against_source: bool = False, seed: int = 0) -> BenchReport:
+    """Time ``predictor`` at each batch size (and the source framework beside it when asked)."""
+    sizes = parse_batch_sizes(batch_sizes)
+    fixed = predictor._fixed_batch()
+    notes = []
+    if fixed and any(b != fixed for b in sizes):
+        notes.append(f"the model takes batches of exactly {fixed}; timing batch {fixed} only")
+        sizes = (fixed,)
+    source = load_source(predictor) if against_source else None
+    engine = f"onnxruntime {predictor.device}{' fp16' if predictor.fp16 else ''}"
+    report = BenchReport(model=predictor.name, engine=engine, providers=list(predictor.providers), rows=[],
+                         notes=notes + list(predictor.notes))
+    if source is not None:
+        report.source_engine = source.name
+        report.notes.extend(source.notes)
+    for b in sizes:
+        feeds = predictor.example_inputs(b, seed=seed)
+        report.rows.append(summarize(measure(_runner(predictor, feeds), warmup=warmup, min_seconds=min_seconds,
+                                             min_runs=min_runs), b))
+        if source is not None:
+            arrays = [feeds[n] for n in predictor.input_names]
+            report.source_rows.append(summarize(measure(lambda: source.run(arrays), warmup=min(warmup, 2),
+                                                        min_seconds=min_seconds, min_runs=min(min_runs, 3)), b))
+            if source.compare:
+                ours = predictor.run(feeds)
+                theirs = source.run(arrays)
+                diffs = [float(np.max(np.abs(np.asarray(ours[n], np.float64) - np.asarray(t, np.float64))))
+                         for n, t in zip(predictor.output_names, theirs) if np.size(t)]
+                report.max_abs_diff[b] = max(diffs) if diffs else 0.0
+    return report
+
+
+def _runner(predictor: Predictor, feeds: dict[str, np.ndarray]) -> Callable[[], Any]:
+    if predictor.device == "cpu":
+        session = predictor._session
+        return lambda: session.run(None, feeds)
+    import onnxruntime as ort  # GPU: inputs on the device once, outputs stay there (IO binding)
+
+    device_id = predictor._config.device_id
+    on_gpu = {k: ort.OrtValue.ortvalue_from_numpy(v, "cuda", device_id) for k, v in feeds.items()}
+    return lambda: predictor.run(on_gpu, output_device="cuda")
+
+
+@dataclass
+class SourceModel:
+    name: str
+    run: Callable[[Sequence[np.ndarray]], Sequence[np.ndarray]]
+    compare: bool = True  # False when the weights differ (timing only)
+    notes: list[str] = field(default_factory=list)
+
+
+def load_source(predictor: Predictor) -> SourceModel:
+    """Rebuild the model porter converted, from the card's source reference, through its importer."""
+    card = predictor.card
+    if card is None:
+        raise SourceError(f"{predictor.name} has no porter metadata, so porter doesn't know its source model; "
+                          f"--against-source needs a model written by porter convert")
+    if card.cut is not None or card.training is not None:
+        raise SourceError(f"{predictor.name} was fine-tuned by porter (new head on {card.source}); its source "
+                          f"computes something else, so --against-source can't compare them")
+    from ..importers import get_importer
+    from ..options import ConvertOptions
+    from ..sources import parse_source
+
+    try:
+        ref = parse_source(card.source)
+    except SourceError as e:
+        raise SourceError(f"--against-source: the source {card.source!r} recorded in {predictor.name} can't be "
+                          f"reached ({e}); put the source model back where it was converted from") from None
+    if ref.importer == "onnx":
+        raise SourceError(f"the source recorded in {predictor.name} is itself ONNX ({card.source}); nothing to compare")
+    try:
+        importer = get_importer(ref.importer)
+    except KeyError:
+        raise SourceError(f"no importer {ref.importer!r} for the source {card.source!r}") from None
+    shapes = {t.name: tuple(d for d in predictor._concrete_shape(t, 1)[1:]) for t in predictor.inputs}
+    if len(shapes) == 1:
+        shapes[None] = next(iter(shapes.values()))
+    weights = None
+    source_model = card.provenance.get("source_model", "")
+    if "(weights=" in source_model:
+        weights = source_model.split("(weights=", 1)[1].rstrip(")")
+    kwargs: dict[str, Any] = dict(validate=False, input_shapes=shapes)
+    if weights:
+        kwargs["weights"] = weights
+    notes: list[str] = []
+    compare = True
+    try:
+        imported = importer(ref, ConvertOptions.from_kwargs(**kwargs))
+    except NetworkError as e:
+        if ref.importer == "keras" and ref.form == "application" and weights != "none":
+            kwargs["weights"] = "none"
+            imported = importer(ref, ConvertOptions.from_kwargs(**kwargs))
+            compare = False
+            notes.append(f"source weights unavailable ({e}); timing the same architecture with random weights, "
+                         f"outputs not compared")
+        else:
+            raise
+    except PorterError as e:
+        raise type(e)(f"--against-source: can't rebuild {card.source}: {e}") from None
+    name = f"{imported.framework}"
+    return SourceModel(name=name, run=imported.run_source, compare=compare, notes=notes)
