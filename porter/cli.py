@@ -159,7 +159,78 @@ def run_inspect(args: argparse.Namespace) -> int:
 
 
 # --- finetune (issue 5) -----------------------------------------------------------------------------------------
-# FINETUNE-CLI-PLACEHOLDER
+def add_finetune_parser(sub) -> None:
+    p = sub.add_parser("finetune", help="train a new classifier head on your data; write backbone + head as one ONNX",
+                       description="Cut the model's classifier off, compute backbone features once (cached), train a "
+                                   "new head in torch with early stopping, and write backbone + head as one ONNX file "
+                                   "with labels and preprocessing, plus a report (NAME.metrics.json, "
+                                   "NAME.training.png, NAME.confusion.png) beside it.")
+    p.add_argument("source", help="an ONNX file, or any source porter converts (keras:..., torchhub:..., tfjs:..., a path)")
+    p.add_argument("data", help="an image folder with one subfolder per class, or a CSV file with a label column")
+    p.add_argument("-o", "--output", required=True, help="the ONNX file to write")
+    g = p.add_argument_group("training")
+    g.add_argument("--epochs", type=int, default=100, help="upper bound; early stopping on validation loss decides (default 100)")
+    g.add_argument("--patience", type=int, default=10, help="epochs without a better validation loss before stopping (default 10)")
+    g.add_argument("--batch-size", type=int, default=64, help="head training batch size (default 64)")
+    g.add_argument("--lr", type=float, default=1e-2, help="AdamW learning rate (default 0.01; halved on plateaus)")
+    g.add_argument("--weight-decay", type=float, default=1e-4, help="AdamW weight decay (default 1e-4)")
+    g.add_argument("--head", choices=["linear", "mlp"], default="linear", help="head architecture (default linear)")
+    g.add_argument("--hidden", type=int, default=256, help="mlp hidden units (default 256)")
+    g.add_argument("--dropout", type=float, default=None, help="dropout (default 0 for linear, 0.2 for mlp)")
+    g.add_argument("--val-split", type=float, default=0.2, help="stratified validation fraction (default 0.2)")
+    g.add_argument("--balance", action="store_true", help="weight classes by inverse frequency (imbalanced data)")
+    g.add_argument("--seed", type=int, default=0, help="seed for the split, init and shuffling (default 0)")
+    g = p.add_argument_group("model and data")
+    g.add_argument("--cut", metavar="TENSOR", help="attach the head to this tensor (default: detected; see porter inspect --cuts)")
+    g.add_argument("--image-size", metavar="H,W", help="image size for backbones without a fixed input size")
+    add_preprocess_args(g)
+    g.add_argument("--label-column", default="label", help="CSV label column (default label)")
+    g.add_argument("--device", choices=["auto", "cuda", "tensorrt", "cpu"], default="auto",
+                   help="where the backbone runs (default auto: CUDA if it works, else CPU)")
+    g.add_argument("--feature-batch-size", type=int, default=64, help="images per backbone batch (default 64)")
+    g.add_argument("--workers", type=int, default=None, help="image decoding threads (default: CPUs, at most 8)")
+    g.add_argument("--no-cache", action="store_true", help="recompute backbone features; don't store them")
+    g.add_argument("--quiet", action="store_true", help="no progress bar or per-epoch lines")
+    g.add_argument("--force", action="store_true", help="overwrite the output and its report")
+    g = p.add_argument_group("converting a non-ONNX source")
+    g.add_argument("--input-shape", action="append", metavar="[NAME:]DIMS", help="as for porter convert")
+    g.add_argument("--weights", help="keras.applications weights: imagenet (default), none, or a weights file")
+    g.add_argument("--unsafe", action="store_true", help="allow Keras deserialization that runs code (Lambda layers)")
+    g.add_argument("--hub-arg", action="append", metavar="NAME=VALUE", help="keyword argument for a hub entry point")
+    g.add_argument("--trust-repo", action="store_true", help="allow running a remote hub repo's code")
+
+
+def finetune_options(args: argparse.Namespace) -> dict:
+    opts = dict(epochs=args.epochs, patience=args.patience, batch_size=args.batch_size, lr=args.lr,
+                weight_decay=args.weight_decay, head=args.head, hidden=args.hidden, dropout=args.dropout,
+                val_split=args.val_split, balance=args.balance, seed=args.seed, cut=args.cut,
+                preprocess=args.preprocess, mean=parse_floats(args.mean, "mean"), std=parse_floats(args.std, "std"),
+                label_column=args.label_column, device=args.device, feature_batch_size=args.feature_batch_size,
+                workers=args.workers, cache=not args.no_cache, progress=not args.quiet, force=args.force)
+    if args.image_size is not None:
+        opts["image_size"] = parse_dims(args.image_size)
+    convert = {}
+    if args.input_shape:
+        convert["input_shapes"] = parse_input_shapes(args.input_shape)
+    if args.hub_arg:
+        convert["hub_args"] = parse_hub_args(args.hub_arg)
+    if args.weights is not None:
+        convert["weights"] = args.weights
+    if args.unsafe:
+        convert["unsafe"] = True
+    if args.trust_repo:
+        convert["trust_repo"] = True
+    opts["convert_options"] = convert
+    return opts
+
+
+@command("finetune")
+def run_finetune(args: argparse.Namespace) -> int:
+    from .finetune.api import finetune
+
+    result = finetune(args.source, args.data, args.output, **finetune_options(args))
+    print(result.summary())
+    return 0
 
 # --- predict and bench (issue 6) --------------------------------------------------------------------------------
 DEVICE_CHOICES = ["auto", "cuda", "tensorrt", "cpu"]
@@ -207,6 +278,7 @@ def run_predict(args: argparse.Namespace) -> int:
     paths = list_images(args.inputs)
     predictor = load(args.model, device=args.device, fp16=args.fp16, batch_size=args.batch_size,
                      preprocess=args.preprocess)
+    predictor.image_spec()  # a model that can't take images fails here, before any output
     print(f"porter: {predictor.describe()}", file=sys.stderr)
     for note in predictor.notes:
         print(f"porter: {note}", file=sys.stderr)
@@ -240,6 +312,7 @@ def run_bench(args: argparse.Namespace) -> int:
 # --- main -------------------------------------------------------------------------------------------------------
 
 PARSER_BUILDERS = [add_convert_parser, add_inspect_parser]
+PARSER_BUILDERS += [add_finetune_parser]
 PARSER_BUILDERS += [add_predict_parser, add_bench_parser]
 
 

@@ -53,16 +53,16 @@ def load_image(src: Any, size: Sequence[int] | None = None, *, name: str | None 
     """
     label = name or describe_source(src)
     if isinstance(src, (str, os.PathLike)):
-        image = _decode_file(Path(src), label)
+        image = _decode_file(Path(src), label, size)
     elif _is_pil(src):
-        image = _pil_to_rgb(src, label)
+        image = _pil_to_rgb(src, label, size)
     elif isinstance(src, np.ndarray):
         image = array_to_rgb(src, label)
     else:
         raise DataError(f"{label}: can't read an image from a {type(src).__module__}.{type(src).__name__}; "
                         f"give a file path, a PIL image or a uint8 numpy array (H x W [x C])")
     if size is not None:
-        image = resize(image, size)
+        image = resize(image, size)  # a no-op when decoding already resized
     return image
 
 
@@ -75,7 +75,7 @@ def _is_pil(obj: Any) -> bool:
     return isinstance(obj, Image.Image)
 
 
-def _decode_file(path: Path, label: str) -> np.ndarray:
+def _decode_file(path: Path, label: str, size: Sequence[int] | None = None) -> np.ndarray:
     from PIL import Image, UnidentifiedImageError
 
     if not path.exists():
@@ -85,7 +85,7 @@ def _decode_file(path: Path, label: str) -> np.ndarray:
     try:
         with Image.open(path) as img:
             img.load()  # decode now, inside the try: truncated files fail here
-            return _pil_to_rgb(img, label)
+            return _pil_to_rgb(img, label, size)
     except UnidentifiedImageError:
         raise DataError(f"{label}: not an image Pillow can decode (supported: "
                         f"{', '.join(e.lstrip('.') for e in IMAGE_EXTENSIONS)})") from None
@@ -96,16 +96,19 @@ def _decode_file(path: Path, label: str) -> np.ndarray:
                         f"the file may be truncated or corrupt") from None
 
 
-def _pil_to_rgb(img: Any, label: str) -> np.ndarray:
-    from PIL import ImageOps
+def _pil_to_rgb(img: Any, label: str, size: Sequence[int] | None = None) -> np.ndarray:
+    from PIL import Image, ImageOps
 
     try:
-        img = ImageOps.exif_transpose(img)
+        if img.getexif().get(0x0112, 1) not in (0, 1):  # EXIF orientation: rotate/flip as a viewer would
+            img = ImageOps.exif_transpose(img)
     except Exception:  # noqa: BLE001 - a broken EXIF block must not lose the image; keep it unrotated
         pass
     mode = img.mode
-    if mode == "RGB":
-        return np.asarray(img, dtype=np.uint8).copy()
+    if mode == "RGB":  # the common case stays in PIL until the end: one resize, one copy
+        if size is not None and (img.height, img.width) != (int(size[0]), int(size[1])):
+            img = img.resize((int(size[1]), int(size[0])), Image.Resampling.BILINEAR)
+        return np.array(img, dtype=np.uint8)
     if mode == "F":  # float grey (TIFF): intensities, clipped to 0..255
         return array_to_rgb(np.clip(np.asarray(img), 0, 255).round().astype(np.uint8), label)
     if mode.startswith("I"):  # 16/32-bit grey: 16-bit data is scaled to 0..255, not clipped
@@ -189,15 +192,38 @@ def to_tensor(images: Sequence[np.ndarray], spec: "PreprocessSpec", channels: in
     shapes = {tuple(im.shape[:2]) for im in images}
     if len(shapes) > 1:
         raise DataError(f"images have different sizes {sorted(shapes)}; resize them to one size first")
-    batch = np.stack([_as_rgb(im, i) for i, im in enumerate(images)]).astype(np.float32)  # N H W 3
+    pixels = np.stack([_as_rgb(im, i) for i, im in enumerate(images)])  # uint8 N H W 3
     if n_ch == 1:
-        batch = (batch @ LUMA_WEIGHTS)[..., None]
-    elif spec.channel_order == "BGR":
-        batch = batch[..., ::-1]
+        batch = (pixels.astype(np.float32) @ LUMA_WEIGHTS)[..., None]
+    else:
+        if spec.layout == "NCHW":  # move bytes, not floats
+            pixels = pixels.transpose(0, 3, 1, 2)
+            if spec.channel_order == "BGR":
+                pixels = pixels[:, ::-1]
+            batch = np.ascontiguousarray(pixels).astype(np.float32)
+        elif spec.channel_order == "BGR":  # one strided copy per channel beats a reversed-stride copy
+            batch = np.empty(pixels.shape, np.float32)
+            for c in range(3):
+                batch[..., c] = pixels[..., 2 - c]
+        else:
+            batch = pixels.astype(np.float32)
     mean = _stat(spec.mean, n_ch, "mean")
     std = _stat(spec.std, n_ch, "std")
-    batch = (batch * np.float32(spec.scale) - mean) / std
-    if spec.layout == "NCHW":
+    # (p * scale - mean) / std == p * a + b, in place: two passes over the batch instead of four
+    a = (np.float32(spec.scale) / std).astype(np.float32)
+    b = (-mean / std).astype(np.float32)
+    flat = batch
+    if np.all(a == a[0]) and np.all(b == b[0]):  # same for every channel: scalars, the fastest loop
+        a, b = a[0], b[0]
+    elif spec.layout == "NCHW" and n_ch != 1:
+        a, b = a[:, None, None], b[:, None, None]
+    else:  # channels last: a per-channel vector makes numpy's inner loop 3 long; tile it along the row
+        width = batch.shape[2]
+        flat = batch.reshape(batch.shape[0] * batch.shape[1], width * n_ch)
+        a, b = np.tile(a, width), np.tile(b, width)
+    flat *= a
+    flat += b
+    if spec.layout == "NCHW" and n_ch == 1:
         batch = batch.transpose(0, 3, 1, 2)
     return np.ascontiguousarray(batch, dtype=np.float32)
 

@@ -25,6 +25,7 @@ from .heads import HEADS
 
 VALIDATION_EXAMPLES = 16
 VALIDATION_ATOL = 1e-4
+VALIDATION_RTOL = 1e-3
 
 
 @dataclass(frozen=True)
@@ -314,7 +315,7 @@ def _load_source(source: Any, opts: FinetuneOptions):
         card = ModelCard.from_onnx(model) or ModelCard(source=model.graph.name or "onnx-model", framework="onnx",
                                                        porter_version=__version__)
         return model, card, notes
-    ref = parse_source(source)
+    ref = parse_source(os.fspath(source) if isinstance(source, os.PathLike) else source)
     if ref.importer == "onnx":
         from ..errors import ModelLoadError
 
@@ -426,11 +427,14 @@ def _check_merged(merged, backbone, head, dataset: Dataset, feats: Features, g: 
     prob, label = msess.run(None, {g.name: x})
     want = predict_proba(head, np.asarray(fresh, np.float32))
     diff = float(np.abs(prob - want).max())
+    rel = float((np.abs(prob - want) / np.maximum(np.abs(want), 1e-12)).max())
+    scaled = float((np.abs(prob - want) / (VALIDATION_ATOL + VALIDATION_RTOL * np.abs(want))).max())
+    agree = float(np.mean(prob.argmax(1) == want.argmax(1)))
     cache_diff = float(np.abs(fresh - feats.features[pos]).max())
     scale = float(np.abs(feats.features[pos]).max()) or 1.0
     problems = []
-    if not np.isfinite(diff) or diff > VALIDATION_ATOL:
-        problems.append(f"probabilities differ by up to {diff:.3g} (tolerance {VALIDATION_ATOL})")
+    if not np.isfinite(scaled) or scaled > 1.0:
+        problems.append(f"probabilities differ by up to {diff:.3g} (atol {VALIDATION_ATOL}, rtol {VALIDATION_RTOL})")
     if not np.array_equal(label, prob.argmax(1)):
         problems.append("label is not the argmax of probabilities")
     if cache_diff > 1e-3 * max(1.0, scale):
@@ -438,7 +442,8 @@ def _check_merged(merged, backbone, head, dataset: Dataset, feats: Features, g: 
                         f"(a stale feature cache? rerun with cache=False)")
     if problems:
         raise ValidationError("the merged model does not compute backbone + head: " + "; ".join(problems))
-    return {"examples": int(len(x)), "max_abs_diff": diff, "atol": VALIDATION_ATOL,
+    return {"examples": int(len(x)), "max_abs_diff": diff, "max_rel_diff": rel, "scaled": scaled,
+            "label_agreement": agree, "atol": VALIDATION_ATOL, "rtol": VALIDATION_RTOL,
             "cached_feature_max_abs_diff": cache_diff, "passed": True}
 
 
@@ -456,8 +461,12 @@ def _card(card: ModelCard, dataset: Dataset, spec, cut: str, metrics: dict, sour
         "data": dataset.source, "skipped": len(metrics["data"]["skipped"]),
         "source_parity": card.parity,
     }
-    parity = {"check": "merged model vs backbone features -> head", "examples": check["examples"],
-              "max_abs_diff": check["max_abs_diff"], "atol": check["atol"], "passed": True}
+    # the shape of porter.graph.validate.ParityReport.to_dict, so inspect and predict read it the same way
+    parity = {"check": "merged model vs backbone features -> head (on training examples)", "passed": True,
+              "atol": check["atol"], "rtol": check["rtol"], "batch_sizes": [check["examples"]],
+              "seed": metrics["training"]["seed"],
+              "outputs": {"probabilities": {"max_abs": check["max_abs_diff"], "max_rel": check["max_rel_diff"],
+                                            "scaled": check["scaled"], "top1_agreement": check["label_agreement"]}}}
     return card.with_(labels=tuple(dataset.classes), preprocess=spec, cut=cut, training=training,
                       parity=parity, provenance=provenance, porter_version=__version__)
 

@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from ..errors import DataError
+from ..errors import DataError, UsageError
 from .data import Dataset
 
 if TYPE_CHECKING:
@@ -243,7 +243,7 @@ def _run(session, dataset: Dataset, g: InputGeometry, spec: "PreprocessSpec | No
             msg = " ".join(str(e).split())[:300]
             if first and g.kind == "image":
                 size = "x".join(map(str, g.size or ()))
-                raise DataError(f"image size {size} doesn't fit the backbone (input {g.name!r} {_fmt(g.dims)}): "
+                raise UsageError(f"image size {size} doesn't fit the backbone (input {g.name!r} {_fmt(g.dims)}): "
                                 f"{msg}; give --image-size with a size the model accepts") from None
             raise DataError(f"the backbone failed on a batch: {msg}") from None
         y = np.asarray(y)

@@ -81,7 +81,8 @@ def confusion_png(cm: Sequence[Sequence[int]], classes: Sequence[str], title: st
     fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04, label="fraction of true class")
     ticks = np.arange(k)
     names = [c if len(c) <= 14 else c[:13] + "…" for c in classes]
-    ax.set_xticks(ticks, names, rotation=45 if k > 4 else 0, ha="right" if k > 4 else "center", fontsize=8)
+    tilt = k > 4 and max(len(n) for n in names) > 2
+    ax.set_xticks(ticks, names, rotation=45 if tilt else 0, ha="right" if tilt else "center", fontsize=8)
     ax.set_yticks(ticks, names, fontsize=8)
     ax.set_xlabel("predicted")
     ax.set_ylabel("true")

@@ -87,6 +87,19 @@ def train_head(x_train: np.ndarray, y_train: np.ndarray, x_val: np.ndarray, y_va
                         "(--preprocess, --mean, --std) and the cut")
     mean, std = standardization(x_train)
     weights = class_weights(y_train, n_classes) if config.balance else None
+    width = config.hidden if config.head == "mlp" else n_classes
+    small = config.batch_size * x_train.shape[1] * width < 4_000_000
+    threads = torch.get_num_threads()
+    if small:  # tiny matmuls: one thread is fastest (and a cold thread pool costs seconds on a busy machine)
+        torch.set_num_threads(1)
+    try:
+        return _train(torch, nn, x_train, y_train, x_val, y_val, n_classes, config, log, mean, std, weights, start)
+    finally:
+        if small:
+            torch.set_num_threads(threads)
+
+
+def _train(torch, nn, x_train, y_train, x_val, y_val, n_classes, config, log, mean, std, weights, start):
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(config.seed)
         head = make_head(config.head, x_train.shape[1], n_classes, hidden=config.hidden, dropout=config.dropout,
@@ -123,7 +136,7 @@ def train_head(x_train: np.ndarray, y_train: np.ndarray, x_val: np.ndarray, y_va
             for k, v in (("loss", tr_loss), ("accuracy", tr_acc), ("val_loss", va_loss), ("val_accuracy", va_acc),
                          ("lr", lr)):
                 history[k].append(v)
-            improved = va_loss < best_loss - 1e-7
+            improved = va_loss < best_loss - max(1e-7, 1e-4 * abs(best_loss)) if math.isfinite(best_loss) else True
             if improved:
                 best_loss, best_epoch, since_best = va_loss, epoch, 0
                 best_state = copy.deepcopy(head.state_dict())

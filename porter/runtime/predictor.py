@@ -455,7 +455,7 @@ class Predictor:
         sources = list(sources)
         if not sources:
             raise DataError("no inputs to predict on")
-        spec, image = self._image_spec()
+        spec, image = self.image_spec()
         channels = _channels(image, spec)
         bs = self._batch(batch_size)
         target = spec.size
@@ -493,7 +493,7 @@ class Predictor:
                     else:
                         yield results[i]
 
-    def _image_spec(self) -> tuple[PreprocessSpec, TensorInfo]:
+    def image_spec(self) -> tuple[PreprocessSpec, TensorInfo]:
         image = self._image_input()
         if image is None:
             raise DataError(f"{self.name} takes {', '.join(t.describe() for t in self.inputs)}, not one image "

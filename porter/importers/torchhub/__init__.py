@@ -16,7 +16,7 @@ from typing import Any, Sequence
 
 from .. import ImportedModel, register_importer
 from ...errors import UsageError
-from .export import (export, flatten_outputs, is_scripted, make_examples, module_device, resolve_inputs)
+from .exporting import (export, flatten_outputs, is_scripted, make_examples, module_device, resolve_inputs)
 from .hub import load_module
 
 LABEL_ATTRS = ("labels", "categories", "class_names", "classes")

@@ -8,12 +8,17 @@ batch of 2 so the batch axis can't be specialised to 1, and both mark axis 0 of 
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import io
+import logging
+import os
 import re
+import sys
+import tempfile
 import warnings
 from dataclasses import dataclass, field
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
 from ...errors import ConversionError, UnsupportedError, UsageError
 
@@ -243,8 +248,7 @@ def _export_dynamo(module, examples, input_names, output_names, opset: int) -> E
 
     target = max(opset, DYNAMO_MIN_OPSET)
     batch = torch.export.Dim(BATCH)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
+    with quiet_exporter():
         program = torch.onnx.export(
             module, tuple(examples), dynamo=True, opset_version=target, input_names=list(input_names),
             output_names=list(output_names), dynamic_shapes=tuple({0: batch} for _ in examples),
@@ -259,14 +263,43 @@ def _export_dynamo(module, examples, input_names, output_names, opset: int) -> E
     return Exported(model, "dynamo", None, notes)
 
 
+# Reduce ops that gained ``noop_with_empty_axes`` (and an axes input) in opset 18; ReduceSum did in 13.
+_REDUCE_18 = {"ReduceL1", "ReduceL2", "ReduceLogSum", "ReduceLogSumExp", "ReduceMax", "ReduceMean", "ReduceMin",
+              "ReduceProd", "ReduceSumSquare"}
+
+
 def convert_opset(model, opset: int, source_opset: int):
+    """Down-convert the dynamo exporter's graph with onnx's version converter, then check the result."""
+    import onnx
     from onnx import version_converter
 
     try:
-        return version_converter.convert_version(model, opset)
+        converted = version_converter.convert_version(model, opset)
+        if opset < 18:
+            _drop_reduce_noop_attr(converted.graph)
+        onnx.checker.check_model(converted)
     except Exception as e:  # noqa: BLE001 - becomes the fallback reason
         raise ConversionError(f"its opset-{source_opset} graph could not be converted to opset {opset} "
-                              f"({_plain(str(e)).splitlines()[0][:200]})") from e
+                              f"({_plain(str(e)).strip().splitlines()[0][:200]})") from e
+    return converted
+
+
+def _drop_reduce_noop_attr(graph) -> None:
+    """onnx's converter moves Reduce* axes back to an attribute but keeps the opset-18 ``noop_with_empty_axes``;
+    at its default (0) it means what opset 17 does anyway, so drop it; 1 has no opset-17 spelling."""
+    for node in graph.node:
+        if node.op_type in _REDUCE_18 and node.domain in ("", "ai.onnx"):
+            for i, attr in enumerate(node.attribute):
+                if attr.name == "noop_with_empty_axes":
+                    if attr.i != 0:
+                        raise ConversionError(f"{node.op_type} with noop_with_empty_axes=1 has no opset-17 form")
+                    del node.attribute[i]
+                    break
+        for attr in node.attribute:
+            if attr.HasField("g"):
+                _drop_reduce_noop_attr(attr.g)
+            for sub in attr.graphs:
+                _drop_reduce_noop_attr(sub)
 
 
 def _export_torchscript(module, examples, input_names, output_names, output_ranks, opset: int):
@@ -276,12 +309,53 @@ def _export_torchscript(module, examples, input_names, output_names, output_rank
     axes = {n: {0: BATCH} for n in input_names}
     axes.update({n: {0: BATCH} for n, r in zip(output_names, output_ranks) if r >= 1})
     buf = io.BytesIO()
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # deprecation of dynamo=False, tracer warnings
+    with _stdout_to_void(), quiet_exporter():  # deprecation of dynamo=False, tracer warnings, IR dumps
         torch.onnx.export(module, tuple(examples), buf, dynamo=False, opset_version=opset,
                           input_names=list(input_names), output_names=list(output_names), dynamic_axes=axes,
                           do_constant_folding=True, verbose=False)
     return onnx.load_model_from_string(buf.getvalue())
+
+
+@contextlib.contextmanager
+def quiet_exporter() -> Iterator[None]:
+    """Keep the exporters' warnings, log chatter and printed graph dumps ("torchvision is not installed", partial
+    FX graphs) off the terminal while they run; porter reports what matters (which exporter, why) in one line and
+    the exception chain keeps the details (--debug). Logger levels and streams are restored after."""
+    loggers = [logging.getLogger("torch")] + [
+        logging.getLogger(name) for name in list(logging.Logger.manager.loggerDict)
+        if name.startswith("torch.") and logging.getLogger(name).level not in (logging.NOTSET,)]
+    saved = [(lg, lg.level) for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(max(lg.level, logging.ERROR))
+    try:
+        # torch.export prints partial graphs of failed exports to sys.stderr itself
+        with warnings.catch_warnings(), contextlib.redirect_stderr(io.StringIO()), \
+                contextlib.redirect_stdout(io.StringIO()):
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        for lg, level in saved:
+            lg.setLevel(level)
+
+
+@contextlib.contextmanager
+def _stdout_to_void() -> Iterator[None]:
+    """The TorchScript-based exporter's C++ side prints its IR to stdout when it fails (torch enables its ONNX log
+    unconditionally); send file descriptor 1 to a scratch file for the duration."""
+    try:
+        fd = sys.stdout.fileno()
+    except (AttributeError, OSError, ValueError):  # no real stdout (captured, notebook): nothing to protect
+        yield
+        return
+    sys.stdout.flush()
+    saved = os.dup(fd)
+    with tempfile.TemporaryFile() as scratch:
+        os.dup2(scratch.fileno(), fd)
+        try:
+            yield
+        finally:
+            os.dup2(saved, fd)
+            os.close(saved)
 
 
 def strip_node_metadata(model) -> None:

@@ -1,0 +1,306 @@
+"""Runtime benchmarks for issue 6, measured side by side in one run and printed as ratios.
+
+    .venv/bin/python benchmarks/bench_runtime.py            # CPU section, predict section, GPU section if CUDA
+    .venv/bin/python benchmarks/bench_runtime.py --quick    # fewer images and rounds (smoke run)
+
+CPU: MobileNetV2 (keras.applications, weights=None, 224x224x3), converted with porter.convert, batch 32:
+     onnxruntime (porter.load, device cpu) vs TensorFlow (tf.function of the same Keras model, oneDNN on) vs torch
+     eager (a MobileNetV2 of the same architecture written below: torchvision isn't installed here, and the weights
+     don't matter for speed). Rounds are interleaved (ORT, TF, torch, ORT, ...) so machine noise hits all three
+     alike; each figure is the median over rounds. Target: ORT >= 2x the faster of TF and torch.
+predict: `porter predict`'s pipeline (thread-pool decoding overlapped with inference) on a directory of JPEGs vs
+     `porter bench` throughput at the same batch size. Target: >= 80%.
+GPU: when CUDA works: ORT CUDA fp32, ORT CUDA fp16 + IO binding, TensorRT fp32/fp16 vs torch eager fp32 on the GPU,
+     batch 64. Targets: ORT CUDA fp32 >= torch fp32; ORT fp16 + IO binding >= 2x torch fp32. Otherwise prints
+     "skipped: no CUDA".
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+os.environ["TF_ENABLE_ONEDNN_OPTS"] = "1"  # TensorFlow at its best on CPU (porter's CLI turns oneDNN logs off)
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import numpy as np  # noqa: E402
+
+RESULTS: dict = {}
+
+
+def log(msg: str = "") -> None:
+    print(msg, flush=True)
+
+
+# --- a torch MobileNetV2 (torchvision's architecture, width 1.0, 1000 classes) ------------------------------------
+
+def torch_mobilenet_v2():
+    import torch
+    from torch import nn
+
+    def conv_bn(cin, cout, k, s, groups=1, act=True):
+        layers = [nn.Conv2d(cin, cout, k, s, (k - 1) // 2, groups=groups, bias=False), nn.BatchNorm2d(cout)]
+        if act:
+            layers.append(nn.ReLU6(inplace=True))
+        return layers
+
+    class InvertedResidual(nn.Module):
+        def __init__(self, cin, cout, stride, expand):
+            super().__init__()
+            hidden = cin * expand
+            layers = conv_bn(cin, hidden, 1, 1) if expand != 1 else []
+            layers += conv_bn(hidden, hidden, 3, stride, groups=hidden) + conv_bn(hidden, cout, 1, 1, act=False)
+            self.block = nn.Sequential(*layers)
+            self.residual = stride == 1 and cin == cout
+
+        def forward(self, x):
+            return x + self.block(x) if self.residual else self.block(x)
+
+    settings = [(1, 16, 1, 1), (6, 24, 2, 2), (6, 32, 3, 2), (6, 64, 4, 2), (6, 96, 3, 1), (6, 160, 3, 2), (6, 320, 1, 1)]
+    layers = conv_bn(3, 32, 3, 2)
+    cin = 32
+    for t, c, n, s in settings:
+        for i in range(n):
+            layers.append(InvertedResidual(cin, c, s if i == 0 else 1, t))
+            cin = c
+    layers += conv_bn(cin, 1280, 1, 1)
+    model = nn.Sequential(*layers, nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Dropout(0.2), nn.Linear(1280, 1000),
+                          nn.Softmax(dim=1))
+    torch.manual_seed(0)
+    return model.eval()
+
+
+# --- timing helpers ---------------------------------------------------------------------------------------------
+
+def throughput(fn, batch: int, seconds: float, warmup: int = 2) -> float:
+    """Images per second from the median time of repeated calls (after warm-up)."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    start = time.perf_counter()
+    while len(times) < 3 or time.perf_counter() - start < seconds:
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return batch / statistics.median(times)
+
+
+def interleaved(engines: dict, batch: int, rounds: int, seconds: float) -> dict[str, float]:
+    per = {name: [] for name in engines}
+    for r in range(rounds):
+        for name, fn in engines.items():
+            per[name].append(throughput(fn, batch, seconds, warmup=2 if r == 0 else 1))
+    return {name: statistics.median(v) for name, v in per.items()}
+
+
+# --- sections ---------------------------------------------------------------------------------------------------
+
+def build_mobilenet(workdir: Path):
+    import keras
+
+    import porter
+
+    keras.utils.set_random_seed(0)
+    model = keras.applications.MobileNetV2(weights=None, input_shape=(224, 224, 3))
+    t0 = time.perf_counter()
+    result = porter.convert(model, workdir / "mobilenet_v2.onnx", preprocess="tf", force=True)
+    log(f"converted MobileNetV2 with porter.convert in {time.perf_counter() - t0:.1f} s "
+        f"({result.parity.summary() if result.parity else 'no parity'})")
+    return model, workdir / "mobilenet_v2.onnx"
+
+
+def cpu_section(keras_model, onnx_path: Path, batch: int, rounds: int, seconds: float) -> None:
+    import tensorflow as tf
+    import torch
+
+    import porter
+    from porter.runtime.session import cpu_threads
+
+    log(f"\n## CPU: MobileNetV2 224x224, batch {batch} "
+        f"(onnxruntime {cpu_threads()} threads, torch {torch.get_num_threads()} threads, "
+        f"{len(os.sched_getaffinity(0))} CPUs visible)")
+    rng = np.random.default_rng(0)
+    x = rng.uniform(-1, 1, size=(batch, 224, 224, 3)).astype(np.float32)
+    p = porter.load(onnx_path, device="cpu", batch_size=batch)
+    sess = p._session
+    feeds = {p.input_names[0]: x}
+
+    fn = tf.function(lambda t: keras_model(t, training=False))
+    tx = tf.constant(x)
+
+    tmodel = torch_mobilenet_v2()
+    xt = torch.from_numpy(x.transpose(0, 3, 1, 2).copy())
+
+    def run_torch():
+        with torch.inference_mode():
+            return tmodel(xt)
+
+    # parity of what we time: ORT vs the Keras model it came from
+    diff = float(np.max(np.abs(sess.run(None, feeds)[0] - fn(tx).numpy())))
+    res = interleaved({"onnxruntime": lambda: sess.run(None, feeds),
+                       "tensorflow tf.function": lambda: fn(tx).numpy(),
+                       "torch eager": lambda: run_torch().numpy()}, batch, rounds, seconds)
+    best = max(res["tensorflow tf.function"], res["torch eager"])
+    log("| engine | images/s | ORT speed-up |")
+    log("| --- | ---: | ---: |")
+    for name, v in res.items():
+        log(f"| {name} | {v:.1f} | {res['onnxruntime'] / v:.2f}x |")
+    log(f"ORT vs the faster of TF and torch: {res['onnxruntime'] / best:.2f}x (target >= 2x); "
+        f"max |ORT - Keras| = {diff:.2e}")
+    RESULTS["cpu"] = {"batch": batch, "images_per_s": res, "ratio_vs_best": res["onnxruntime"] / best,
+                      "max_abs_diff_vs_keras": diff}
+
+
+def make_images(folder: Path, n: int, size=(240, 320)) -> list[Path]:
+    """Photo-like JPEGs (smooth colour fields plus grain), so decoding costs what real photos cost."""
+    from PIL import Image
+
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(0)
+    paths = []
+    yy, xx = np.mgrid[0:size[0], 0:size[1]].astype(np.float32)
+    for i in range(n):
+        a, b, c = rng.uniform(0.005, 0.05, 3)
+        base = np.stack([np.sin(xx * a + i) , np.cos(yy * b - i), np.sin((xx + yy) * c)], -1) * 100 + 128
+        img = np.clip(base + rng.normal(0, 12, base.shape), 0, 255).astype(np.uint8)
+        p = folder / f"photo_{i:04d}.jpg"
+        Image.fromarray(img).save(p, quality=90)
+        paths.append(p)
+    return paths
+
+
+def predict_section(onnx_path: Path, n_images: int, batch: int, seconds: float, workdir: Path) -> None:
+    import porter
+    from porter.runtime.bench import bench
+
+    log(f"\n## porter predict on {n_images} JPEGs (320x240) vs porter bench, batch {batch}")
+    paths = make_images(workdir / "images", n_images)
+    p = porter.load(onnx_path, device="cpu", batch_size=batch)
+    bench_tp = bench(p, [batch], min_seconds=seconds, warmup=2).rows[0].throughput
+    list(p.iter_predictions([str(x) for x in paths[:batch * 2]]))  # warm the pool and the session
+    t0 = time.perf_counter()
+    results = list(p.iter_predictions([str(x) for x in paths]))
+    pipe = len(results) / (time.perf_counter() - t0)
+    assert all(r.ok for r in results)
+    bench_after = bench(p, [batch], min_seconds=seconds, warmup=1).rows[0].throughput
+    bench_tp = max(bench_tp, bench_after)  # the better of two bench runs: the ratio errs against predict
+
+    # the decode stage alone (how much CPU decoding needs)
+    from porter.imaging import load_image, to_tensor
+
+    t0 = time.perf_counter()
+    for x in paths[:200]:
+        to_tensor([load_image(x, (224, 224))], p.preprocess)
+    decode_ms = (time.perf_counter() - t0) / 200 * 1e3
+
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    t0 = time.perf_counter()
+    cli = subprocess.run([sys.executable, "-m", "porter", "predict", str(onnx_path), str(workdir / "images"),
+                          "--device", "cpu", "--batch-size", str(batch), "--format", "csv"],
+                         capture_output=True, text=True, env=env)
+    cli_s = time.perf_counter() - t0
+    if cli.returncode != 0:
+        log(f"porter predict failed: {cli.stderr.strip()}")
+    cli_tp = n_images / cli_s
+    log("| measurement | images/s | vs bench |")
+    log("| --- | ---: | ---: |")
+    log(f"| porter bench (preprocessed tensors) | {bench_tp:.1f} | 1.00 |")
+    log(f"| predict pipeline, in process (decode + resize + normalize + infer) | {pipe:.1f} | {pipe / bench_tp:.2f} |")
+    log(f"| `porter predict DIR` wall clock, incl. start-up and model load | {cli_tp:.1f} | {cli_tp / bench_tp:.2f} |")
+    log(f"decode+resize+normalize alone: {decode_ms:.2f} ms per image on one thread; target predict >= 0.80 of bench")
+    RESULTS["predict"] = {"images": n_images, "batch": batch, "bench": bench_tp, "pipeline": pipe, "cli": cli_tp,
+                          "ratio": pipe / bench_tp, "cli_ratio": cli_tp / bench_tp, "decode_ms": decode_ms}
+
+
+def gpu_section(onnx_path: Path, batch: int, rounds: int, seconds: float) -> None:
+    from porter.runtime.session import cuda_problem, tensorrt_problem
+
+    log(f"\n## GPU: MobileNetV2 224x224, batch {batch}")
+    problem = cuda_problem()
+    if problem:
+        log(f"skipped: no CUDA ({problem})")
+        RESULTS["gpu"] = {"skipped": problem}
+        return
+    import onnxruntime as ort
+    import torch
+
+    import porter
+
+    rng = np.random.default_rng(0)
+    x = rng.uniform(-1, 1, size=(batch, 224, 224, 3)).astype(np.float32)
+    engines = {}
+
+    def ort_engine(device, fp16):
+        p = porter.load(onnx_path, device=device, fp16=fp16, batch_size=batch, max_batch=batch)
+        on_gpu = {p.input_names[0]: ort.OrtValue.ortvalue_from_numpy(x, "cuda", 0)}
+        return p, (lambda: p.run(on_gpu, output_device="cuda"))
+
+    p32, engines["onnxruntime cuda fp32 (IO binding)"] = ort_engine("cuda", False)
+    engines["onnxruntime cuda fp32 (host in/out)"] = lambda: p32.run({p32.input_names[0]: x})
+    p16, engines["onnxruntime cuda fp16 (IO binding)"] = ort_engine("cuda", True)
+    log(f"fp16 check: {p16.precision_report.describe()}")
+    if tensorrt_problem() is None:
+        try:
+            _, engines["tensorrt fp32"] = ort_engine("tensorrt", False)
+            _, engines["tensorrt fp16"] = ort_engine("tensorrt", True)
+        except porter.PorterError as e:
+            log(f"tensorrt: {e}")
+    else:
+        log(f"tensorrt: skipped ({tensorrt_problem()})")
+    if torch.cuda.is_available():
+        tmodel = torch_mobilenet_v2().cuda()
+        xt = torch.from_numpy(x.transpose(0, 3, 1, 2).copy()).cuda()
+
+        def run_torch():
+            with torch.inference_mode():
+                tmodel(xt)
+            torch.cuda.synchronize()
+
+        engines["torch eager fp32"] = run_torch
+    else:
+        log("torch has no CUDA here (CPU-only build): torch rows skipped")
+    res = interleaved(engines, batch, rounds, seconds)
+    base = res.get("torch eager fp32")
+    log("| engine | images/s | vs torch eager fp32 |")
+    log("| --- | ---: | ---: |")
+    for name, v in res.items():
+        log(f"| {name} | {v:.1f} | {v / base:.2f}x |" if base else f"| {name} | {v:.1f} | - |")
+    RESULTS["gpu"] = {"batch": batch, "images_per_s": res}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true", help="200 images, 1 round, short timings")
+    ap.add_argument("--images", type=int, default=1000)
+    ap.add_argument("--batch", type=int, default=32)
+    ap.add_argument("--gpu-batch", type=int, default=64)
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--seconds", type=float, default=3.0, help="timed seconds per engine per round")
+    ap.add_argument("--json", help="also write the figures to this JSON file")
+    ap.add_argument("--skip", action="append", default=[], choices=["cpu", "predict", "gpu"])
+    args = ap.parse_args()
+    if args.quick:
+        args.images, args.rounds, args.seconds = 200, 1, 1.0
+    with tempfile.TemporaryDirectory(prefix="porter-bench-") as tmp:
+        work = Path(tmp)
+        keras_model, onnx_path = build_mobilenet(work)
+        if "cpu" not in args.skip:
+            cpu_section(keras_model, onnx_path, args.batch, args.rounds, args.seconds)
+        if "predict" not in args.skip:
+            predict_section(onnx_path, args.images, args.batch, args.seconds, work)
+        if "gpu" not in args.skip:
+            gpu_section(onnx_path, args.gpu_batch, args.rounds, args.seconds)
+    if args.json:
+        Path(args.json).write_text(json.dumps(RESULTS, indent=2))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,99 @@
+"""Issue 3 benchmark, measured side by side in one run.
+
+`porter convert` (export + opset conversion + normalize + parity validation at batch 1 and 3 + metadata +
+write) on MobileNetV2 built with ``weights=None``, vs calling ``torch.onnx.export`` directly on the same
+in-memory module (the dynamo exporter, dynamic batch axis, written to a file). Both start from an already-built
+model; a tiny model is exported through both paths first so one-time start-up costs (lazy imports, exporter
+registries) are paid by neither. Target: <= 1.3x.
+
+torchvision's MobileNetV2 is used when torchvision imports; otherwise the fixture hub's MobileNetV2 (the same
+architecture, fixtures/torchhub/hubconf.py), and the script says which. A third line times the whole hub path,
+``porter convert torchhub:fixtures/torchhub:mobilenet_v2`` (entry-point call included), against building the
+model plus the direct export.
+
+    .venv/bin/python benchmarks/bench_torchhub.py [--repeat 3]
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+HUB = ROOT / "fixtures" / "torchhub"
+
+
+def load_hubconf():
+    spec = importlib.util.spec_from_file_location("bench_hubconf", HUB / "hubconf.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def build_mobilenet(hubconf):
+    try:
+        import torchvision
+
+        return torchvision.models.mobilenet_v2(weights=None).eval(), f"torchvision {torchvision.__version__} mobilenet_v2"
+    except Exception as e:  # noqa: BLE001 - ImportError, or a torchvision that doesn't match torch
+        return hubconf.mobilenet_v2(weights=None).eval(), f"fixture hub mobilenet_v2 (torchvision unavailable: {type(e).__name__})"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--repeat", type=int, default=3, help="interleaved runs of each path; the median is reported")
+    args = ap.parse_args()
+
+    import torch
+
+    import porter
+
+    hubconf = load_hubconf()
+    model, label = build_mobilenet(hubconf)
+    x = torch.randn(2, 3, 224, 224)
+    shape = {None: (3, 224, 224)}
+
+    def direct(module, example, path):
+        program = torch.onnx.export(module, (example,), dynamo=True, dynamic_shapes=({0: torch.export.Dim("batch")},),
+                                    verbose=False)
+        program.save(str(path))
+
+    times: dict[str, list[float]] = {k: [] for k in ("direct", "porter", "porter18", "direct_hub", "porter_hub")}
+    with tempfile.TemporaryDirectory() as d:
+        d = Path(d)
+
+        def timed(key, fn, *a, **k):
+            t = time.perf_counter()
+            out = fn(*a, **k)
+            times[key].append(time.perf_counter() - t)
+            return out
+
+        tiny = hubconf.small_cnn().eval()
+        direct(tiny, torch.randn(2, 3, 32, 32), d / "warm_a.onnx")  # warm both paths
+        porter.convert(tiny, d / "warm_b.onnx")
+        for _ in range(args.repeat):
+            timed("direct", direct, model, x, d / "direct.onnx")
+            result = timed("porter", porter.convert, model, d / "porter.onnx", input_shapes=shape, force=True)
+            timed("porter18", porter.convert, model, d / "porter18.onnx", input_shapes=shape, opset=18, force=True)
+            timed("direct_hub", lambda: direct(hubconf.mobilenet_v2(weights=None).eval(), x, d / "direct_hub.onnx"))
+            timed("porter_hub", porter.convert, f"torchhub:{HUB}:mobilenet_v2", d / "porter_hub.onnx", input_shapes=shape,
+                  force=True)
+
+    med = {k: statistics.median(v) for k, v in times.items()}
+    print(f"model: {label}, 224x224, {sum(p.numel() for p in model.parameters()):,} parameters; torch {torch.__version__}; "
+          f"median of {args.repeat} interleaved runs")
+    print(f"torch.onnx.export (dynamo, dynamic batch, default opset)     {med['direct']:6.2f} s")
+    print(f"porter convert, opset 17 (default; parity at batch 1 and 3)  {med['porter']:6.2f} s   ratio "
+          f"{med['porter'] / med['direct']:.2f}x (target <= 1.3x); parity max scaled diff {result.parity.max_scaled:.1e}")
+    print(f"porter convert, opset 18 (no version conversion)             {med['porter18']:6.2f} s   ratio "
+          f"{med['porter18'] / med['direct']:.2f}x")
+    print(f"hub path: build + torch.onnx.export {med['direct_hub']:6.2f} s; porter convert torchhub:fixtures/torchhub:"
+          f"mobilenet_v2 {med['porter_hub']:6.2f} s   ratio {med['porter_hub'] / med['direct_hub']:.2f}x")
+
+
+if __name__ == "__main__":
+    main()

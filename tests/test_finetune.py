@@ -1,0 +1,300 @@
+"""porter.finetune on small hand-built ONNX backbones: outputs, metadata, parity, determinism, cache, data kinds."""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+from PIL import Image
+
+import porter
+from porter.finetune import FinetuneOptions, finetune
+from porter.spec import ModelCard
+
+from test_surgery import build
+
+COLORS = {"blue": (40, 60, 200), "green": (40, 190, 60), "red": (210, 50, 40)}
+
+
+@pytest.fixture(autouse=True)
+def _cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("PORTER_CACHE", str(tmp_path / "cache"))
+
+
+def make_folder(root: Path, n: int = 12, size: int = 8, classes=COLORS, modes=("RGB",), seed: int = 0) -> Path:
+    """One subfolder per colour; noisy images of that colour, saved in the given PIL modes (cycled)."""
+    rng = np.random.default_rng(seed)
+    for c, rgb in classes.items():
+        (root / c).mkdir(parents=True, exist_ok=True)
+        for i in range(n):
+            arr = np.clip(np.array(rgb) + rng.normal(0, 25, (size, size, 3)), 0, 255).astype(np.uint8)
+            img = Image.fromarray(arr).convert(modes[i % len(modes)])
+            img.save(root / c / f"{i:03d}.png")
+    return root
+
+
+def save(model: onnx.ModelProto, path: Path, preprocess: str | None = "unit") -> Path:
+    if preprocess:
+        from porter.spec import PreprocessSpec
+
+        dims = [d.dim_value for d in model.graph.input[0].type.tensor_type.shape.dim]
+        nhwc = dims[-1] in (1, 3)
+        spec = PreprocessSpec.preset(preprocess, layout="NHWC" if nhwc else "NCHW",
+                                     size=dims[1:3] if nhwc else dims[2:4], channels=dims[-1] if nhwc else dims[1])
+        ModelCard(source="test:" + model.graph.name, framework="onnx", porter_version="0", preprocess=spec).apply_to(model)
+    onnx.save(model, path)
+    return path
+
+
+def run(model, x):
+    sess = ort.InferenceSession(model.SerializeToString() if isinstance(model, onnx.ModelProto) else str(model),
+                                providers=["CPUExecutionProvider"])
+    return sess.run(None, {sess.get_inputs()[0].name: x})
+
+
+def report_files(out: Path) -> list[Path]:
+    stem = out.with_suffix("")
+    return [out, Path(f"{stem}.metrics.json"), Path(f"{stem}.training.png"), Path(f"{stem}.confusion.png")]
+
+
+def test_image_folder_end_to_end(tmp_path):
+    data = make_folder(tmp_path / "data", modes=("RGB", "RGBA"))  # RGBA is composited over white
+    src = save(build("gemm"), tmp_path / "gemm.onnx")
+    out = tmp_path / "tuned.onnx"
+    r = finetune(src, data, out, epochs=60, batch_size=8, progress=False)
+    for p in report_files(out):
+        assert p.is_file() and p.stat().st_size > 0, p
+    assert r.path == out
+    model = onnx.load(out)
+    assert [o.name for o in model.graph.output] == ["probabilities", "label"]
+    assert [i.name for i in model.graph.input] == ["image"]
+    assert model.opset_import[0].version == 17 and model.ir_version == 8
+    card = ModelCard.from_onnx(model)
+    assert card.labels == ("blue", "green", "red")
+    assert card.preprocess.mode == "unit" and card.preprocess.layout == "NCHW" and card.preprocess.size == (8, 8)
+    assert card.cut == "flat"
+    assert card.source == "test:gemm" and card.provenance["finetuned_from"] == str(src)
+    assert card.training["head"] == "linear" and card.training["examples"] == {"train": 30, "val": 6}  # round(12 * 0.2) per class
+    assert card.parity["passed"] and card.parity["outputs"]["probabilities"]["max_abs"] < 1e-4
+    metrics = json.loads(report_files(out)[1].read_text())
+    assert metrics["labels"] == ["blue", "green", "red"]
+    assert len(metrics["history"]["val_loss"]) == metrics["training"]["epochs_run"]
+    assert set(metrics["validation"]["per_class"]) == {"blue", "green", "red"}
+    assert np.array(metrics["validation"]["confusion_matrix"]).sum() == 6
+    assert metrics["final"]["val_accuracy"] == r.val_accuracy >= 0.85
+    assert Image.open(report_files(out)[2]).size[0] > 300
+    # the merged model equals backbone + head computed separately, on every training image
+    from porter.graph.surgery import extract_backbone
+    from porter.finetune.heads import folded_layers
+    from porter.imaging import preprocess
+
+    files = sorted(data.glob("*/*.png"))
+    x = preprocess(files, card.preprocess, channels=3)
+    prob, label = run(model, x)
+    (feats,) = run(extract_backbone(onnx.load(src)), x)
+    (w, b), = folded_layers(r.head)
+    logits = feats @ w.T + b
+    want = np.exp(logits - logits.max(1, keepdims=True))
+    want /= want.sum(1, keepdims=True)
+    np.testing.assert_allclose(prob, want, atol=1e-5)
+    np.testing.assert_array_equal(label, want.argmax(1))
+    truth = np.array([["blue", "green", "red"].index(f.parent.name) for f in files])
+    assert (label == truth).mean() >= 0.9
+
+
+@pytest.mark.parametrize("kind", ["matmul_add", "conv1x1", "reducemean"])
+def test_other_classifier_endings_and_nhwc(tmp_path, kind):
+    data = make_folder(tmp_path / "data", n=8)
+    r = finetune(save(build(kind), tmp_path / "m.onnx"), data, None, epochs=5, progress=False)
+    assert r.path is None and r.report == {}
+    assert r.card.preprocess.layout == ("NHWC" if kind in ("matmul_add", "reducemean") else "NCHW")
+    assert r.metrics["cut"]["features"] == 4
+    assert not list(tmp_path.glob("*.json"))
+
+
+def test_classmaps_fallback_is_noted(tmp_path):
+    data = make_folder(tmp_path / "data", n=6)
+    r = finetune(save(build("classmaps"), tmp_path / "m.onnx"), data, epochs=3, progress=False)
+    assert any("no final classifier found" in n for n in r.notes)
+    assert r.metrics["cut"]["tensor"] == "pool" and r.metrics["cut"]["features"] == 5
+    assert "no final classifier found" in r.summary()
+
+
+def test_mlp_head_balance_and_options_land_in_metrics(tmp_path):
+    data = make_folder(tmp_path / "data", n=6, modes=("RGB", "L", "LA", "P"))  # grey and palette images too
+    for i in range(6, 18):  # make "red" 3x bigger than the others
+        Image.fromarray(np.full((8, 8, 3), COLORS["red"], np.uint8)).save(data / "red" / f"x{i}.png")
+    r = finetune(save(build("gemm"), tmp_path / "m.onnx"), data, head="mlp", hidden=16, balance=True, epochs=4,
+                 patience=2, progress=False)
+    t = r.metrics["training"]
+    assert t["head"] == "mlp" and t["hidden"] == 16 and t["dropout"] == 0.2
+    w = t["class_weights"]
+    assert w[2] < w[0] == pytest.approx(w[1])
+    gemms = [n for n in r.model.graph.node if n.op_type == "Gemm" and n.name.startswith("porter/head")]
+    assert len(gemms) == 2
+
+
+def test_same_seed_same_model_other_seed_other_model(tmp_path):
+    data = make_folder(tmp_path / "data", n=8)
+    src = save(build("gemm"), tmp_path / "m.onnx")
+
+    def head_weights(**kw):
+        r = finetune(src, data, epochs=6, progress=False, **kw)
+        return {t.name: numpy_helper.to_array(t) for t in r.model.graph.initializer if t.name.startswith("porter/head")}
+
+    a, b = head_weights(seed=1), head_weights(seed=1)
+    assert a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a)
+    c = head_weights(seed=2)
+    assert any(not np.array_equal(a[k], c[k]) for k in a)
+    d = head_weights(seed=1, cache=False)  # freshly extracted features: the same model
+    assert all(np.array_equal(a[k], d[k]) for k in a)
+
+
+def test_global_torch_rng_is_left_alone(tmp_path):
+    import torch
+
+    data = make_folder(tmp_path / "data", n=6)
+    torch.manual_seed(123)
+    expected = torch.rand(3)
+    torch.manual_seed(123)
+    finetune(save(build("gemm"), tmp_path / "m.onnx"), data, epochs=2, progress=False)
+    assert torch.equal(torch.rand(3), expected)
+
+
+def test_features_are_cached_and_the_key_follows_the_inputs(tmp_path):
+    data = make_folder(tmp_path / "data", n=6)
+    src = save(build("gemm"), tmp_path / "m.onnx")
+    first = finetune(src, data, epochs=2, progress=False)
+    assert not first.features_cached
+    assert len(list((tmp_path / "cache" / "features").glob("*.npz"))) == 1
+    again = finetune(src, data, epochs=3, head="mlp", progress=False)  # other head settings: cache hit
+    assert again.features_cached
+    assert finetune(src, data, epochs=2, preprocess="tf", progress=False).features_cached is False
+    assert finetune(src, data, epochs=2, cut="pool", progress=False).features_cached is False
+    f = data / "red" / "000.png"
+    os.utime(f, ns=(time.time_ns(), time.time_ns() + 10**9))
+    assert finetune(src, data, epochs=2, progress=False).features_cached is False
+    other = build("gemm")  # same graph, other weights: another backbone hash
+    assert finetune(save(other, tmp_path / "o.onnx"), data, epochs=2, progress=False).features_cached is False
+    assert len(list((tmp_path / "cache" / "features").glob("*.npz"))) == 5
+
+
+def test_stale_cache_is_caught_by_the_merge_check(tmp_path):
+    """A cache entry whose features don't match the backbone fails loudly instead of training on them."""
+    data = make_folder(tmp_path / "data", n=6)
+    src = save(build("gemm"), tmp_path / "m.onnx")
+    finetune(src, data, epochs=2, progress=False)
+    (entry,) = (tmp_path / "cache" / "features").glob("*.npz")
+    z = dict(np.load(entry))
+    z["features"] = z["features"] + 5.0
+    np.savez(entry, **z)
+    with pytest.raises(porter.ValidationError, match="stale feature cache"):
+        finetune(src, data, tmp_path / "out.onnx", epochs=2, progress=False)
+    assert not (tmp_path / "out.onnx").exists()
+
+
+def vector_model(features: int = 4, classes: int = 3) -> onnx.ModelProto:
+    rng = np.random.default_rng(1)
+    w1 = numpy_helper.from_array(rng.standard_normal((16, features)).astype(np.float32), "w1")
+    b1 = numpy_helper.from_array(np.zeros(16, np.float32), "b1")
+    w2 = numpy_helper.from_array(rng.standard_normal((classes, 16)).astype(np.float32), "w2")
+    b2 = numpy_helper.from_array(np.zeros(classes, np.float32), "b2")
+    nodes = [helper.make_node("Gemm", ["x", "w1", "b1"], ["h"], transB=1),
+             helper.make_node("Tanh", ["h"], ["t"]),
+             helper.make_node("Gemm", ["t", "w2", "b2"], ["logits"], transB=1),
+             helper.make_node("Softmax", ["logits"], ["p"], axis=1)]
+    g = helper.make_graph(nodes, "mlp", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", features])],
+                          [helper.make_tensor_value_info("p", TensorProto.FLOAT, ["batch", classes])],
+                          initializer=[w1, b1, w2, b2])
+    return helper.make_model(g, opset_imports=[helper.make_opsetid("", 13)], ir_version=7)
+
+
+def blobs(n=60, seed=0):
+    rng = np.random.default_rng(seed)
+    y = rng.integers(0, 2, n)
+    x = rng.normal(0, 0.3, (n, 4)) + np.where(y[:, None] == 1, 1.0, -1.0)
+    return x.astype(np.float32), y
+
+
+def test_csv_for_a_vector_model(tmp_path):
+    x, y = blobs()
+    csv = tmp_path / "d.csv"
+    names = np.array(["no", "yes"])
+    rows = ["a,b,kind,c,d"] + [f"{r[0]},{r[1]},{names[t]},{r[2]},{r[3]}" for r, t in zip(x, y)]
+    csv.write_text("\n".join(rows) + "\n")
+    src = tmp_path / "v.onnx"
+    onnx.save(vector_model(), src)
+    out = tmp_path / "v_tuned.onnx"
+    r = finetune(src, csv, out, label_column="kind", epochs=30, progress=False)
+    model = onnx.load(out)
+    assert model.opset_import[0].version == 13 and model.ir_version == 7  # the backbone's, kept
+    assert ModelCard.from_onnx(model).labels == ("no", "yes")
+    assert r.metrics["cut"]["tensor"] == "t"
+    prob, label = run(model, x)
+    assert (label == y).mean() > 0.95
+    assert r.card.preprocess is None
+
+
+def test_numpy_arrays_pixels_and_vectors(tmp_path):
+    rng = np.random.default_rng(0)
+    y = np.repeat([0, 1, 2], 8)
+    colors = np.array(list(COLORS.values()))
+    pixels = np.clip(colors[y][:, None, None, :] + rng.normal(0, 20, (24, 8, 8, 3)), 0, 255).astype(np.uint8)
+    r = finetune(save(build("gemm"), tmp_path / "m.onnx"), (pixels, y), epochs=20, progress=False)
+    assert r.labels == ("0", "1", "2") and r.metrics["data"]["kind"] == "pixels"
+    prob, label = run(r.model, porter.imaging.to_tensor(list(pixels), r.card.preprocess, 3))
+    assert (label == y).mean() > 0.9
+    x, yv = blobs()
+    r = finetune(vector_model(), (x, np.where(yv == 1, "pos", "neg")), epochs=20, progress=False)
+    assert r.labels == ("neg", "pos") and r.metrics["data"]["kind"] == "vectors"
+
+
+def test_progress_goes_to_stderr(tmp_path, capsys):
+    data = make_folder(tmp_path / "data", n=6)
+    finetune(save(build("gemm"), tmp_path / "m.onnx"), data, epochs=2, progress=True)
+    err = capsys.readouterr().err
+    assert "features [" in err and "18/18" in err
+    assert "epoch   1/2  loss" in err and "val_loss" in err and "val_acc" in err
+
+
+def test_unknown_preprocessing_defaults_to_raw_with_a_note(tmp_path):
+    data = make_folder(tmp_path / "data", n=6)
+    r = finetune(save(build("gemm"), tmp_path / "m.onnx", preprocess=None), data, epochs=2, progress=False)
+    assert r.card.preprocess.mode == "raw"
+    assert any("records no preprocessing" in n for n in r.notes)
+    r = finetune(save(build("gemm"), tmp_path / "m.onnx", preprocess=None), data, epochs=2, preprocess="torch",
+                 mean=0.5, progress=False)
+    assert r.card.preprocess.mode == "custom" and r.card.preprocess.mean == (0.5, 0.5, 0.5)
+    assert r.card.preprocess.std == pytest.approx((0.229, 0.224, 0.225))
+
+
+def test_dynamic_size_backbone_takes_image_size(tmp_path):
+    model = build("gemm")
+    for d in model.graph.input[0].type.tensor_type.shape.dim[2:]:
+        d.Clear()
+        d.dim_param = "side"
+    data = make_folder(tmp_path / "data", n=6, size=12)
+    src = save(model, tmp_path / "dyn.onnx", preprocess=None)
+    r = finetune(src, data, epochs=2, image_size=(10, 10), preprocess="unit", progress=False)
+    assert r.card.preprocess.size == (10, 10)
+    with pytest.raises(porter.DataError, match="no fixed image size; give --image-size"):
+        finetune(src, data, epochs=2, progress=False)
+
+
+def test_options_are_checked():
+    with pytest.raises(porter.UsageError, match="unknown finetune option"):
+        FinetuneOptions.from_kwargs(epoch=3)
+    with pytest.raises(porter.UsageError, match="--val-split"):
+        FinetuneOptions.from_kwargs(val_split=1.0)
+    with pytest.raises(porter.UsageError, match="unknown head 'big'"):
+        FinetuneOptions.from_kwargs(head="big")
+    with pytest.raises(porter.UsageError, match="bad image size"):
+        FinetuneOptions.from_kwargs(image_size="a,b")
+    assert FinetuneOptions.from_kwargs(image_size="32x24").image_size == (32, 24)

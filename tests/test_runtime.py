@@ -1,0 +1,386 @@
+"""porter.load / Predictor on the CPU: answers equal the model computed by hand, scores, batching, bad inputs."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+
+import porter.runtime.session as S
+from porter.errors import DataError, ModelLoadError, RuntimeSetupError, SourceError, UsageError
+from porter.imaging import load_image, to_tensor
+from porter.runtime import Prediction, Predictor, load
+from porter.runtime.predictor import compare_precision, convert_to_fp16
+from porter.spec import PreprocessSpec
+
+from runtime_models import classifier, feature_model, random_images, save, tabular_model, write_images
+
+
+@pytest.fixture(autouse=True)
+def _cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("PORTER_CACHE_DIR", str(tmp_path / "cache"))
+
+
+def by_hand(model, images, spec: PreprocessSpec) -> np.ndarray:
+    """The reference: porter's documented preprocessing, then a plain onnxruntime session."""
+    x = to_tensor([load_image(im, spec.size) for im in images], spec)
+    sess = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    return sess.run(None, {sess.get_inputs()[0].name: x})[0]
+
+
+@pytest.mark.parametrize("layout, preset", [("NCHW", "torch"), ("NHWC", "tf"), ("NHWC", "caffe")])
+def test_predict_images_equals_model_by_hand(tmp_path, layout, preset):
+    labels = ["cat", "dog", "eel", "fox", "gnu"]
+    model = classifier(layout=layout, preprocess=preset, labels=labels)
+    path = save(model, tmp_path / "m.onnx")
+    files = write_images(tmp_path / "imgs", 7, size=(20, 14))
+    p = load(path, device="cpu", batch_size=3)
+    assert p.providers == ["CPUExecutionProvider"] and p.device == "cpu"
+    assert p.is_classifier and p.score_transform == "none" and p.labels == tuple(labels)
+    preds = p.predict(files, top_k=3)
+    expected = by_hand(model, files, p.preprocess)
+    assert [r.source for r in preds] == [str(f) for f in files]
+    for r, row in zip(preds, expected):
+        assert r.index == int(np.argmax(row)) and r.label == labels[r.index]
+        assert r.score == pytest.approx(float(row.max()), abs=1e-6)
+        assert [s for _, s in r.top_k] == pytest.approx(sorted(row, reverse=True)[:3], abs=1e-6)
+        assert [lab for lab, _ in r.top_k] == [labels[j] for j in np.argsort(-row)[:3]]
+
+
+def test_pil_images_arrays_and_a_batch_array_agree(tmp_path):
+    from PIL import Image
+
+    model = classifier()
+    p = load(model, device="cpu")
+    images = random_images(4, size=(8, 8))
+    a = p.predict(images)
+    b = p.predict([Image.fromarray(im) for im in images])
+    c = p.predict(np.stack(images))
+    d = p.predict(images[0])
+    assert [x.index for x in a] == [x.index for x in b] == [x.index for x in c]
+    assert [x.score for x in a] == pytest.approx([x.score for x in c])
+    assert len(d) == 1 and d[0].index == a[0].index
+    assert a[0].label == a[0].index  # no labels in the metadata: the index is the label
+
+
+def test_preprocessed_tensors(tmp_path):
+    model = classifier(layout="NHWC", preprocess="unit")
+    p = load(model, device="cpu", batch_size=4)
+    x = p.example_inputs(10)["image"]
+    preds = p.predict(x, preprocessed=True, top_k=1)
+    sess = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    expected = sess.run(None, {"image": x})[0]
+    assert len(preds) == 10
+    assert [r.index for r in preds] == list(expected.argmax(1))
+    assert [r.score for r in preds] == pytest.approx(list(expected.max(1)), abs=1e-6)
+    assert len(preds[0].top_k) == 1
+    out = p.run_batched({"image": x.astype(np.float64)}, batch_size=3)  # float64 is cast, batches concatenated
+    np.testing.assert_allclose(out["probabilities"], expected, atol=1e-6)
+
+
+def test_logits_get_softmax_and_log_probs_get_exp():
+    images = random_images(3, size=(8, 8))
+    logits = load(classifier(head="logits"), device="cpu")
+    assert logits.score_transform == "softmax"
+    probs = load(classifier(head="softmax"), device="cpu")
+    logp = load(classifier(head="logsoftmax"), device="cpu")
+    assert logp.score_transform == "exp"
+    a, b, c = logits.predict(images, top_k=5), probs.predict(images, top_k=5), logp.predict(images, top_k=5)
+    for x, y, z in zip(a, b, c):
+        assert sum(s for _, s in x.top_k) == pytest.approx(1.0, abs=1e-6)
+        assert [s for _, s in x.top_k] == pytest.approx([s for _, s in y.top_k], abs=1e-6)
+        assert [s for _, s in z.top_k] == pytest.approx([s for _, s in y.top_k], abs=1e-5)
+    raw = load(classifier(head="logits"), device="cpu", scores="raw").predict(images, top_k=5)
+    assert sum(s for _, s in raw[0].top_k) != pytest.approx(1.0)
+    assert raw[0].index == a[0].index
+
+
+def test_label_output_is_ignored_and_top_k_clipped():
+    p = load(classifier(extra_label_output=True, classes=3), device="cpu")
+    assert p.score_output == "probabilities" and p.num_classes == 3
+    r = p.predict(random_images(1, size=(8, 8)), top_k=10)[0]
+    assert len(r.top_k) == 3 and [s for _, s in r.top_k] == sorted([s for _, s in r.top_k], reverse=True)
+
+
+def test_labels_that_dont_fit_are_dropped_with_a_note():
+    p = load(classifier(classes=5, labels=["a", "b"]), device="cpu")
+    assert p.labels is None and any("2 labels for 5 classes" in n for n in p.notes)
+
+
+def test_non_classifier_returns_named_outputs():
+    model = feature_model()
+    p = load(model, device="cpu", batch_size=2)
+    assert not p.is_classifier
+    images = random_images(5, size=(8, 8))
+    out = p.predict(images)
+    assert set(out) == {"features", "mean"} and out["features"].shape == (5, 4, 8, 8) and out["mean"].shape == (5, 1, 1, 1)
+    sess = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    x = to_tensor(images, p.preprocess)
+    np.testing.assert_allclose(out["features"], sess.run(None, {"image": x})[0], atol=1e-5)
+    it = list(p.iter_predictions(images[:2]))
+    assert it[0].outputs["features"].shape == (1, 4, 8, 8) and it[0].to_dict()["outputs"]["mean"]
+
+
+def test_fixed_batch_model_pads_the_last_batch():
+    model = classifier(batch=4)
+    p = load(model, device="cpu", batch_size=16)
+    assert p.batch_size == 4 and any("exactly 4" in n for n in p.notes)
+    images = random_images(6, size=(8, 8))
+    preds = p.predict(images)
+    assert len(preds) == 6
+    x = to_tensor(images, p.preprocess)
+    sess = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    ref = np.concatenate([sess.run(None, {"image": x[:4]})[0],
+                          sess.run(None, {"image": np.concatenate([x[4:], np.zeros_like(x[:2])])})[0][:2]])
+    assert [r.index for r in preds] == list(ref.argmax(1))
+    assert [r.score for r in preds] == pytest.approx(list(ref.max(1)), abs=1e-6)
+
+
+def test_dynamic_size_model_keeps_image_sizes_and_groups_them():
+    model = classifier(size=None, preprocess="unit")
+    p = load(model, device="cpu")
+    images = random_images(2, size=(8, 8)) + random_images(1, size=(16, 12)) + random_images(1, size=(8, 8), seed=3)
+    preds = p.predict(images)
+    sess = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    for im, r in zip(images, preds):
+        ref = sess.run(None, {"image": to_tensor([im], p.preprocess)})[0][0]
+        assert r.index == int(ref.argmax()) and r.score == pytest.approx(float(ref.max()), abs=1e-6)
+
+
+def test_iter_predictions_reports_bad_files_and_goes_on(tmp_path):
+    files = write_images(tmp_path, 3, size=(8, 8))
+    write_images(tmp_path / "big", 1, size=(64, 64))
+    (tmp_path / "broken.png").write_bytes((tmp_path / "big" / "img000.png").read_bytes()[:300])  # truncated
+    p = load(classifier(), device="cpu", batch_size=2)
+    sources = [files[0], tmp_path / "broken.png", files[1], tmp_path / "gone.png", files[2]]
+    out = list(p.iter_predictions(sources, top_k=2))
+    assert [r.ok for r in out] == [True, False, True, False, True]
+    assert "can't decode image" in out[1].error and not out[1].error.startswith(str(tmp_path))
+    assert out[3].error == "no such file"
+    assert out[1].to_dict() == {"path": str(tmp_path / "broken.png"), "error": out[1].error}
+    with pytest.raises(DataError, match=r"broken\.png: can't decode image"):
+        p.predict(sources)
+
+
+def test_predictor_facts_and_repr():
+    p = load(classifier(), device="cpu", threads=1)
+    assert "on cpu" in repr(p) and p.num_classes == 5
+    assert isinstance(p.predict(random_images(1, size=(8, 8)))[0], Prediction)
+    with p as q:
+        assert q is p
+
+
+# --- bad inputs ---------------------------------------------------------------------------------------------------
+
+def test_a_file_that_is_not_onnx(tmp_path):
+    (tmp_path / "notes.onnx").write_text("hello")
+    with pytest.raises(ModelLoadError, match=r"notes\.onnx is not an ONNX model"):
+        load(tmp_path / "notes.onnx", device="cpu")
+    (tmp_path / "model.h5").write_bytes(b"\x89HDF\r\n\x1a\n" + b"\0" * 64)
+    with pytest.raises(ModelLoadError, match=r"is a Keras HDF5 model, not ONNX; convert it first: porter convert"):
+        load(tmp_path / "model.h5", device="cpu")
+    with pytest.raises(SourceError, match="model not found"):
+        load(tmp_path / "missing.onnx")
+    with pytest.raises(UsageError, match="porter.load takes a path"):
+        load(12)
+
+
+def test_model_without_metadata_fed_images_says_what_is_needed():
+    model = classifier(preprocess=None)
+    p = load(model, device="cpu")
+    assert p.card is None and p.preprocess is None
+    with pytest.raises(DataError, match=r"no porter preprocessing metadata.*--preprocess.*preprocessed=True"):
+        p.predict(random_images(1))
+    fixed = load(model, device="cpu", preprocess="torch")  # the override makes it work
+    assert fixed.preprocess.layout == "NCHW" and fixed.preprocess.size == (8, 8)
+    assert fixed.predict(random_images(1))[0].score > 0
+    x = fixed.example_inputs(2)["image"]
+    assert len(p.predict(x, preprocessed=True)) == 2  # tensors work without metadata
+
+
+def test_non_image_model_fed_images():
+    p = load(tabular_model(), device="cpu")
+    assert p.is_classifier and p.score_transform == "softmax"
+    with pytest.raises(DataError, match=r"features: float32\[batch, 10\], not one image tensor"):
+        p.predict(random_images(1))
+    with pytest.raises(UsageError, match="needs a model whose one input is an image"):
+        load(tabular_model(), device="cpu", preprocess="unit")
+
+
+@pytest.mark.parametrize("x, needle", [
+    (np.zeros((2, 3, 9, 9), np.float32), r"expects float32\[batch, 3, 8, 8\], received float32\[2, 3, 9, 9\]"),
+    (np.zeros((3, 8, 8), np.float32), r"received float32\[3, 8, 8\]; add the batch axis"),
+    (np.zeros((2, 8, 8, 3), np.float32), r"looks channels-last where the model is channels-first"),
+    (np.zeros((2, 3, 8, 8), np.uint8), r"expects float32\[batch, 3, 8, 8\], received uint8.*leave out preprocessed=True"),
+])
+def test_tensor_shape_and_dtype_mismatch(x, needle):
+    p = load(classifier(), device="cpu")
+    with pytest.raises(DataError, match=needle):
+        p.predict(x, preprocessed=True)
+
+
+def test_feed_names_must_match():
+    p = load(classifier(), device="cpu")
+    with pytest.raises(DataError, match=r"takes inputs \['image'\]; missing \['image'\]; unknown \['x'\]"):
+        p.run({"x": np.zeros((1, 3, 8, 8), np.float32)})
+
+
+def test_bad_options():
+    m = classifier()
+    with pytest.raises(UsageError, match="unknown device 'gpu'"):
+        load(m, device="gpu")
+    with pytest.raises(UsageError, match="batch size must be a positive integer"):
+        load(m, batch_size=0)
+    with pytest.raises(UsageError, match="unknown scores mode"):
+        load(m, scores="logits")
+    with pytest.raises(UsageError, match="top-k must be at least 1"):
+        load(m, device="cpu").predict(random_images(1), top_k=0)
+
+
+@pytest.mark.skipif(S.cuda_problem() is None, reason="CUDA works here")
+def test_cuda_without_cuda_names_what_is_missing():
+    with pytest.raises(RuntimeSetupError, match=r"device 'cuda' is not available: .*(driver|libraries|CPU-only|GPU)"):
+        load(classifier(), device="cuda")
+    with pytest.raises(RuntimeSetupError, match="device 'tensorrt' is not available"):
+        load(classifier(), device="tensorrt")
+    p = load(classifier(), device="auto")
+    assert p.device == "cpu" and any(n.startswith("auto: running on CPU; CUDA is unavailable") for n in p.notes)
+
+
+def test_cpu_only_wheel_is_named(monkeypatch):
+    monkeypatch.setattr(ort, "get_available_providers", lambda: ["CPUExecutionProvider"])
+    S.cuda_problem.cache_clear()
+    S.tensorrt_problem.cache_clear()
+    try:
+        assert "CPU-only wheel" in S.cuda_problem() and "pip install onnxruntime-gpu" in S.cuda_problem()
+        with pytest.raises(RuntimeSetupError, match="CPU-only wheel"):
+            S.resolve_device("cuda")
+        assert "no TensorRT provider" in S.tensorrt_problem()
+    finally:
+        S.cuda_problem.cache_clear()
+        S.tensorrt_problem.cache_clear()
+
+
+def test_missing_driver_is_named(monkeypatch):
+    import ctypes
+
+    real = ctypes.CDLL
+
+    def fake(name, *a, **k):
+        if str(name).startswith("libcuda.so"):
+            raise OSError(f"{name}: cannot open shared object file")
+        return real(name, *a, **k)
+
+    monkeypatch.setattr(ctypes, "CDLL", fake)
+    assert "no NVIDIA driver (libcuda.so.1 not found" in S._driver_problem()
+
+
+# --- sessions, cache, fp16 ----------------------------------------------------------------------------------------
+
+def test_optimized_model_is_cached_per_device(tmp_path):
+    model = classifier()
+    first = load(model, device="cpu", cache_dir=tmp_path / "c")
+    assert not first._info.optimized_from_cache and first._info.cache_path
+    second = load(model, device="cpu", cache_dir=tmp_path / "c")
+    assert second._info.optimized_from_cache
+    x = first.example_inputs(3)
+    np.testing.assert_allclose(first.run(x)["probabilities"], second.run(x)["probabilities"], atol=1e-6)
+    files = list((tmp_path / "c" / "ort").glob("*.onnx"))
+    assert len(files) == 1 and "-cpu-" in files[0].name
+    files[0].write_bytes(b"garbage")  # a corrupt entry is rebuilt, not fatal
+    third = load(model, device="cpu", cache_dir=tmp_path / "c")
+    assert not third._info.optimized_from_cache and third.predict(random_images(1))[0].score > 0
+    off = load(model, device="cpu", cache=False, cache_dir=tmp_path / "d")
+    assert off._info.cache_path is None and not (tmp_path / "d").exists()
+
+
+def test_session_options_fit_the_machine():
+    cfg = S.SessionConfig(device="cpu")
+    so = S.session_options(cfg)
+    assert so.intra_op_num_threads == S.cpu_threads() >= 1
+    assert so.get_session_config_entry("session.intra_op.allow_spinning") == "1"
+    assert S.session_options(S.SessionConfig(device="cpu", threads=1, spin=False)).intra_op_num_threads == 1
+    cuda = dict(S.providers_for(S.SessionConfig(device="cuda"))[0][1])
+    assert cuda["cudnn_conv_algo_search"] == "EXHAUSTIVE"
+    profiles = S._trt_profiles({"image": ("batch", 224, 224, 3)}, 64, 32)
+    assert profiles["trt_profile_max_shapes"] == "image:64x224x224x3"
+    assert profiles["trt_profile_min_shapes"] == "image:1x224x224x3"
+
+
+def test_fp16_is_checked_against_fp32_before_use():
+    model = classifier(head="softmax")
+    p = load(model, device="cpu", fp16=True)
+    r = p.precision_report
+    assert r.passed and r.top1_agreement == 1.0 and r.max_abs_diff["probabilities"] < 5e-3
+    assert any("fp16 on CPU" in n for n in p.notes) and any("fp16 vs fp32" in n for n in p.notes)
+    ref = load(model, device="cpu")
+    images = random_images(6, size=(8, 8))
+    assert [a.index for a in p.predict(images)] == [b.index for b in ref.predict(images)]
+    half = convert_to_fp16(model)
+    assert half.graph.input[0].type.tensor_type.elem_type == 1  # float32 I/O kept
+    assert any(i.data_type == 10 for i in half.graph.initializer)  # weights in float16
+
+
+@pytest.mark.skipif(S.cuda_problem() is None, reason="CUDA works here")
+def test_fp16_with_auto_on_a_cpu_machine_is_ignored_with_a_note():
+    p = load(classifier(), device="auto", fp16=True)
+    assert not p.fp16 and any("fp16 ignored" in n for n in p.notes)
+
+
+def test_compare_precision_catches_overflow_and_flips():
+    ref = {"p": np.array([[0.1, 0.9], [0.6, 0.4], [0.5, 0.5]], np.float32)}
+    ok = compare_precision(ref, {"p": ref["p"] + 1e-4}, "p")
+    assert ok.passed and ok.top1_agreement == 1.0
+    flip = compare_precision(ref, {"p": np.array([[0.9, 0.1], [0.6, 0.4], [0.5, 0.5]], np.float32)}, "p")
+    assert not flip.passed and "top-1 differs on 1 of 3" in " ".join(flip.problems)
+    tie = compare_precision(ref, {"p": np.array([[0.1, 0.9], [0.6, 0.4], [0.5, 0.5001]], np.float32)}, "p")
+    assert tie.passed  # a near tie flipping is not a disagreement
+    inf = compare_precision(ref, {"p": np.array([[np.inf, 0], [0, 0], [0, 0]], np.float32)}, "p")
+    assert not inf.passed and "non-finite" in inf.problems[0]
+
+
+# --- GPU (skipped without CUDA) -----------------------------------------------------------------------------------
+
+@pytest.mark.gpu
+def test_cuda_provider_matches_cpu():
+    model = classifier()
+    images = random_images(9, size=(8, 8))
+    gpu = load(model, device="cuda", batch_size=4)
+    assert gpu.providers[0] == "CUDAExecutionProvider"
+    cpu = load(model, device="cpu")
+    for a, b in zip(gpu.predict(images), cpu.predict(images)):
+        assert a.index == b.index and a.score == pytest.approx(b.score, abs=1e-4)
+    auto = load(model)
+    assert auto.device == "cuda" and auto.notes == ["auto: running on CUDA"]
+
+
+@pytest.mark.gpu
+def test_io_binding_keeps_tensors_on_the_gpu():
+    model = classifier()
+    p = load(model, device="cuda")
+    x = p.example_inputs(4)
+    ref = load(model, device="cpu").run(x)["probabilities"]
+    on_gpu = {"image": ort.OrtValue.ortvalue_from_numpy(x["image"], "cuda", 0)}
+    out = p.run(on_gpu, output_device="cuda")["probabilities"]
+    assert isinstance(out, ort.OrtValue) and out.device_name().lower() == "cuda"
+    np.testing.assert_allclose(out.numpy(), ref, atol=1e-4)
+    np.testing.assert_allclose(p.run(x)["probabilities"], ref, atol=1e-4)  # host in, host out
+    torch = pytest.importorskip("torch")
+    if torch.cuda.is_available():
+        t = torch.from_numpy(x["image"]).cuda()
+        got = p.run({"image": t}, output_device="cuda")["probabilities"]
+        np.testing.assert_allclose(torch.from_dlpack(got).cpu().numpy(), ref, atol=1e-4)
+        preds = p.predict(t, preprocessed=True)
+        assert [r.index for r in preds] == list(ref.argmax(1))
+
+
+@pytest.mark.gpu
+def test_fp16_on_cuda():
+    model = classifier()
+    p = load(model, device="cuda", fp16=True)
+    assert p.fp16 and p.precision_report.passed and p.providers[0] == "CUDAExecutionProvider"
+    images = random_images(8, size=(8, 8))
+    ref = load(model, device="cpu").predict(images)
+    got = p.predict(images)
+    assert [a.index for a in got] == [b.index for b in ref]
+    assert max(abs(a.score - b.score) for a, b in zip(got, ref)) < 5e-3

@@ -1,0 +1,125 @@
+"""porter.runtime.bench: timing statistics, the side-by-side table, and --against-source wiring."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import porter.importers as importers
+from porter.errors import SourceError, UsageError
+from porter.importers import ImportedModel
+from porter.runtime import load
+from porter.sources import SourceRef
+from porter.runtime.bench import BenchReport, Timing, bench, load_source, measure, parse_batch_sizes, summarize
+
+from runtime_models import card_for, classifier, save, write_images
+
+
+@pytest.fixture(autouse=True)
+def _cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("PORTER_CACHE_DIR", str(tmp_path / "cache"))
+
+
+def test_measure_and_summarize():
+    calls = []
+    times = measure(lambda: calls.append(1), warmup=2, min_seconds=0.0, min_runs=7)
+    assert len(times) == 7 and len(calls) == 9
+    t = summarize([0.010, 0.020, 0.030, 0.040, 1.0], batch_size=8)
+    assert t.p50_ms == pytest.approx(30.0) and t.throughput == pytest.approx(8 / 0.03)
+    assert t.p95_ms == pytest.approx(np.percentile([10, 20, 30, 40, 1000], 95))
+
+
+def test_parse_batch_sizes():
+    assert parse_batch_sizes("1, 8,32") == (1, 8, 32)
+    assert parse_batch_sizes([4]) == (4,)
+    for bad in ("", "0", "a,b", "-1"):
+        with pytest.raises(UsageError, match="batch sizes"):
+            parse_batch_sizes(bad)
+
+
+def test_bench_report_and_table():
+    p = load(classifier(), device="cpu")
+    report = bench(p, "1,3", warmup=1, min_seconds=0.0, min_runs=5)
+    assert [r.batch_size for r in report.rows] == [1, 3] and all(r.runs >= 5 and r.throughput > 0 for r in report.rows)
+    assert report.engine == "onnxruntime cpu" and report.providers == ["CPUExecutionProvider"]
+    table = report.to_table()
+    assert table.splitlines()[1].split() == ["batch", "p50", "ms", "p95", "ms", "items/s"]
+    side = BenchReport("m.onnx", "onnxruntime cpu", ["CPUExecutionProvider"], [Timing(8, 2.0, 3.0, 4000.0, 10)],
+                       source_engine="keras", source_rows=[Timing(8, 10.0, 12.0, 800.0, 5)], max_abs_diff={8: 1e-7})
+    assert side.speedup(8) == pytest.approx(5.0)
+    row = side.to_table().splitlines()[2].split()
+    assert row == ["8", "2.00", "3.00", "4000.0", "10.00", "12.00", "800.0", "5.00x", "1e-07"]
+    assert side.to_dict()["speedup"] == {8: 5.0}
+
+
+def test_fixed_batch_model_times_its_batch_only():
+    report = bench(load(classifier(batch=2), device="cpu"), "1,8", min_seconds=0.0, warmup=0)
+    assert [r.batch_size for r in report.rows] == [2] and "exactly 2" in report.notes[0]
+
+
+def test_against_source_runs_the_importer_on_the_same_inputs(tmp_path, monkeypatch):
+    """The wiring, with a stand-in importer: parse the card's source, rebuild, time, compare outputs."""
+    src = tmp_path / "model.keras"
+    src.write_bytes(b"PK\x03\x04")  # only its existence matters: the importer is a stand-in
+    model = classifier(card=card_for(None, source=f"keras:{src}", framework="keras"))
+    import onnxruntime as ort
+
+    sess = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    seen = {}
+
+    def fake_importer(ref, opts):
+        seen["ref"], seen["opts"] = ref, opts
+        return ImportedModel(onnx_model=model, framework="fakeflow",
+                             run_source=lambda arrays: sess.run(None, {"image": arrays[0]}))
+
+    monkeypatch.setattr(importers, "get_importer", lambda name: fake_importer)
+    monkeypatch.setattr("porter.sources._detect_path",
+                        lambda path, text: SourceRef("keras", "keras-file", str(path), text=text))
+    p = load(model, device="cpu")
+    report = bench(p, "1,2", min_seconds=0.0, warmup=0, against_source=True)
+    assert seen["ref"].location == str(src) and seen["opts"].validate is False
+    assert seen["opts"].input_shapes[None] == (3, 8, 8)
+    assert report.source_engine == "fakeflow" and [r.batch_size for r in report.source_rows] == [1, 2]
+    assert report.max_abs_diff == {1: 0.0, 2: 0.0}
+    assert "fakeflow p50 ms" in report.to_table() and "x" in report.to_table().splitlines()[2]
+
+
+def test_against_source_errors(tmp_path):
+    moved = classifier(card=card_for(None, source=str(tmp_path / "gone.keras"), framework="keras"))
+    with pytest.raises(SourceError, match=r"--against-source: the source '.*gone\.keras' recorded in model can't be reached"):
+        load_source(load(moved, device="cpu"))
+    tuned = classifier(card=card_for(None, source="keras:MobileNetV2", framework="keras", cut="pool"))
+    with pytest.raises(SourceError, match="fine-tuned by porter"):
+        load_source(load(tuned, device="cpu"))
+    bare = classifier(preprocess=None)
+    with pytest.raises(SourceError, match="no porter metadata"):
+        load_source(load(bare, device="cpu"))
+
+
+@pytest.mark.slow
+def test_keras_fixture_end_to_end(tmp_path, capsys):
+    """convert a real Keras fixture, then predict (same answers as by hand) and bench it against Keras."""
+    import porter
+    from porter.cli import main
+    from porter.imaging import load_image, to_tensor
+
+    fixture = Path(__file__).parent.parent / "fixtures" / "keras" / "cnn_bn.keras"
+    out = tmp_path / "cnn.onnx"
+    porter.convert(str(fixture.resolve()), out, preprocess="unit")
+    files = write_images(tmp_path / "imgs", 5, size=(20, 24))
+    p = porter.load(out, device="cpu")
+    preds = p.predict(files, top_k=4)
+    import keras
+
+    km = keras.saving.load_model(fixture)
+    x = to_tensor([load_image(f, (16, 16)) for f in files], p.preprocess)
+    ref = np.asarray(km(x, training=False))
+    assert [r.index for r in preds] == list(ref.argmax(1))
+    assert [r.score for r in preds] == pytest.approx(list(ref.max(1)), abs=1e-5)
+    assert main(["bench", str(out), "--batch-sizes", "1,4", "--device", "cpu", "--seconds", "0.1", "--against-source"]) == 0
+    table = capsys.readouterr().out
+    assert "keras p50 ms" in table and "speed-up" in table
+    row = table.splitlines()[3].split()
+    assert row[0] == "4" and row[-2].endswith("x") and float(row[-1]) < 1e-4
