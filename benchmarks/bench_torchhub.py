@@ -62,14 +62,17 @@ def main() -> None:
                                     verbose=False)
         program.save(str(path))
 
-    times: dict[str, list[float]] = {k: [] for k in ("direct", "porter", "porter18", "direct_hub", "porter_hub")}
+    keys = ("direct", "porter", "porter18", "direct_hub", "porter_hub")
+    times: dict[str, list[float]] = {k: [] for k in keys}
+    cpu: dict[str, list[float]] = {k: [] for k in keys}  # CPU seconds: steadier than wall time on a shared machine
     with tempfile.TemporaryDirectory() as d:
         d = Path(d)
 
         def timed(key, fn, *a, **k):
-            t = time.perf_counter()
+            t, c = time.perf_counter(), time.process_time()
             out = fn(*a, **k)
             times[key].append(time.perf_counter() - t)
+            cpu[key].append(time.process_time() - c)
             return out
 
         tiny = hubconf.small_cnn().eval()
@@ -84,16 +87,20 @@ def main() -> None:
                   force=True)
 
     med = {k: statistics.median(v) for k, v in times.items()}
+    mcpu = {k: statistics.median(v) for k, v in cpu.items()}
+
+    def line(title, key, base):
+        return (f"{title:<62} {med[key]:6.2f} s wall, {mcpu[key]:6.2f} s CPU"
+                + ("" if key == base else f"   ratio {med[key] / med[base]:.2f}x wall, {mcpu[key] / mcpu[base]:.2f}x CPU"))
+
     print(f"model: {label}, 224x224, {sum(p.numel() for p in model.parameters()):,} parameters; torch {torch.__version__}; "
           f"median of {args.repeat} interleaved runs")
-    print(f"torch.onnx.export (dynamo, dynamic batch, default opset)     {med['direct']:6.2f} s")
-    print(f"porter convert, opset 17 (default; parity at batch 1 and 3)  {med['porter']:6.2f} s   ratio "
-          f"{med['porter'] / med['direct']:.2f}x (target <= 1.3x); parity max scaled diff {result.parity.max_scaled:.1e}")
-    print(f"porter convert, opset 18 (no version conversion)             {med['porter18']:6.2f} s   ratio "
-          f"{med['porter18'] / med['direct']:.2f}x")
-    print(f"hub path: build + torch.onnx.export {med['direct_hub']:6.2f} s; porter convert torchhub:fixtures/torchhub:"
-          f"mobilenet_v2 {med['porter_hub']:6.2f} s   ratio {med['porter_hub'] / med['direct_hub']:.2f}x")
-
+    print(line("torch.onnx.export (dynamo, dynamic batch, default opset)", "direct", "direct"))
+    print(line("porter convert, opset 17 (default; parity at batch 1, 3)", "porter", "direct")
+          + f"  (target <= 1.3x; parity max scaled diff {result.parity.max_scaled:.1e})")
+    print(line("porter convert, opset 18 (no version conversion)", "porter18", "direct"))
+    print(line("build from hub entry + torch.onnx.export", "direct_hub", "direct_hub"))
+    print(line("porter convert torchhub:fixtures/torchhub:mobilenet_v2", "porter_hub", "direct_hub"))
 
 if __name__ == "__main__":
     main()

@@ -177,11 +177,20 @@ def resize(image: np.ndarray, size: Sequence[int]) -> np.ndarray:
 
 # --- normalization ----------------------------------------------------------------------------------------------
 
-def to_tensor(images: Sequence[np.ndarray], spec: "PreprocessSpec", channels: int | None = None) -> np.ndarray:
+def tensor_shape(n: int, size: Sequence[int], spec: "PreprocessSpec", channels: int | None = None) -> tuple[int, ...]:
+    """The shape ``to_tensor`` gives ``n`` images of ``size`` (H, W)."""
+    h, w = int(size[0]), int(size[1])
+    c = int(channels or spec.channels or 3)
+    return (n, h, w, c) if spec.layout == "NHWC" else (n, c, h, w)
+
+
+def to_tensor(images: Sequence[np.ndarray], spec: "PreprocessSpec", channels: int | None = None,
+              out: np.ndarray | None = None) -> np.ndarray:
     """Stack uint8 H x W x 3 RGB images into a float32 batch in ``spec.layout``, normalized by ``spec``.
 
     ``channels`` is what the model takes (default ``spec.channels`` or 3): 3 -> channels in
     ``spec.channel_order``; 1 -> luminance. All images must already share one size (see ``resize``).
+    ``out``: a C-contiguous float32 array of ``tensor_shape(...)`` to write into (no allocation).
     """
     if not len(images):
         raise DataError("no images to convert to a tensor")
@@ -192,40 +201,41 @@ def to_tensor(images: Sequence[np.ndarray], spec: "PreprocessSpec", channels: in
     shapes = {tuple(im.shape[:2]) for im in images}
     if len(shapes) > 1:
         raise DataError(f"images have different sizes {sorted(shapes)}; resize them to one size first")
-    pixels = np.stack([_as_rgb(im, i) for i, im in enumerate(images)])  # uint8 N H W 3
+    rgb = [_as_rgb(im, i) for i, im in enumerate(images)]
+    pixels = rgb[0][None] if len(rgb) == 1 else np.stack(rgb)  # uint8 N H W 3
+    n, h, w = pixels.shape[:3]
+    shape = tensor_shape(n, (h, w), spec, n_ch)
+    if out is None:
+        out = np.empty(shape, np.float32)
+    elif out.shape != shape or out.dtype != np.float32 or not out.flags.c_contiguous:
+        raise ValueError(f"out must be a C-contiguous float32 array of shape {shape}, got {out.dtype}{out.shape}")
+    # 1. pixels -> float32 in the model's channel order and layout, written straight into ``out``
     if n_ch == 1:
-        batch = (pixels.astype(np.float32) @ LUMA_WEIGHTS)[..., None]
+        np.matmul(pixels, LUMA_WEIGHTS, out=out.reshape(n, h, w))
+    elif spec.layout == "NCHW":
+        src = pixels.transpose(0, 3, 1, 2)
+        out[...] = src[:, ::-1] if spec.channel_order == "BGR" else src
+    elif spec.channel_order == "BGR":  # one strided copy per channel beats a reversed-stride copy
+        for c in range(3):
+            out[..., c] = pixels[..., 2 - c]
     else:
-        if spec.layout == "NCHW":  # move bytes, not floats
-            pixels = pixels.transpose(0, 3, 1, 2)
-            if spec.channel_order == "BGR":
-                pixels = pixels[:, ::-1]
-            batch = np.ascontiguousarray(pixels).astype(np.float32)
-        elif spec.channel_order == "BGR":  # one strided copy per channel beats a reversed-stride copy
-            batch = np.empty(pixels.shape, np.float32)
-            for c in range(3):
-                batch[..., c] = pixels[..., 2 - c]
-        else:
-            batch = pixels.astype(np.float32)
+        out[...] = pixels
+    # 2. (p * scale - mean) / std == p * a + b, in place: two passes instead of four
     mean = _stat(spec.mean, n_ch, "mean")
     std = _stat(spec.std, n_ch, "std")
-    # (p * scale - mean) / std == p * a + b, in place: two passes over the batch instead of four
     a = (np.float32(spec.scale) / std).astype(np.float32)
     b = (-mean / std).astype(np.float32)
-    flat = batch
-    if np.all(a == a[0]) and np.all(b == b[0]):  # same for every channel: scalars, the fastest loop
+    flat = out
+    if np.all(a == a[0]) and np.all(b == b[0]):  # the same for every channel: scalars, the fastest loop
         a, b = a[0], b[0]
-    elif spec.layout == "NCHW" and n_ch != 1:
+    elif spec.layout == "NCHW":
         a, b = a[:, None, None], b[:, None, None]
     else:  # channels last: a per-channel vector makes numpy's inner loop 3 long; tile it along the row
-        width = batch.shape[2]
-        flat = batch.reshape(batch.shape[0] * batch.shape[1], width * n_ch)
-        a, b = np.tile(a, width), np.tile(b, width)
+        flat = out.reshape(n * h, w * n_ch)
+        a, b = np.tile(a, w), np.tile(b, w)
     flat *= a
     flat += b
-    if spec.layout == "NCHW" and n_ch == 1:
-        batch = batch.transpose(0, 3, 1, 2)
-    return np.ascontiguousarray(batch, dtype=np.float32)
+    return out
 
 
 def _as_rgb(im: np.ndarray, index: int) -> np.ndarray:

@@ -224,3 +224,21 @@ def test_list_images_errors(tmp_path):
         list_images([tmp_path / "empty"])
     with pytest.raises(DataError, match="no such file or directory"):
         list_images([tmp_path / "nope"])
+
+
+@pytest.mark.parametrize("preset, layout", [("torch", "NCHW"), ("caffe", "NCHW"), ("caffe", "NHWC"), ("tf", "NHWC")])
+def test_to_tensor_into_a_buffer_matches_the_formula(preset, layout):
+    from porter.imaging import tensor_shape
+
+    spec = PreprocessSpec.preset(preset, layout=layout, size=(6, 8))
+    imgs = [gradient(), gradient()[:, ::-1].copy()]
+    buf = np.full(tensor_shape(3, (6, 8), spec), np.nan, np.float32)
+    out = to_tensor(imgs, spec, out=buf[1:])
+    assert out.base is buf and np.isnan(buf[0]).all()
+    order = slice(None, None, -1) if spec.channel_order == "BGR" else slice(None)
+    expected = (np.stack(imgs)[..., order] * spec.scale - np.array(spec.mean)) / np.array(spec.std)
+    if layout == "NCHW":
+        expected = expected.transpose(0, 3, 1, 2)
+    np.testing.assert_allclose(buf[1:], expected, rtol=1e-5, atol=1e-4)
+    with pytest.raises(ValueError, match="out must be"):
+        to_tensor(imgs, spec, out=np.empty((2, 3, 3, 3), np.float32))

@@ -384,3 +384,22 @@ def test_fp16_on_cuda():
     got = p.predict(images)
     assert [a.index for a in got] == [b.index for b in ref]
     assert max(abs(a.score - b.score) for a, b in zip(got, ref)) < 5e-3
+
+
+def test_auto_falls_back_to_cpu_when_the_gpu_provider_does_not_start(monkeypatch):
+    """auto resolved to CUDA, but the session came up without it: run on CPU and say why."""
+    monkeypatch.setattr(S, "resolve_device", lambda requested: ("cuda", "auto: running on CUDA"))
+    real = S.create_session
+
+    def fake(model, config, **kw):
+        if config.device == "cuda":
+            raise RuntimeSetupError("onnxruntime could not start CUDAExecutionProvider for this model")
+        return real(model, config, **kw)
+
+    monkeypatch.setattr(S, "create_session", fake)
+    p = load(classifier(), device="auto")
+    assert p.device == "cpu" and p.providers == ["CPUExecutionProvider"]
+    assert p.notes == ["auto: running on CPU; the cuda provider did not start (onnxruntime could not start "
+                       "CUDAExecutionProvider for this model)"]
+    with pytest.raises(RuntimeSetupError):
+        load(classifier(), device="cuda")

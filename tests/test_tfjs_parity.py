@@ -17,7 +17,7 @@ import pytest
 import porter
 
 FIXTURES = Path(__file__).resolve().parent.parent / "fixtures" / "tfjs"
-ALL = ["layers_sequential", "layers_functional", "layers_uint8", "layers_float16", "layers_keras_h5",
+ALL = ["layers_sequential", "layers_functional", "layers_zoo", "layers_uint8", "layers_float16", "layers_keras_h5",
        "graph_convnet", "graph_uint8", "graph_float16"]
 TOLERANCE = 1e-4  # max |onnx - tfjs| / max(1, max |tfjs|)
 

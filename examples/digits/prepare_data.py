@@ -1,6 +1,6 @@
 """Write scikit-learn's digits 5-9 as PNG files: an image folder per class for training, and a held-out test set.
 
-    python examples/digits/prepare_data.py out/example/digits [--test-fraction 0.3] [--seed 0] [--force]
+    python examples/digits/prepare_data.py out/example/digits [--test-fraction 0.5] [--seed 0] [--force]
 
 Creates OUT/train/<digit>/<n>.png and OUT/test/<digit>/<n>.png (32x32 grey: the 8x8 digits scaled from 0..16 to
 0..255 and resized with PIL's bilinear filter -- the same pixels fixtures/backbone/make_backbone.py pretrained on,
@@ -33,7 +33,7 @@ def digit_images(classes) -> tuple[np.ndarray, np.ndarray]:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("out", type=Path, help="directory to create (train/ and test/ go inside)")
-    p.add_argument("--test-fraction", type=float, default=0.3)
+    p.add_argument("--test-fraction", type=float, default=0.5)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--force", action="store_true", help="replace train/ and test/ if they exist")
     args = p.parse_args(argv)

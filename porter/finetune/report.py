@@ -61,7 +61,7 @@ def curves_png(history: dict[str, list[float]], best_epoch: int, title: str = ""
         ax.legend(fontsize=8)
     if title:
         fig.suptitle(title, fontsize=10)
-    fig.tight_layout()
+    fig.subplots_adjust(left=0.07, right=0.98, bottom=0.14, top=0.86, wspace=0.22)  # tight_layout costs ~50 ms
     return _png(fig)
 
 

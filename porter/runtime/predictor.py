@@ -31,9 +31,10 @@ from typing import Any, Iterable, Iterator, Mapping, Sequence
 
 import numpy as np
 
-from ..errors import DataError, ModelLoadError, PorterError, SourceError, UsageError, ValidationError
+from ..errors import (DataError, ModelLoadError, PorterError, RuntimeSetupError, SourceError, UsageError,
+                      ValidationError)
 from ..graph.inspect import TensorInfo, graph_inputs, graph_outputs, image_geometry
-from ..imaging import describe_source, load_image, to_tensor
+from ..imaging import describe_source, load_image, tensor_shape, to_tensor
 from ..spec import ModelCard, PreprocessSpec
 from . import session as S
 
@@ -148,7 +149,17 @@ class Predictor:
                                        max_batch=max(max_batch or 0, self.batch_size, 64 if not fixed else 0),
                                        opt_batch=self.batch_size)
         self.precision_report: PrecisionReport | None = None
-        self._session, self._info = self._open(model_bytes)
+        try:
+            self._session, self._info = self._open(model_bytes)
+        except RuntimeSetupError as e:
+            if device != "auto" or self.device == "cpu":
+                raise
+            # auto: the GPU looked usable but its provider did not start for this model; say so, run on CPU
+            self.notes = [n for n in self.notes if not n.startswith("auto:")]
+            self.notes.append(f"auto: running on CPU; the {self.device} provider did not start ({e})")
+            self.device, self.fp16 = "cpu", False
+            self._config = replace(self._config, device="cpu", fp16=False)
+            self._session, self._info = self._open(model_bytes)
         self.providers: list[str] = self._info.providers
         self.notes.extend(self._info.notes)
 
@@ -459,22 +470,30 @@ class Predictor:
         channels = _channels(image, spec)
         bs = self._batch(batch_size)
         target = spec.size
+        ahead = 2  # batches decoding while one runs
+        batches = [list(range(s, min(s + bs, len(sources)))) for s in range(0, len(sources), bs)]
+        # With a known size, workers normalize straight into a ring of reused batch buffers: no per-batch
+        # allocation (fresh pages cost as much as a copy) and no concatenation on the inference thread.
+        ring = ([np.empty(tensor_shape(len(batches[0]), target, spec, channels), np.float32)
+                 for _ in range(min(ahead + 2, len(batches)))] if target else None)
 
-        def decode(i: int) -> np.ndarray:
+        def decode(i: int, k: int, row: int) -> np.ndarray | None:
             img = load_image(sources[i], target, name=describe_source(sources[i], i))
+            if ring is not None:
+                to_tensor([img], spec, channels, out=ring[k % len(ring)][row:row + 1])
+                return None
             return to_tensor([img], spec, channels)
 
-        batches = [list(range(s, min(s + bs, len(sources)))) for s in range(0, len(sources), bs)]
-        ahead = 2  # batches decoding ahead of the one running
+        def submit(pool, k: int) -> list[Future]:
+            return [pool.submit(decode, i, k, row) for row, i in enumerate(batches[k])]
+
         with ThreadPoolExecutor(max_workers=self.decode_workers, thread_name_prefix="porter-decode") as pool:
-            pending: deque[list[Future]] = deque()
-            for b in batches[:ahead + 1]:
-                pending.append([pool.submit(decode, i) for i in b])
+            pending: deque[list[Future]] = deque(submit(pool, k) for k in range(min(ahead + 1, len(batches))))
             for k, idx in enumerate(batches):
                 futures = pending.popleft()
                 if k + ahead + 1 < len(batches):
-                    pending.append([pool.submit(decode, i) for i in batches[k + ahead + 1]])
-                tensors: dict[int, np.ndarray] = {}
+                    pending.append(submit(pool, k + ahead + 1))
+                tensors: dict[int, np.ndarray | None] = {}
                 failed: dict[int, str] = {}
                 for i, fut in zip(idx, futures):
                     try:
@@ -486,7 +505,13 @@ class Predictor:
                                     f.cancel()
                             raise
                         failed[i] = _strip_name(str(e), _source_name(sources[i], i))
-                results = self._infer_group(tensors, sources, top_k)
+                if ring is not None:
+                    ok = [row for row, i in enumerate(idx) if i not in failed]
+                    buf = ring[k % len(ring)]
+                    batch = buf[:len(idx)] if len(ok) == len(idx) else buf[ok]
+                    results = self._infer_batch(batch, [idx[r] for r in ok], sources, top_k) if ok else {}
+                else:
+                    results = self._infer_group(tensors, sources, top_k)
                 for i in idx:
                     if i in failed:
                         yield Prediction(source=_source_name(sources[i], i), error=failed[i])
@@ -494,6 +519,7 @@ class Predictor:
                         yield results[i]
 
     def image_spec(self) -> tuple[PreprocessSpec, TensorInfo]:
+        """The preprocessing and the image input, or a DataError saying why this model can't take images."""
         image = self._image_input()
         if image is None:
             raise DataError(f"{self.name} takes {', '.join(t.describe() for t in self.inputs)}, not one image "
@@ -511,15 +537,20 @@ class Predictor:
             shape = tensors[order[0]].shape
             run = [i for i in order if tensors[i].shape == shape]
             order = [i for i in order if tensors[i].shape != shape]
-            batch = np.concatenate([tensors[i] for i in run])
-            out = self._run_padded({self.input_names[0]: batch}, len(run))
-            for row, i in enumerate(run):
-                name = _source_name(sources[i], i)
-                if self.is_classifier:
-                    results[i] = self._classify(out[self.score_output][row], name, top_k)
-                else:
-                    results[i] = Prediction(source=name, outputs={
-                        k: (v[row:row + 1] if np.ndim(v) and np.shape(v)[0] == len(run) else v) for k, v in out.items()})
+            results.update(self._infer_batch(np.concatenate([tensors[i] for i in run]), run, sources, top_k))
+        return results
+
+    def _infer_batch(self, batch: np.ndarray, indices: list[int], sources: Sequence[Any],
+                     top_k: int) -> dict[int, Prediction]:
+        out = self._run_padded({self.input_names[0]: batch}, len(indices))
+        results: dict[int, Prediction] = {}
+        for row, i in enumerate(indices):
+            name = _source_name(sources[i], i)
+            if self.is_classifier:
+                results[i] = self._classify(out[self.score_output][row], name, top_k)
+            else:
+                results[i] = Prediction(source=name, outputs={
+                    k: (v[row:row + 1] if np.ndim(v) and np.shape(v)[0] == len(indices) else v) for k, v in out.items()})
         return results
 
     def _classify(self, row: np.ndarray, source: str | None, top_k: int) -> Prediction:

@@ -395,7 +395,7 @@ def create_session(model: bytes | str, config: SessionConfig, *, variant: str = 
     want = {"cuda": CUDA_EP, "tensorrt": TRT_EP}.get(config.device)
     if want and want not in info.providers:
         raise RuntimeSetupError(f"onnxruntime could not start {want} for this model (it fell back to "
-                                f"{', '.join(info.providers)}); run with --debug for onnxruntime's log, or use --device cpu")
+                                f"{', '.join(info.providers)}); check the GPU drivers and CUDA libraries, or use --device cpu")
     return session, info
 
 

@@ -120,8 +120,8 @@ def _download(url: str, timeout: float, max_bytes: int, label: str) -> bytes:
             total = resp.headers.get("Content-Length")
             total = int(total) if total and total.isdigit() else None
             if total is not None and total > max_bytes:
-                raise NetworkError(f"{url} is {total / MIB:.1f} MiB, over the {max_bytes / MIB:.0f} MiB download "
-                                   f"limit; raise $PORTER_MAX_DOWNLOAD_MB if you trust it")
+                raise NetworkError(f"{url} is {_size(total)}, over the {_size(max_bytes)} download limit; raise "
+                                   f"$PORTER_MAX_DOWNLOAD_MB if you trust it")
             bar = _Progress(label, total) if (total or 0) >= PROGRESS_MIN_BYTES else None
             chunks, got = [], 0
             while True:
@@ -130,7 +130,7 @@ def _download(url: str, timeout: float, max_bytes: int, label: str) -> bytes:
                     break
                 got += len(chunk)
                 if got > max_bytes:
-                    raise NetworkError(f"{url} sent more than the {max_bytes / MIB:.0f} MiB download limit; raise "
+                    raise NetworkError(f"{url} sent more than the {_size(max_bytes)} download limit; raise "
                                        f"$PORTER_MAX_DOWNLOAD_MB if you trust it")
                 chunks.append(chunk)
                 if bar is None and total is None and got >= PROGRESS_MIN_BYTES:
@@ -155,6 +155,14 @@ def _download(url: str, timeout: float, max_bytes: int, label: str) -> bytes:
         raise NetworkError(f"{url}: timed out after {timeout:g} s (set PORTER_HTTP_TIMEOUT to wait longer)") from None
     except (OSError, ValueError) as e:  # connection reset, http.client.IncompleteRead, bad URL parts
         raise NetworkError(f"{url}: download failed ({type(e).__name__}: {e})") from None
+
+
+def _size(n: float) -> str:
+    for unit in ("bytes", "KiB", "MiB"):
+        if n < 1024 or unit == "MiB":
+            return f"{n:.0f} {unit}" if unit == "bytes" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} MiB"
 
 
 def _store(path: Path, data: bytes) -> None:

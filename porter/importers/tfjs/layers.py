@@ -59,7 +59,9 @@ def _gelu_tanh(x):
 
 
 def _gelu_erf(x):
-    return heavy_import("keras").activations.gelu(x, approximate=False)
+    """TF.js gelu: x * 0.5 * (1 + erf(x / sqrt 2)) (Keras 3 writes it with erfc, which tf2onnx can't convert)."""
+    ops = heavy_import("keras").ops
+    return 0.5 * x * (1.0 + ops.erf(x * 0.7071067811865476))
 
 
 _ACTIVATIONS: dict[str, Any] = {
@@ -110,6 +112,11 @@ def _fix_relu(cfg: dict) -> None:
         cfg["max_value"] = float(cfg["max_value"])
 
 
+def _fix_thresholded(cfg: dict) -> None:
+    """ThresholdedReLU (gone from Keras 3): x if x > theta else 0 == ReLU(threshold=theta) up to x == theta."""
+    cfg["threshold"] = float(cfg.pop("theta", 1.0))
+
+
 def _fix_upsampling(cfg: dict) -> None:
     if cfg.get("interpolation", "nearest") != "nearest":
         raise UnsupportedError(f"UpSampling2D with interpolation {cfg['interpolation']!r}: porter converts only "
@@ -132,6 +139,7 @@ LAYERS: dict[str, LayerSpec] = {
     "Activation": LayerSpec("Activation"),
     "ReLU": LayerSpec("ReLU", fix=_fix_relu), "LeakyReLU": LayerSpec("LeakyReLU", fix=_fix_leaky),
     "PReLU": LayerSpec("PReLU"), "ELU": LayerSpec("ELU"), "Softmax": LayerSpec("Softmax"),
+    "ThresholdedReLU": LayerSpec("ReLU", fix=_fix_thresholded),
     "MaxPooling1D": LayerSpec("MaxPooling1D"), "MaxPooling2D": LayerSpec("MaxPooling2D"),
     "MaxPooling3D": LayerSpec("MaxPooling3D"),
     "AveragePooling1D": LayerSpec("AveragePooling1D"), "AveragePooling2D": LayerSpec("AveragePooling2D"),
@@ -253,7 +261,7 @@ class Builder:
         cfg.pop("dtype", None)
         klass = getattr(self.keras.layers, spec.keras_name)
         accepted = set(inspect.signature(klass.__init__).parameters) - {"self", "kwargs"}
-        accepted |= {"trainable"}
+        cfg.pop("trainable", None)  # inference only; some Keras 3 classes don't take it
         for k in list(cfg):
             if k not in accepted:
                 if k in _TRAINING_ONLY or _NEUTRAL.get(k, _NO) == _as_tuple(cfg[k]):
@@ -373,7 +381,8 @@ class Builder:
         inputs, outputs = endpoints("input_layers"), endpoints("output_layers")
         if not inputs or not outputs:
             raise ModelLoadError("the functional model config has no input_layers/output_layers")
-        return self.keras.Model(inputs, outputs if len(outputs) > 1 else outputs[0], name=cfg.get("name") or "model")
+        return self.keras.Model(inputs if len(inputs) > 1 else inputs[0], outputs if len(outputs) > 1 else outputs[0],
+                                name=cfg.get("name") or "model")
 
 
 def _pick(value: Any, index: int):

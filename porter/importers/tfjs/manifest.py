@@ -18,6 +18,7 @@ from __future__ import annotations
 import gzip
 import json
 import re
+import urllib.parse
 import zlib
 from dataclasses import dataclass, field
 from pathlib import PurePosixPath
@@ -160,15 +161,16 @@ def check_shard_path(path: str, where: str) -> str:
     bad = None
     if "\x00" in path:
         bad = "contains a NUL byte"
+    elif path.startswith("//") or (_SCHEME.match(path) and not _DRIVE.match(path)):
+        bad = "is a URL, not a path relative to model.json"
     elif path.startswith(("/", "\\")):
         bad = "is absolute"
     elif _DRIVE.match(path):
         bad = "names a drive"
-    elif _SCHEME.match(path) or path.startswith("//"):
-        bad = "is a URL, not a path relative to model.json"
     else:
         parts = PurePosixPath(path.replace("\\", "/")).parts
-        if any(p == ".." for p in parts):
+        decoded = PurePosixPath(urllib.parse.unquote(path).replace("\\", "/")).parts  # %2e%2e is '..' to a server
+        if any(p == ".." for p in parts + decoded):
             bad = "climbs out with '..'"
         elif not parts or parts == (".",):
             bad = "is empty"

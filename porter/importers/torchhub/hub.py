@@ -88,7 +88,7 @@ def entry_points(module) -> list[str]:
 
 
 def load_local(ref: SourceRef, opts) -> LoadedModule:
-    directory = Path(ref.location).expanduser()
+    directory = Path(ref.location).expanduser().resolve()
     module = import_hubconf(directory, ref.location)
     entries = entry_points(module)
     if ref.entry not in entries:
