@@ -298,3 +298,19 @@ def test_options_are_checked():
     with pytest.raises(porter.UsageError, match="bad image size"):
         FinetuneOptions.from_kwargs(image_size="a,b")
     assert FinetuneOptions.from_kwargs(image_size="32x24").image_size == (32, 24)
+
+
+def test_fixed_batch_onnx_model(tmp_path):
+    """ONNX files exported with batch 1 run in padded chunks; the merged model keeps the source's input."""
+    model = build("gemm")
+    for v in list(model.graph.input) + list(model.graph.output) + list(model.graph.value_info):
+        dims = v.type.tensor_type.shape.dim
+        if dims:
+            dims[0].Clear()
+            dims[0].dim_value = 1
+    data = make_folder(tmp_path / "data", n=7)
+    r = finetune(save(model, tmp_path / "b1.onnx"), data, epochs=3, feature_batch_size=4, progress=False)
+    assert r.metrics["features"]["examples"] == 21
+    assert r.model.graph.input[0].type.tensor_type.shape.dim[0].dim_value == 1
+    prob, label = run(r.model, np.zeros((1, 3, 8, 8), np.float32))
+    assert prob.shape == (1, 3) and label.shape == (1,)

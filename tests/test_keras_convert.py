@@ -257,3 +257,13 @@ def test_external_data_only_over_the_size_limit(fixtures_dir, tmp_path, monkeypa
     x = np.random.default_rng(0).standard_normal((2, 16, 16, 3)).astype(np.float32)
     np.testing.assert_allclose(_session(model).run(None, {"image": x})[0],
                                _session(onnx.load(small)).run(None, {"image": x})[0], rtol=1e-6)
+
+
+def test_exact_gelu_converts_through_erf():
+    # tf2onnx leaves TF's Erfc (Keras 3's exact gelu) unconverted; porter rewrites it as 1 - Erf
+    inp = keras.Input((6,), name="x")
+    model = keras.Model(inp, keras.layers.Dense(4, activation="gelu")(inp))
+    result = porter.convert(model, validation_batch_sizes=(1, 5))
+    ops = {n.op_type for n in result.model.graph.node}
+    assert "Erf" in ops and "Erfc" not in ops
+    assert result.parity.passed and result.parity.max_scaled < 1e-5

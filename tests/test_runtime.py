@@ -9,7 +9,7 @@ import pytest
 import porter.runtime.session as S
 from porter.errors import DataError, ModelLoadError, RuntimeSetupError, SourceError, UsageError
 from porter.imaging import load_image, to_tensor
-from porter.runtime import Prediction, Predictor, load
+from porter.runtime import Prediction, load
 from porter.runtime.predictor import compare_precision, convert_to_fp16
 from porter.spec import PreprocessSpec
 

@@ -14,7 +14,7 @@ from porter.runtime import load
 from porter.sources import SourceRef
 from porter.runtime.bench import BenchReport, Timing, bench, load_source, measure, parse_batch_sizes, summarize
 
-from runtime_models import card_for, classifier, save, write_images
+from runtime_models import card_for, classifier, write_images
 
 
 @pytest.fixture(autouse=True)

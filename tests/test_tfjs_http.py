@@ -48,7 +48,7 @@ class Handler(http.server.SimpleHTTPRequestHandler):
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
     root = tmp_path_factory.mktemp("www")
-    for name in ("layers_functional", "graph_uint8"):
+    for name in ("layers_functional", "graph_convnet"):
         shutil.copytree(FIXTURES / name, root / name)
     httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), lambda *a, **k: Handler(*a, directory=str(root), **k))
     httpd.daemon_threads = True
@@ -82,7 +82,7 @@ def golden_check(onnx_path: Path, name: str) -> float:
     return worst
 
 
-@pytest.mark.parametrize("name", ["layers_functional", "graph_uint8"])
+@pytest.mark.parametrize("name", ["layers_functional", "graph_convnet"])
 def test_convert_by_url_matches_tfjs_and_uses_cache(server, tmp_path, isolated_cache, name):
     base, _ = server
     url = f"{base}/{name}/model.json?v=3"
@@ -157,9 +157,9 @@ def test_redirect_on_same_server_is_followed(server):
 @pytest.mark.parametrize("bad, message", [
     ("http://127.0.0.2:1/group1-shard1of1.bin", r"is a URL, not a path relative to model.json"),
     ("//127.0.0.2/group1-shard1of1.bin", r"is a URL"),
-    ("../graph_uint8/group1-shard1of1.bin", r"climbs out with '\.\.'"),
-    ("%2e%2e/graph_uint8/group1-shard1of1.bin", r"climbs out with '\.\.'"),
-    ("/graph_uint8/group1-shard1of1.bin", r"is absolute"),
+    ("../graph_convnet/group1-shard1of4.bin", r"climbs out with '\.\.'"),
+    ("%2e%2e/graph_convnet/group1-shard1of4.bin", r"climbs out with '\.\.'"),
+    ("/graph_convnet/group1-shard1of4.bin", r"is absolute"),
 ])
 def test_shard_urls_may_not_leave_the_origin_or_directory(server, tmp_path, bad, message):
     base, root = server
@@ -171,7 +171,7 @@ def test_shard_urls_may_not_leave_the_origin_or_directory(server, tmp_path, bad,
     with pytest.raises(ModelLoadError, match=message):
         porter.convert(f"{base}/{name}/model.json", tmp_path / "x.onnx")
     assert not (tmp_path / "x.onnx").exists()
-    assert not any("127.0.0.2" in p or "graph_uint8" in p for p in Handler.log)
+    assert not any("127.0.0.2" in p or "graph_convnet" in p for p in Handler.log)
 
 
 def test_shard_url_resolution():

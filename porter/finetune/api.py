@@ -281,6 +281,7 @@ def finetune(source: Any, data: Any, output: str | os.PathLike | None = None, **
         "validation": val_metrics,
         "check": check,
         "timings": {k: round(v, 4) for k, v in timings.items()},
+        "notes": notes,
     }
 
     new_card = _card(card, dataset, spec, cut.name, metrics, source, check)
@@ -431,14 +432,15 @@ def _check_merged(merged, backbone, head, dataset: Dataset, feats: Features, g: 
                   spec: PreprocessSpec | None) -> dict[str, Any]:
     """The merged model's outputs == the backbone's features through the torch head, on real examples."""
     from ..runtime.session import SessionConfig, create_session
+    from .features import run_batched
     from .heads import predict_proba
 
     x, pos = _sample_inputs(dataset, feats, g, spec)
     cfg = SessionConfig(device="cpu", cache=False, spin=False)
     bsess, _ = create_session(backbone.SerializeToString(), cfg)
     msess, _ = create_session(merged.SerializeToString(), cfg)
-    (fresh,) = bsess.run(None, {g.name: x})
-    prob, label = msess.run(None, {g.name: x})
+    (fresh,) = run_batched(bsess, g, x)
+    prob, label = run_batched(msess, g, x)
     want = predict_proba(head, np.asarray(fresh, np.float32))
     diff = float(np.abs(prob - want).max())
     rel = float((np.abs(prob - want) / np.maximum(np.abs(want), 1e-12)).max())

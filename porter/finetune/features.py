@@ -204,6 +204,27 @@ def _check_vectors(dataset: Dataset, g: InputGeometry) -> None:
                         f"give a CSV (or an array) of {_fmt(g.dims[1:])} values per example")
 
 
+def fixed_batch(g: InputGeometry) -> int | None:
+    """The input's batch size when the model fixes it (ONNX files exported with batch 1, say), else None."""
+    d = g.dims[0] if g.dims else None
+    return d if isinstance(d, int) and d > 0 else None
+
+
+def run_batched(session, g: InputGeometry, x: np.ndarray) -> list[np.ndarray]:
+    """``session.run`` on ``x``; for a fixed-batch model in chunks of that size, the last one padded, then trimmed."""
+    fixed = fixed_batch(g)
+    if fixed is None or len(x) == fixed:
+        return session.run(None, {g.name: x})
+    outs = []
+    for i in range(0, len(x), fixed):
+        chunk = x[i:i + fixed]
+        n = len(chunk)
+        if n < fixed:
+            chunk = np.concatenate([chunk, np.repeat(chunk[-1:], fixed - n, axis=0)])
+        outs.append([o[:n] for o in session.run(None, {g.name: chunk})])
+    return [np.concatenate(parts) for parts in zip(*outs)]
+
+
 def _fmt(dims) -> str:
     return "[" + ", ".join("?" if not isinstance(d, int) or d <= 0 else str(d) for d in dims) + "]"
 
@@ -238,7 +259,7 @@ def _run(session, dataset: Dataset, g: InputGeometry, spec: "PreprocessSpec | No
 
     def infer(batch: np.ndarray, first: bool) -> np.ndarray:
         try:
-            (y,) = session.run(None, {g.name: batch})
+            (y,) = run_batched(session, g, batch)
         except Exception as e:  # noqa: BLE001 - ORT raises its own types
             msg = " ".join(str(e).split())[:300]
             if first and g.kind == "image":

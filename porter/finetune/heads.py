@@ -37,11 +37,11 @@ def make_head(kind: str, in_features: int, classes: int, *, hidden: int = 256, d
             s = np.ones(in_features, np.float32) if std is None else np.asarray(std, np.float32)
             self.register_buffer("mean", torch.from_numpy(m.copy()))
             self.register_buffer("std", torch.from_numpy(s.copy()))
+            drop = [nn.Dropout(dropout)] if dropout > 0 else []
             if kind == "linear":
-                self.net = nn.Sequential(nn.Dropout(dropout), nn.Linear(in_features, classes))
+                self.net = nn.Sequential(*drop, nn.Linear(in_features, classes))
             elif kind == "mlp":
-                self.net = nn.Sequential(nn.Linear(in_features, hidden), nn.ReLU(), nn.Dropout(dropout),
-                                         nn.Linear(hidden, classes))
+                self.net = nn.Sequential(nn.Linear(in_features, hidden), nn.ReLU(), *drop, nn.Linear(hidden, classes))
             else:
                 raise ValueError(f"unknown head {kind!r}")
 

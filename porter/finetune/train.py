@@ -102,10 +102,11 @@ def train_head(x_train: np.ndarray, y_train: np.ndarray, x_val: np.ndarray, y_va
 def _train(torch, nn, x_train, y_train, x_val, y_val, n_classes, config, log, mean, std, weights, start):
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(config.seed)
-        head = make_head(config.head, x_train.shape[1], n_classes, hidden=config.hidden, dropout=config.dropout,
-                         mean=mean, std=std)
-        xt, yt = torch.from_numpy(x_train), torch.from_numpy(y_train.astype(np.int64))
-        xv, yv = torch.from_numpy(x_val), torch.from_numpy(y_val.astype(np.int64))
+        # trained on features standardized once (cheaper per step); the buffers are set to the real mean/std after
+        head = make_head(config.head, x_train.shape[1], n_classes, hidden=config.hidden, dropout=config.dropout)
+        xt = torch.from_numpy((x_train - mean) / std)
+        xv = torch.from_numpy((x_val - mean) / std)
+        yt, yv = torch.from_numpy(y_train.astype(np.int64)), torch.from_numpy(y_val.astype(np.int64))
         loss_fn = nn.CrossEntropyLoss(weight=torch.from_numpy(weights) if weights is not None else None)
         opt = AdamW(list(head.parameters()), lr=config.lr, weight_decay=config.weight_decay)
         sched = Plateau(opt, factor=0.5, patience=config.lr_patience, min_lr=config.lr * 1e-3)
@@ -153,6 +154,8 @@ def _train(torch, nn, x_train, y_train, x_val, y_val, n_classes, config, log, me
         head.eval()
         with torch.no_grad():
             val_prob = torch.softmax(head(xv), dim=1).numpy()
+            head.mean.copy_(torch.from_numpy(mean))
+            head.std.copy_(torch.from_numpy(std))
     stopped = epoch < config.epochs
     if log and stopped:
         log(f"early stop: no better val_loss for {config.patience} epochs; restored epoch {best_epoch} "

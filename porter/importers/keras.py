@@ -216,7 +216,36 @@ def convert_tf_function(fn, specs: Sequence[Any], opts: ConvertOptions):
         raise ConversionError(f"tf2onnx failed: {_first_line(e)}") from None
     except Exception as e:  # noqa: BLE001 - tf2onnx raises many kinds
         raise ConversionError(f"tf2onnx failed: {type(e).__name__}: {_first_line(e)}") from None
+    _rewrite_erfc(onnx_model)
     return onnx_model
+
+
+def _rewrite_erfc(model) -> None:
+    """tf2onnx passes TF's Erfc through unconverted (Keras 3's exact gelu uses it); ONNX has only Erf: 1 - erf(x)."""
+    from onnx import helper
+
+    graph = model.graph
+    nodes = list(graph.node)
+    if not any(n.op_type == "Erfc" and n.domain in ("", "ai.onnx") for n in nodes):
+        return
+    del graph.node[:]
+    for node in nodes:
+        if node.op_type != "Erfc" or node.domain not in ("", "ai.onnx"):
+            graph.node.append(node)
+            continue
+        erf, one = f"{node.name}__erf", f"{node.name}__one"
+        graph.node.extend([
+            helper.make_node("Erf", [node.input[0]], [erf], name=erf),
+            helper.make_node("CastLike", [_float_scalar(graph, one), node.input[0]], [one + "_cast"], name=one + "_cast"),
+            helper.make_node("Sub", [one + "_cast", erf], list(node.output), name=node.name or erf + "_sub"),
+        ])
+
+
+def _float_scalar(graph, name: str) -> str:
+    from onnx import TensorProto, helper
+
+    graph.initializer.append(helper.make_tensor(name, TensorProto.FLOAT, [], [1.0]))
+    return name
 
 
 def keras_model_to_imported(model, opts: ConvertOptions, source_label: str) -> ImportedModel:

@@ -168,6 +168,11 @@ def _driver_problem() -> str | None:
         return "no NVIDIA driver (libcuda.so.1 not found: install the driver, or run on a machine with a GPU)"
     try:
         rc = lib.cuInit(0)
+        if rc == 100:  # CUDA_ERROR_NO_DEVICE
+            visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+            return "the NVIDIA driver sees no GPU" + (f" (CUDA_VISIBLE_DEVICES={visible!r})" if visible is not None else "")
+        if rc in (35, 803):  # CUDA_ERROR_INSUFFICIENT_DRIVER, CUDA_ERROR_SYSTEM_DRIVER_MISMATCH
+            return f"the NVIDIA driver is too old or mismatched for this CUDA (cuInit error {rc}; update the driver)"
         if rc != 0:
             return f"the NVIDIA driver is installed but failed to initialise (cuInit error {rc}; check nvidia-smi)"
         count = ctypes.c_int(0)
