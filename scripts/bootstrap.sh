@@ -18,10 +18,10 @@ PIP=("$VENV/bin/python" -m pip install --disable-pip-version-check --progress-ba
 "${PIP[@]}" -q --upgrade pip
 if ! "$VENV/bin/python" -c "import torch" 2>/dev/null; then
   if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then
-    "${PIP[@]}" "torch>=2.2"
+    "${PIP[@]}" "torch>=2.6"
   else
     # The CPU build: small, and on this project's machines it is already on disk.
-    "${PIP[@]}" "torch==2.13.0" || "${PIP[@]}" "torch>=2.2" --index-url https://download.pytorch.org/whl/cpu
+    "${PIP[@]}" "torch==2.13.0" || "${PIP[@]}" "torch>=2.6" --index-url https://download.pytorch.org/whl/cpu
   fi
 fi
 "${PIP[@]}" -e ".[dev]"

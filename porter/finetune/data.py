@@ -86,26 +86,48 @@ def image_folder(root: Path) -> Dataset:
     ignored: list[str] = []
     stats: list[tuple[str, int, int]] = []
     for c, d in enumerate(subdirs):
-        files = sorted(f for f in d.rglob("*") if f.is_file()
-                       and not any(part.startswith(".") for part in f.relative_to(d).parts))
-        images = [f for f in files if is_image_file(f)]
-        ignored += [str(f.relative_to(root)) for f in files if not is_image_file(f)]
+        files = _scan(d)
+        images = [e for e in files if is_image_file(e.name)]
+        ignored += [os.path.relpath(e.path, root) for e in files if not is_image_file(e.name)]
         if not images:
             exts = ", ".join(e.lstrip(".") for e in IMAGE_EXTENSIONS)
             raise DataError(f"class folder {d.name!r} in {root} has no readable image (looked for {exts}); add "
                             f"images or remove the folder")
-        for f in images:
+        for e in images:
             try:
-                st = f.stat()
-            except OSError as e:
-                raise DataError(f"can't read {f}: {e.strerror}") from None
-            stats.append((str(f.relative_to(root)), st.st_size, st.st_mtime_ns))
-            items.append(f)
+                st = e.stat()
+            except OSError as err:
+                raise DataError(f"can't read {e.path}: {err.strerror}") from None
+            stats.append((os.path.relpath(e.path, root), st.st_size, st.st_mtime_ns))
+            items.append(Path(e.path))
             labels.append(c)
     classes = tuple(d.name for d in subdirs)
     fp = _hash({"kind": "images", "root": str(root.resolve()), "classes": classes, "files": stats})
     return Dataset("images", classes, np.asarray(labels, np.int64), [str(p.relative_to(root)) for p in items], fp,
                    str(root), items=items, ignored=ignored)
+
+
+def _scan(folder: Path) -> list[os.DirEntry]:
+    """Files under ``folder`` (recursively, hidden entries skipped, directory symlinks not followed), sorted by path.
+
+    ``os.scandir`` reads file types from the directory itself: one stat per file, later, instead of three.
+    """
+    found: list[os.DirEntry] = []
+    stack = [str(folder)]
+    while stack:
+        try:
+            with os.scandir(stack.pop()) as entries:
+                for e in entries:
+                    if e.name.startswith("."):
+                        continue
+                    if e.is_dir(follow_symlinks=False):
+                        stack.append(e.path)
+                    elif e.is_file():
+                        found.append(e)
+        except OSError as err:
+            raise DataError(f"can't list {err.filename or folder}: {err.strerror}") from None
+    found.sort(key=lambda e: e.path)
+    return found
 
 
 # --- CSV --------------------------------------------------------------------------------------------------------
