@@ -158,7 +158,7 @@ def child_porter(args) -> dict:
     import torch  # noqa: F401 - the framework, imported before the clock like TensorFlow is for the baseline
 
     import porter
-    from porter.finetune import finetune
+    from porter.transfer import finetune
 
     out = args.data / f"porter_{args.child}.onnx"
     start = time.perf_counter()

@@ -23,7 +23,7 @@ from .errors import (  # noqa: E402  (cheap, no heavy imports)
 _LAZY = {
     "convert": ("porter.conversion", "convert"),
     "ConvertResult": ("porter.conversion", "ConvertResult"),
-    "finetune": ("porter.finetune", "finetune"),
+    "finetune": ("porter.transfer.api", "finetune"),
     "load": ("porter.runtime.predictor", "load"),
     "inspect": ("porter.inspection", "inspect_model"),
     "ModelCard": ("porter.spec", "ModelCard"),

@@ -226,7 +226,7 @@ def finetune_options(args: argparse.Namespace) -> dict:
 
 @command("finetune")
 def run_finetune(args: argparse.Namespace) -> int:
-    from .finetune.api import finetune
+    from .transfer.api import finetune
 
     result = finetune(args.source, args.data, args.output, **finetune_options(args))
     print(result.summary())
@@ -276,8 +276,9 @@ def run_predict(args: argparse.Namespace) -> int:
     if args.top_k < 1:
         raise UsageError(f"--top-k must be at least 1, got {args.top_k}")
     paths = list_images(args.inputs)
+    # decoding threads share the CPU with inference: ORT's idle workers should sleep, not spin
     predictor = load(args.model, device=args.device, fp16=args.fp16, batch_size=args.batch_size,
-                     preprocess=args.preprocess)
+                     preprocess=args.preprocess, spin=False)
     predictor.image_spec()  # a model that can't take images fails here, before any output
     print(f"porter: {predictor.describe()}", file=sys.stderr)
     for note in predictor.notes:

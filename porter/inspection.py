@@ -70,19 +70,12 @@ class InspectReport:
             lines.append(f"  {k}: {v}")
         if self.cuts is not None:
             lines.append("  cut candidates (best first):" if self.cuts else "  cut candidates: none found")
-            for cut in self.cuts:
-                d = _cut_dict(cut)
-                lines.append(f"    {d['tensor']}  {d['shape']}  {d['reason']}")
+            lines += [f"    {cut.describe()}" for cut in self.cuts]
         return "\n".join(lines)
 
 
 def _cut_dict(cut: Any) -> dict[str, Any]:
-    if isinstance(cut, dict):
-        return cut
-    if hasattr(cut, "tensor"):
-        return {"tensor": cut.tensor, "shape": list(getattr(cut, "shape", [])), "reason": getattr(cut, "reason", "")}
-    tensor, shape, reason = cut
-    return {"tensor": tensor, "shape": list(shape), "reason": reason}
+    return {"tensor": cut.name, "shape": list(cut.shape) if cut.shape is not None else None, "reason": cut.reason}
 
 
 def load_onnx(path: str | Path):

@@ -15,7 +15,7 @@ from onnx import TensorProto, helper, numpy_helper
 from PIL import Image
 
 import porter
-from porter.finetune import FinetuneOptions, finetune
+from porter.transfer import FinetuneOptions, finetune
 from porter.spec import ModelCard
 
 from test_surgery import build
@@ -92,7 +92,7 @@ def test_image_folder_end_to_end(tmp_path):
     assert Image.open(report_files(out)[2]).size[0] > 300
     # the merged model equals backbone + head computed separately, on every training image
     from porter.graph.surgery import extract_backbone
-    from porter.finetune.heads import folded_layers
+    from porter.transfer.heads import folded_layers
     from porter.imaging import preprocess
 
     files = sorted(data.glob("*/*.png"))

@@ -14,7 +14,7 @@ from test_surgery import build
 
 
 def test_cli_builds_the_same_options_the_api_takes():
-    from porter.finetune import FinetuneOptions
+    from porter.transfer import FinetuneOptions
 
     args = build_parser().parse_args(
         ["finetune", "m.onnx", "data", "-o", "o.onnx", "--epochs", "7", "--head", "mlp", "--hidden", "32",

@@ -12,7 +12,7 @@ from onnx import helper
 from PIL import Image
 
 from porter.errors import DataError, OutputError, SourceError, UsageError
-from porter.finetune import finetune
+from porter.transfer import finetune
 
 from test_finetune import COLORS, make_folder, report_files, save, vector_model
 from test_surgery import build
@@ -207,3 +207,15 @@ def test_missing_source(out, tmp_path):
 
 def test_label_arrays_that_do_not_match(src, out):
     fails(DataError, r"x has 3 examples but y has 2 labels", src, (np.zeros((3, 8, 8, 3), np.uint8), [0, 1]), out)
+
+
+def test_model_with_two_inputs(out, tmp_path):
+    from onnx import TensorProto
+
+    nodes = [helper.make_node("Add", ["a", "b"], ["s"]), helper.make_node("Softmax", ["s"], ["p"], axis=1)]
+    g = helper.make_graph(nodes, "two", [helper.make_tensor_value_info(n, TensorProto.FLOAT, ["batch", 4]) for n in "ab"],
+                          [helper.make_tensor_value_info("p", TensorProto.FLOAT, ["batch", 4])])
+    src = tmp_path / "two.onnx"
+    onnx.save(helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)]), src)
+    fails(UsageError, r"needs a model with one input; this one has 2 \(a, b\)", src,
+          make_folder(tmp_path / "data", n=4), out)

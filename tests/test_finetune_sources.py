@@ -7,7 +7,7 @@ import onnx
 import onnxruntime as ort
 import pytest
 
-from porter.finetune import finetune
+from porter.transfer import finetune
 from porter.spec import ModelCard
 
 from conftest import FIXTURES
@@ -18,7 +18,7 @@ SOURCES = {
     "keras-bn": (f"{FIXTURES}/keras/cnn_bn.keras", {}),
     "torchhub-local": (f"torchhub:{FIXTURES}/torchhub:small_cnn", {}),
     "torchscript": (f"{FIXTURES}/torchhub/torchscript/small_cnn_scripted.pt", {"input_shapes": {None: (3, 32, 32)}}),
-    "tfjs-layers": (f"tfjs:{FIXTURES}/tfjs/layers_functional/model.json", {}),
+    "tfjs-layers": (f"tfjs:{FIXTURES}/tfjs/layers_sequential/model.json", {}),
     "tfjs-graph": (f"tfjs:{FIXTURES}/tfjs/graph_convnet/model.json", {}),
 }
 

@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 
 from porter.errors import DataError
-from porter.finetune.heads import folded_layers, make_head, standardization
-from porter.finetune.train import AdamW, Plateau, TrainConfig, class_weights, stratified_split, train_head
+from porter.transfer.heads import folded_layers, make_head, standardization
+from porter.transfer.train import AdamW, Plateau, TrainConfig, class_weights, stratified_split, train_head
 
 
 def test_stratified_split_keeps_class_proportions_and_is_seeded():

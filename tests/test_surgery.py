@@ -169,7 +169,7 @@ def test_user_cut_at_pooling_is_flattened():
 def test_merge_head_outputs_probabilities_and_label():
     import torch
 
-    from porter.finetune.heads import head_to_onnx, make_head, predict_proba
+    from porter.transfer.heads import head_to_onnx, make_head, predict_proba
 
     model = build("gemm")
     backbone = extract_backbone(model)
@@ -191,7 +191,7 @@ def test_merge_head_outputs_probabilities_and_label():
 
 
 def test_merge_renames_clashing_backbone_tensors():
-    from porter.finetune.heads import head_to_onnx, make_head
+    from porter.transfer.heads import head_to_onnx, make_head
 
     model = build("gemm")
     from porter.graph.normalize import rename_tensor

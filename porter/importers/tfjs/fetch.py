@@ -31,9 +31,9 @@ USER_AGENT = "porter-tfjs/1 (+https://github.com/; python urllib)"
 
 
 def cache_dir() -> Path:
-    root = os.environ.get("PORTER_CACHE") or os.environ.get("PORTER_CACHE_DIR")
-    base = Path(root).expanduser() if root else Path.home() / ".cache" / "porter"
-    return base / "tfjs"
+    from ...cache import cache_dir as porter_cache_dir
+
+    return porter_cache_dir("tfjs")
 
 
 def default_timeout() -> float:

@@ -453,7 +453,7 @@ def _check_merged(merged, backbone, head, dataset: Dataset, feats: Features, g: 
         problems.append(f"probabilities differ by up to {diff:.3g} (atol {VALIDATION_ATOL}, rtol {VALIDATION_RTOL})")
     if not np.array_equal(label, prob.argmax(1)):
         problems.append("label is not the argmax of probabilities")
-    if cache_diff > 1e-3 * max(1.0, scale):
+    if cache_diff > 2e-2 * max(1.0, scale):  # loose: GPU extraction (TF32 convs) differs from CPU by ~1e-3
         problems.append(f"the features used for training differ from the backbone's by up to {cache_diff:.3g} "
                         f"(a stale feature cache? rerun with cache=False)")
     if problems:

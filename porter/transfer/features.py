@@ -107,15 +107,12 @@ class Progress:
 # --- cache ------------------------------------------------------------------------------------------------------
 
 def feature_cache_dir(override: str | os.PathLike | None = None) -> Path:
-    """``override``, else ``$PORTER_CACHE/features``, else the runtime's cache directory + ``/features``."""
+    """``override``, else ``$PORTER_CACHE/features`` (see porter.cache)."""
     if override is not None:
         return Path(override).expanduser()
-    env = os.environ.get("PORTER_CACHE")
-    if env:
-        return Path(env).expanduser() / "features"
-    from ..runtime.session import cache_dir
+    from ..cache import cache_dir
 
-    return cache_dir() / "features"
+    return cache_dir("features")
 
 
 def cache_key(backbone_hash: str, cut: str, dataset: Dataset, spec: "PreprocessSpec | None",
