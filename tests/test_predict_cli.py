@@ -23,7 +23,7 @@ LABELS = ["ant", "bee", "cow", "doe", "elk"]
 
 @pytest.fixture(autouse=True)
 def _cache(tmp_path, monkeypatch):
-    monkeypatch.setenv("PORTER_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.setenv("PORTER_CACHE", str(tmp_path / "cache"))
 
 
 @pytest.fixture

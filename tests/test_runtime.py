@@ -18,7 +18,7 @@ from runtime_models import classifier, feature_model, random_images, save, tabul
 
 @pytest.fixture(autouse=True)
 def _cache(tmp_path, monkeypatch):
-    monkeypatch.setenv("PORTER_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.setenv("PORTER_CACHE", str(tmp_path / "cache"))
 
 
 def by_hand(model, images, spec: PreprocessSpec) -> np.ndarray:
@@ -403,3 +403,22 @@ def test_auto_falls_back_to_cpu_when_the_gpu_provider_does_not_start(monkeypatch
                        "CUDAExecutionProvider for this model)"]
     with pytest.raises(RuntimeSetupError):
         load(classifier(), device="cuda")
+
+
+def test_io_binding_path_on_cpu_with_numpy_ortvalue_and_dlpack_inputs():
+    """The GPU code path (IO binding) also runs on the CPU provider: exercise it here with every input kind."""
+    torch = pytest.importorskip("torch")
+    p = load(classifier(), device="cpu")
+    x = p.example_inputs(3)["image"]
+    ref = p.run({"image": x})["probabilities"]
+    for value in (x, ort.OrtValue.ortvalue_from_numpy(x), torch.from_numpy(x)):
+        checked = p._check_feed("image", value)
+        out = p._run_bound({"image": checked}, "cpu")["probabilities"]
+        np.testing.assert_allclose(out, ref, atol=1e-6)
+    assert p.run({"image": torch.from_numpy(x)})["probabilities"].shape == (3, 5)  # torch on the plain path
+    with pytest.raises(DataError, match=r"expects float32\[batch, 3, 8, 8\], received float64"):
+        p.run({"image": torch.from_numpy(x.astype(np.float64))})
+    with pytest.raises(DataError, match=r"received float32\[3, 8, 8\]; add the batch axis"):
+        p.run({"image": ort.OrtValue.ortvalue_from_numpy(x[0, :, :, :8].copy())})
+    with pytest.raises(UsageError, match="output_device='cuda' needs a GPU device"):
+        p.run({"image": x}, output_device="cuda")

@@ -19,7 +19,7 @@ from runtime_models import card_for, classifier, write_images
 
 @pytest.fixture(autouse=True)
 def _cache(tmp_path, monkeypatch):
-    monkeypatch.setenv("PORTER_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.setenv("PORTER_CACHE", str(tmp_path / "cache"))
 
 
 def test_measure_and_summarize():

@@ -14,7 +14,7 @@ Device resolution:
                 CPU; the choice and the reason are reported.
 
 Graph optimization runs at level ALL once per (model, device, precision, onnxruntime version, machine); the
-optimized model is saved under ``$PORTER_CACHE_DIR`` (default ``~/.cache/porter``) ``/ort`` and later sessions
+optimized model is saved under ``$PORTER_CACHE`` (default ``~/.cache/porter``) ``/ort`` and later sessions
 load it with optimization off. Nothing here imports torch or TensorFlow.
 """
 
@@ -48,13 +48,12 @@ CUDA_LIBS_HINT = "pip install 'onnxruntime-gpu[cuda,cudnn]', or put the CUDA too
 # --- what the machine can do --------------------------------------------------------------------------------------
 
 def cache_dir(override: str | os.PathLike | None = None) -> Path:
+    """Where optimized models (``ort/``) and TensorRT engines (``tensorrt/``) go: porter's one cache root."""
     if override is not None:
         return Path(override).expanduser()
-    env = os.environ.get("PORTER_CACHE_DIR")
-    if env:
-        return Path(env).expanduser()
-    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
-    return Path(base) / "porter"
+    from ..cache import cache_root
+
+    return cache_root()
 
 
 @functools.lru_cache(maxsize=1)
