@@ -22,6 +22,7 @@ class ConvertResult:
     card: ModelCard
     seconds: float
     notes: list[str] = field(default_factory=list)
+    source: str = ""  # the reference as the user wrote it (the card records it canonically)
 
     @property
     def metadata(self) -> dict[str, str]:
@@ -31,7 +32,7 @@ class ConvertResult:
         from .graph.inspect import graph_inputs, graph_outputs, opset_of, parameter_count
 
         where = f" -> {self.path}" if self.path else ""
-        lines = [f"converted {self.card.source}{where} in {self.seconds:.1f} s",
+        lines = [f"converted {self.source or self.card.source}{where} in {self.seconds:.1f} s",
                  f"  opset {opset_of(self.model)}, {parameter_count(self.model):,} parameters, framework "
                  f"{self.card.framework}"]
         lines += [f"  input  {t.describe()}" for t in graph_inputs(self.model)]
@@ -92,7 +93,7 @@ def convert(source: Any, output: str | Path | None = None, **options: Any) -> Co
                           batch_sizes=opts.validation_batch_sizes, seed=opts.seed, preprocess=preprocess)
     labels = opts.labels if opts.labels is not None else imported.labels
     card = ModelCard(
-        source=str(ref), framework=imported.framework, porter_version=__version__,
+        source=ref.canonical(), framework=imported.framework, porter_version=__version__,
         framework_versions=imported.framework_versions, preprocess=preprocess,
         labels=tuple(labels) if labels is not None else None,
         parity=report.to_dict() if report else None, provenance=dict(imported.provenance))
@@ -100,7 +101,7 @@ def convert(source: Any, output: str | Path | None = None, **options: Any) -> Co
     card.apply_to(model)
     model.producer_name, model.producer_version = "porter", __version__
     path = save_onnx(model, output, opts.force) if output is not None else None
-    return ConvertResult(model, path, report, card, time.perf_counter() - start, list(imported.notes))
+    return ConvertResult(model, path, report, card, time.perf_counter() - start, list(imported.notes), str(ref))
 
 
 def _check_labels(card: ModelCard, model) -> None:

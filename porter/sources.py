@@ -43,6 +43,19 @@ class SourceRef:
     def __str__(self) -> str:
         return self.text or self.location
 
+    def canonical(self) -> str:
+        """The reference as it should be recorded in a model card: local paths made absolute, so tools that
+        rebuild the source later (``porter bench --against-source``) find it from any working directory."""
+        if self.form in ("application", "hub-remote", "url", "module", "object"):
+            return str(self)
+        location = str(Path(self.location).expanduser().resolve())
+        if self.form == "hub-local":
+            return f"torchhub:{location}:{self.entry}"
+        prefix = {"keras": "keras", "torchhub": "torchhub", "tfjs": "tfjs", "onnx": "onnx"}[self.importer]
+        if self.form in ("torchscript", "state-dict"):
+            return location  # detected by content; torchhub: prefix needs an entry point
+        return f"{prefix}:{location}"
+
 
 def parse_source(source: Any) -> SourceRef:
     """Parse a reference string, a path, or an in-memory model into a SourceRef."""

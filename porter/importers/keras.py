@@ -13,7 +13,7 @@ import os
 import re
 import zipfile
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 
@@ -206,16 +206,23 @@ def _output_names(model) -> list[str]:
 
 
 def convert_tf_function(fn, specs: Sequence[Any], opts: ConvertOptions):
-    """Run tf2onnx on a tf.function; map its failures to porter errors."""
+    """Run tf2onnx on a tf.function."""
     tf2onnx = heavy_import("tf2onnx")
+    return run_tf2onnx(lambda: tf2onnx.convert.from_function(fn, input_signature=list(specs), opset=opts.opset)[0],
+                       opts.opset)
+
+
+def run_tf2onnx(convert: Callable[[], Any], opset: int, what: str = ""):
+    """Call one tf2onnx entry point; map its failures to porter errors and patch what it leaves unconverted."""
+    where = f" on {what}" if what else ""
     try:
-        onnx_model, _ = tf2onnx.convert.from_function(fn, input_signature=list(specs), opset=opts.opset)
+        onnx_model = convert()
     except ValueError as e:
         if "opset" in str(e).lower():
-            raise UsageError(f"tf2onnx can't target opset {opts.opset}: {_first_line(e)}; try --opset 17") from None
-        raise ConversionError(f"tf2onnx failed: {_first_line(e)}") from None
+            raise UsageError(f"tf2onnx can't target opset {opset}: {_first_line(e)}; try --opset 17") from None
+        raise ConversionError(f"tf2onnx failed{where}: {_first_line(e)}") from None
     except Exception as e:  # noqa: BLE001 - tf2onnx raises many kinds
-        raise ConversionError(f"tf2onnx failed: {type(e).__name__}: {_first_line(e)}") from None
+        raise ConversionError(f"tf2onnx failed{where}: {type(e).__name__}: {_first_line(e)}") from None
     _rewrite_erfc(onnx_model)
     return onnx_model
 

@@ -370,17 +370,12 @@ def make_runner(gd, inputs: list[Endpoint], outputs: list[Endpoint]):
 
 
 def to_onnx(gd, inputs: list[Endpoint], outputs: list[Endpoint], opset: int):
+    from ..keras import run_tf2onnx
+
     tf2onnx = heavy_import("tf2onnx")
-    try:
-        model, _ = tf2onnx.convert.from_graph_def(gd, input_names=[e.tensor for e in inputs],
-                                                  output_names=[e.tensor for e in outputs], opset=opset)
-    except ValueError as e:
-        if "opset" in str(e).lower():
-            raise UsageError(f"tf2onnx can't target opset {opset}: {_first(e)}; try --opset 17") from None
-        raise ConversionError(f"tf2onnx failed on the graph-model: {_first(e)}") from None
-    except Exception as e:  # noqa: BLE001 - tf2onnx raises many kinds
-        raise ConversionError(f"tf2onnx failed on the graph-model: {type(e).__name__}: {_first(e)}") from None
-    return model
+    return run_tf2onnx(lambda: tf2onnx.convert.from_graph_def(gd, input_names=[e.tensor for e in inputs],
+                                                              output_names=[e.tensor for e in outputs],
+                                                              opset=opset)[0], opset, "the graph-model")
 
 
 def prepare_graph(topology: dict, signature: dict | None, opts, where: str):
