@@ -90,6 +90,31 @@ def add_preprocess_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--std", help="per-channel std override, e.g. 0.5,0.5,0.5")
 
 
+def add_source_args(p) -> None:
+    """Arguments that say how to import a non-ONNX source (shared by convert and finetune)."""
+    p.add_argument("--input-shape", action="append", metavar="[NAME:]DIMS",
+                   help="concrete dims without the batch axis for inputs with unknown dims, e.g. 224,224,3 (repeatable)")
+    p.add_argument("--weights", help="keras.applications weights: imagenet (default), none, or a weights file")
+    p.add_argument("--unsafe", action="store_true", help="allow Keras deserialization that runs code (Lambda layers)")
+    p.add_argument("--hub-arg", action="append", metavar="NAME=VALUE", help="keyword argument for a hub entry point (repeatable)")
+    p.add_argument("--trust-repo", action="store_true", help="allow running a remote hub repo's code")
+
+
+def source_options(args: argparse.Namespace) -> dict:
+    opts: dict = {}
+    if args.input_shape:
+        opts["input_shapes"] = parse_input_shapes(args.input_shape)
+    if args.hub_arg:
+        opts["hub_args"] = parse_hub_args(args.hub_arg)
+    if args.weights is not None:
+        opts["weights"] = args.weights
+    if args.unsafe:
+        opts["unsafe"] = True
+    if args.trust_repo:
+        opts["trust_repo"] = True
+    return opts
+
+
 # --- convert ----------------------------------------------------------------------------------------------------
 
 def add_convert_parser(sub) -> None:
@@ -102,24 +127,18 @@ def add_convert_parser(sub) -> None:
                                   "tfjs:PATH|URL, or a model file (.keras, .h5, SavedModel dir, model.json, .pt)")
     p.add_argument("-o", "--output", required=True, help="the ONNX file to write")
     p.add_argument("--opset", type=int, default=None, help="ONNX opset (default 17)")
-    p.add_argument("--input-shape", action="append", metavar="[NAME:]DIMS",
-                   help="concrete dims without the batch axis for inputs with unknown dims, e.g. 224,224,3 (repeatable)")
     p.add_argument("--atol", type=float, default=None, help="parity absolute tolerance (default 1e-4)")
     p.add_argument("--rtol", type=float, default=None, help="parity relative tolerance (default 1e-3)")
     p.add_argument("--no-validate", action="store_true", help="skip the parity check against the source model")
-    p.add_argument("--weights", help="keras.applications weights: imagenet (default), none, or a weights file")
-    p.add_argument("--unsafe", action="store_true", help="allow Keras deserialization that runs code (Lambda layers)")
-    p.add_argument("--hub-arg", action="append", metavar="NAME=VALUE", help="keyword argument for a hub entry point (repeatable)")
-    p.add_argument("--trust-repo", action="store_true", help="allow running a remote hub repo's code")
+    add_source_args(p)
     p.add_argument("--labels", help="a text file with one class name per line")
     add_preprocess_args(p)
     p.add_argument("--force", action="store_true", help="overwrite the output if it exists")
 
 
 def convert_options(args: argparse.Namespace) -> dict:
-    opts = dict(force=args.force, validate=not args.no_validate, unsafe=args.unsafe, trust_repo=args.trust_repo,
-                input_shapes=parse_input_shapes(args.input_shape), hub_args=parse_hub_args(args.hub_arg))
-    for name in ("opset", "atol", "rtol", "weights", "preprocess"):
+    opts = dict(force=args.force, validate=not args.no_validate, **source_options(args))
+    for name in ("opset", "atol", "rtol", "preprocess"):
         if getattr(args, name) is not None:
             opts[name] = getattr(args, name)
     if args.mean is not None:
@@ -158,7 +177,8 @@ def run_inspect(args: argparse.Namespace) -> int:
     return 0
 
 
-# --- finetune (issue 5) -----------------------------------------------------------------------------------------
+# --- finetune ---------------------------------------------------------------------------------------------------
+
 def add_finetune_parser(sub) -> None:
     p = sub.add_parser("finetune", help="train a new classifier head on your data; write backbone + head as one ONNX",
                        description="Cut the model's classifier off, compute backbone features once (cached), train a "
@@ -192,12 +212,7 @@ def add_finetune_parser(sub) -> None:
     g.add_argument("--no-cache", action="store_true", help="recompute backbone features; don't store them")
     g.add_argument("--quiet", action="store_true", help="no progress bar or per-epoch lines")
     g.add_argument("--force", action="store_true", help="overwrite the output and its report")
-    g = p.add_argument_group("converting a non-ONNX source")
-    g.add_argument("--input-shape", action="append", metavar="[NAME:]DIMS", help="as for porter convert")
-    g.add_argument("--weights", help="keras.applications weights: imagenet (default), none, or a weights file")
-    g.add_argument("--unsafe", action="store_true", help="allow Keras deserialization that runs code (Lambda layers)")
-    g.add_argument("--hub-arg", action="append", metavar="NAME=VALUE", help="keyword argument for a hub entry point")
-    g.add_argument("--trust-repo", action="store_true", help="allow running a remote hub repo's code")
+    add_source_args(p.add_argument_group("converting a non-ONNX source"))
 
 
 def finetune_options(args: argparse.Namespace) -> dict:
@@ -209,18 +224,7 @@ def finetune_options(args: argparse.Namespace) -> dict:
                 workers=args.workers, cache=not args.no_cache, progress=not args.quiet, force=args.force)
     if args.image_size is not None:
         opts["image_size"] = parse_dims(args.image_size)
-    convert = {}
-    if args.input_shape:
-        convert["input_shapes"] = parse_input_shapes(args.input_shape)
-    if args.hub_arg:
-        convert["hub_args"] = parse_hub_args(args.hub_arg)
-    if args.weights is not None:
-        convert["weights"] = args.weights
-    if args.unsafe:
-        convert["unsafe"] = True
-    if args.trust_repo:
-        convert["trust_repo"] = True
-    opts["convert_options"] = convert
+    opts["convert_options"] = source_options(args)
     return opts
 
 
@@ -232,7 +236,9 @@ def run_finetune(args: argparse.Namespace) -> int:
     print(result.summary())
     return 0
 
-# --- predict and bench (issue 6) --------------------------------------------------------------------------------
+
+# --- predict and bench ------------------------------------------------------------------------------------------
+
 DEVICE_CHOICES = ["auto", "cuda", "tensorrt", "cpu"]
 
 
@@ -312,9 +318,7 @@ def run_bench(args: argparse.Namespace) -> int:
 
 # --- main -------------------------------------------------------------------------------------------------------
 
-PARSER_BUILDERS = [add_convert_parser, add_inspect_parser]
-PARSER_BUILDERS += [add_finetune_parser]
-PARSER_BUILDERS += [add_predict_parser, add_bench_parser]
+PARSER_BUILDERS = [add_convert_parser, add_finetune_parser, add_predict_parser, add_bench_parser, add_inspect_parser]
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -323,7 +327,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Port pretrained models (Keras, PyTorch Hub, TF.js) to ONNX with proven parity, fine-tune a new "
                     "head on your data, and run them fast with ONNX Runtime.")
     parser.add_argument("--version", action="version", version=f"porter {__version__}")
-    parser.add_argument("--debug", action="store_true", help="show tracebacks and framework logs")
+    parser.add_argument("--debug", action="store_true", help="show tracebacks and framework logs (anywhere on the line)")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for build in PARSER_BUILDERS:
         build(sub)
@@ -332,7 +336,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in argv  # accepted anywhere on the line, not only before the command
+    args = parser.parse_args([a for a in argv if a != "--debug"])
+    args.debug = debug
     if not args.command:
         parser.print_help()
         return 2
