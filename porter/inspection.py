@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .errors import ModelLoadError, SourceError
+from .errors import ModelLoadError
 from .spec import ModelCard
 
 
@@ -78,23 +78,12 @@ def _cut_dict(cut: Any) -> dict[str, Any]:
     return {"tensor": cut.name, "shape": list(cut.shape) if cut.shape is not None else None, "reason": cut.reason}
 
 
-def load_onnx(path: str | Path):
-    """Load an ONNX file with a clear error for anything that isn't one."""
-    import onnx
-
-    p = Path(path)
-    if not p.is_file():
-        raise SourceError(f"model not found: {path} (no such file)")
-    try:
-        return onnx.load_model(str(p))
-    except Exception as e:  # noqa: BLE001 - protobuf DecodeError and friends
-        raise ModelLoadError(f"{path} is not an ONNX model ({type(e).__name__}); convert it first with porter convert") from None
-
-
 def inspect_model(path: str | Path, cuts: bool = False) -> InspectReport:
     from .graph.inspect import graph_inputs, graph_outputs, opset_of, parameter_count
 
-    model = load_onnx(path)
+    from .sources import load_onnx_file
+
+    model = load_onnx_file(path)
     if not model.graph.node and not model.graph.input:
         raise ModelLoadError(f"{path} is not an ONNX model (it parsed as an empty graph); convert it first with porter convert")
     props = {p.key: p.value for p in model.metadata_props}

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .errors import SourceError
+from .errors import ModelLoadError, SourceError
 
 PREFIXES = ("keras", "torchhub", "tfjs", "onnx")
 HDF5_MAGIC = b"\x89HDF\r\n\x1a\n"
@@ -258,3 +258,33 @@ def _looks_like_onnx(path: Path, head: bytes) -> bool:
         return True
     except Exception:  # noqa: BLE001 - any parse failure means "not ONNX"
         return False
+
+
+NOT_ONNX_KINDS = {"keras-zip": "a Keras .keras model", "hdf5": "a Keras HDF5 model", "torchscript": "a TorchScript model",
+                  "torch-pickle": "a PyTorch checkpoint", "tfjs-json": "a TF.js model.json"}
+
+
+def load_onnx_file(path: str | os.PathLike, external_data: bool = True):
+    """Read an ONNX file (``onnx:`` prefix allowed), naming what the file is when it is not ONNX."""
+    import onnx
+
+    text = os.fspath(path)
+    if text.startswith("onnx:"):
+        text = text[5:]
+    p = Path(text).expanduser()
+    if not p.exists():
+        raise SourceError(f"model not found: {text} (no such file)")
+    if p.is_dir():
+        raise ModelLoadError(f"{text} is a directory, not an ONNX model; give the .onnx file")
+    kind = sniff_file(p)
+    if kind != "onnx":
+        what = NOT_ONNX_KINDS.get(kind)
+        if what:
+            raise ModelLoadError(f"{text} is {what}, not ONNX; convert it first: porter convert {text} -o model.onnx")
+        found = {"empty": "an empty file", "json": "a JSON file", "zip": "a zip archive",
+                 "damaged-zip": "a damaged zip archive"}.get(kind, "not a protobuf ONNX can read")
+        raise ModelLoadError(f"{text} is not an ONNX model ({found}); give a .onnx file written by porter convert or finetune")
+    try:
+        return onnx.load_model(str(p), load_external_data=external_data)
+    except Exception as e:  # noqa: BLE001 - protobuf DecodeError, missing external data ...
+        raise ModelLoadError(f"{text} is not a readable ONNX model: {' '.join(str(e).split())[:200]}") from None

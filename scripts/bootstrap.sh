@@ -14,8 +14,9 @@ if [ ! -x "$VENV/bin/python" ]; then
   echo "porter: creating $VENV" >&2
   "$PY" -m venv "$VENV"
 fi
-PIP=("$VENV/bin/python" -m pip install --disable-pip-version-check --progress-bar off)
-"${PIP[@]}" -q --upgrade pip
+PIP=("$VENV/bin/python" -m pip install -q --disable-pip-version-check --progress-bar off)
+echo "porter: installing dependencies into $VENV (first run only; a few minutes)" >&2
+"${PIP[@]}" --upgrade pip
 if ! "$VENV/bin/python" -c "import torch" 2>/dev/null; then
   if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then
     "${PIP[@]}" "torch>=2.6"
@@ -26,3 +27,4 @@ if ! "$VENV/bin/python" -c "import torch" 2>/dev/null; then
 fi
 "${PIP[@]}" -e ".[dev]"
 touch "$STAMP"
+echo "porter: environment ready ($VENV/bin/porter)" >&2

@@ -615,28 +615,11 @@ def _read_model(model: Any):
     if not isinstance(model, (str, os.PathLike)):
         raise UsageError(f"porter.load takes a path to an .onnx file, an onnx.ModelProto or bytes, not "
                          f"{type(model).__module__}.{type(model).__name__}; convert framework models first with porter.convert")
-    text = os.fspath(model)
-    if text.startswith("onnx:"):
-        text = text[5:]
-    path = Path(text).expanduser()
-    if not path.exists():
-        raise SourceError(f"model not found: {text} (no such file)")
-    if path.is_dir():
-        raise ModelLoadError(f"{text} is a directory, not an ONNX model; give the .onnx file")
-    from ..sources import sniff_file
+    from ..sources import load_onnx_file
 
-    kind = sniff_file(path)
-    if kind != "onnx":
-        what = {"keras-zip": "a Keras .keras model", "hdf5": "a Keras HDF5 model", "torchscript": "a TorchScript model",
-                "torch-pickle": "a PyTorch checkpoint", "tfjs-json": "a TF.js model.json"}.get(kind)
-        if what:
-            raise ModelLoadError(f"{text} is {what}, not ONNX; convert it first: porter convert {text} -o model.onnx")
-        found = {"empty": "an empty file", "json": "a JSON file", "zip": "a zip archive"}.get(kind, "not a protobuf ONNX can read")
-        raise ModelLoadError(f"{text} is not an ONNX model ({found}); give a .onnx file written by porter convert or finetune")
-    try:
-        proto = onnx.load(str(path), load_external_data=False)
-    except Exception as e:  # noqa: BLE001
-        raise ModelLoadError(f"{text} is not a readable ONNX model: {' '.join(str(e).split())[:200]}") from None
+    text = os.fspath(model)
+    proto = load_onnx_file(text, external_data=False)
+    path = Path(text[5:] if text.startswith("onnx:") else text).expanduser()
     external = any(init.data_location == onnx.TensorProto.EXTERNAL for init in proto.graph.initializer)
     return path.name, proto, (None if external else path.read_bytes()), str(path)
 

@@ -322,7 +322,7 @@ def _load_source(source: Any, opts: FinetuneOptions):
     """(model, card, notes): an ONNX model as is, anything else through porter.convert (with parity)."""
     import onnx
 
-    from ..sources import parse_source
+    from ..sources import load_onnx_file, parse_source
 
     notes: list[str] = []
     if isinstance(source, onnx.ModelProto):
@@ -332,21 +332,13 @@ def _load_source(source: Any, opts: FinetuneOptions):
         return model, card, notes
     ref = parse_source(os.fspath(source) if isinstance(source, os.PathLike) else source)
     if ref.importer == "onnx":
-        from ..errors import ModelLoadError
-
         if opts.convert_options:
             raise UsageError(f"{ref} is already ONNX; convert options ({', '.join(sorted(opts.convert_options))}) "
                              f"don't apply to it")
-        try:
-            model = onnx.load_model(ref.location)
-        except Exception as e:  # noqa: BLE001 - protobuf / external-data errors
-            raise ModelLoadError(f"can't read ONNX model {ref.location}: {' '.join(str(e).split())[:200]}") from None
+        model = load_onnx_file(ref.location)
         card = ModelCard.from_onnx(model) or ModelCard(source=str(ref), framework="onnx", porter_version=__version__)
         return model, card, notes
-    try:
-        from ..conversion import convert
-    except ImportError:
-        from ..convert import convert
+    from ..conversion import convert
 
     result = convert(ref, None, **opts.convert_options)
     notes += list(result.notes)
