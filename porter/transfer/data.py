@@ -85,10 +85,11 @@ def image_folder(root: Path) -> Dataset:
     labels: list[int] = []
     ignored: list[str] = []
     stats: list[tuple[str, int, int]] = []
+    prefix = os.path.join(str(root), "")  # scandir paths start with it: slicing beats os.path.relpath (a getcwd each)
     for c, d in enumerate(subdirs):
         files = _scan(d)
         images = [e for e in files if is_image_file(e.name)]
-        ignored += [os.path.relpath(e.path, root) for e in files if not is_image_file(e.name)]
+        ignored += [e.path[len(prefix):] for e in files if not is_image_file(e.name)]
         if not images:
             exts = ", ".join(e.lstrip(".") for e in IMAGE_EXTENSIONS)
             raise DataError(f"class folder {d.name!r} in {root} has no readable image (looked for {exts}); add "
@@ -98,12 +99,12 @@ def image_folder(root: Path) -> Dataset:
                 st = e.stat()
             except OSError as err:
                 raise DataError(f"can't read {e.path}: {err.strerror}") from None
-            stats.append((os.path.relpath(e.path, root), st.st_size, st.st_mtime_ns))
+            stats.append((e.path[len(prefix):], st.st_size, st.st_mtime_ns))
             items.append(Path(e.path))
             labels.append(c)
     classes = tuple(d.name for d in subdirs)
     fp = _hash({"kind": "images", "root": str(root.resolve()), "classes": classes, "files": stats})
-    return Dataset("images", classes, np.asarray(labels, np.int64), [str(p.relative_to(root)) for p in items], fp,
+    return Dataset("images", classes, np.asarray(labels, np.int64), [rel for rel, _, _ in stats], fp,
                    str(root), items=items, ignored=ignored)
 
 
