@@ -77,3 +77,19 @@ def test_inspect_rejects_non_onnx(tmp_path):
 def test_python_dash_m_and_version():
     r = run_porter("--version")
     assert r.returncode == 0 and r.stdout.startswith("porter ")
+
+
+def test_inspect_does_not_import_tensorflow_or_torch(fixtures_dir, tmp_path):
+    import porter
+
+    out = tmp_path / "m.onnx"
+    porter.convert(str(fixtures_dir / "keras" / "two_outputs.h5"), out)
+    code = ("import sys, contextlib, io\n"
+            "from porter import cli\n"
+            "with contextlib.redirect_stdout(io.StringIO()) as buf:\n"
+            f"    rc = cli.main(['inspect', {str(out)!r}, '--cuts'])\n"
+            "assert rc == 0 and 'class_probs' in buf.getvalue(), buf.getvalue()\n"
+            "print(sorted(m for m in sys.modules if m.split('.')[0] in ('tensorflow', 'torch', 'keras', 'tf2onnx')))")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip() == "[]"
