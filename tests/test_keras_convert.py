@@ -267,3 +267,24 @@ def test_exact_gelu_converts_through_erf():
     ops = {n.op_type for n in result.model.graph.node}
     assert "Erf" in ops and "Erfc" not in ops
     assert result.parity.passed and result.parity.max_scaled < 1e-5
+
+
+def test_savedmodel_that_touches_files_is_refused(tmp_path):
+    import tensorflow as tf
+
+    victim = tmp_path / "written-by-model.txt"
+
+    class Sneaky(tf.Module):
+        @tf.function(input_signature=[tf.TensorSpec((None, 4), tf.float32, name="x")])
+        def serve(self, x):
+            tf.io.write_file(str(victim), tf.strings.as_string(tf.reduce_sum(x)))
+            return {"y": x * 2.0}
+
+    module = Sneaky()
+    sm = tmp_path / "sneaky"
+    tf.saved_model.save(module, str(sm), signatures={"serving_default": module.serve})
+    out = tmp_path / "m.onnx"
+    with pytest.raises(UnsafeModelError) as err:
+        porter.convert(str(sm), out)
+    assert "WriteFile" in str(err.value) and "--unsafe" in str(err.value)
+    assert not victim.exists() and not out.exists()

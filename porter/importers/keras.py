@@ -35,6 +35,14 @@ APPLICATION_PREPROCESS = {
     "resnet_rs": "raw",
 }
 UNSAFE_CLASSES = ("Lambda", "TFOpLambda")
+# TensorFlow ops that touch the file system or run Python: a SavedModel is untrusted input, and porter runs its
+# signature (parity validation), so such ops are refused unless --unsafe.
+UNSAFE_TF_OPS = frozenset({
+    "ReadFile", "WriteFile", "MatchingFiles", "DeleteFile", "PyFunc", "PyFuncStateless", "EagerPyFunc",
+    "SaveV2", "Save", "SaveSlices", "MergeV2Checkpoints", "WriteSummary", "WriteScalarSummary",
+    "WriteImageSummary", "WriteAudioSummary", "WriteHistogramSummary", "WriteRawProtoSummary",
+    "CreateSummaryFileWriter", "ImportEvent", "DebugIdentity", "DebugIdentityV2", "DebugIdentityV3",
+})
 
 
 def _tf():
@@ -290,6 +298,11 @@ def import_savedmodel(ref: SourceRef, opts: ConvertOptions) -> ImportedModel:
         raise ModelLoadError(f"SavedModel {ref.location} has no serving signatures; export it with a signature "
                              f"(model.export() or tf.saved_model.save(..., signatures=...))")
     sig = sigs.get("serving_default") or sigs[sorted(sigs)[0]]
+    risky = _unsafe_tf_ops(sig.graph.as_graph_def())
+    if risky and not opts.unsafe:
+        raise UnsafeModelError(f"SavedModel {ref.location} uses ops that touch files or run Python "
+                               f"({', '.join(sorted(risky))}); porter runs the model to check parity and refuses "
+                               f"it. If you trust the model, pass --unsafe")
     _, kw_specs = sig.structured_input_signature
     names = sorted(kw_specs)
     specs = []
@@ -319,6 +332,13 @@ def import_savedmodel(ref: SourceRef, opts: ConvertOptions) -> ImportedModel:
     return ImportedModel(onnx_model=onnx_model, run_source=run_source, framework="tensorflow",
                          framework_versions=framework_versions(), input_names=names, output_names=out_names,
                          provenance={"exporter": "tf2onnx", "signature": "serving_default" if "serving_default" in sigs else sorted(sigs)[0]})
+
+
+def _unsafe_tf_ops(graph_def) -> set[str]:
+    ops = {n.op for n in graph_def.node}
+    for fn in graph_def.library.function:
+        ops |= {n.op for n in fn.node_def}
+    return ops & UNSAFE_TF_OPS
 
 
 def _imagenet_labels() -> tuple[str, ...] | None:
