@@ -6,6 +6,7 @@ import os
 import socket
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -14,6 +15,8 @@ ROOT = Path(__file__).resolve().parent.parent
 FIXTURES = ROOT / "fixtures"
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+# tests never read or fill the user's cache (~/.cache/porter); single tests point it at their own tmp_path
+os.environ["PORTER_CACHE"] = tempfile.mkdtemp(prefix="porter-test-cache-")
 
 
 def _cuda_available() -> bool:
