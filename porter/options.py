@@ -10,6 +10,14 @@ from .errors import UsageError
 DEFAULT_OPSET = 17  # supported by tf2onnx 1.16+ and torch.onnx, runs on every current ONNX Runtime
 
 
+def reject_unknown(cls: type, kwargs: dict[str, Any], what: str) -> None:
+    """A misspelled keyword is a UsageError naming it and the options that exist (dataclass fields of ``cls``)."""
+    known = {f.name for f in fields(cls)}
+    unknown = sorted(set(kwargs) - known)
+    if unknown:
+        raise UsageError(f"unknown {what} option(s): {', '.join(unknown)}; known: {', '.join(sorted(known))}")
+
+
 @dataclass(frozen=True)
 class ConvertOptions:
     opset: int = DEFAULT_OPSET
@@ -32,10 +40,7 @@ class ConvertOptions:
 
     @classmethod
     def from_kwargs(cls, **kwargs: Any) -> "ConvertOptions":
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(kwargs) - known)
-        if unknown:
-            raise UsageError(f"unknown convert option(s): {', '.join(unknown)}; known: {', '.join(sorted(known))}")
+        reject_unknown(cls, kwargs, "convert")
         if "input_shape" in kwargs:  # convenience spelling for single-input models
             raise UsageError("use input_shapes={None: (H, W, C)} (or {'name': dims}) for input shapes")
         if not 7 <= int(kwargs.get("opset", DEFAULT_OPSET)) <= 21:

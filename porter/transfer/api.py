@@ -19,6 +19,7 @@ import numpy as np
 
 from .. import __version__
 from ..errors import UsageError, ValidationError
+from ..options import reject_unknown
 from ..spec import PRESETS, ModelCard, PreprocessSpec
 from .data import Dataset, load_data
 from .features import Features, InputGeometry, compute_features
@@ -62,10 +63,7 @@ class FinetuneOptions:
 
     @classmethod
     def from_kwargs(cls, **kwargs: Any) -> "FinetuneOptions":
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(kwargs) - known)
-        if unknown:
-            raise UsageError(f"unknown finetune option(s): {', '.join(unknown)}; known: {', '.join(sorted(known))}")
+        reject_unknown(cls, kwargs, "finetune")
         if kwargs.get("image_size") is not None:
             kwargs["image_size"] = _size(kwargs["image_size"])
         for name in ("mean", "std"):

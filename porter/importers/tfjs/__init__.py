@@ -87,10 +87,8 @@ class HttpSource:
 
     def forget(self) -> None:
         """Drop this model's cached files (after they turned out inconsistent), so a retry downloads afresh."""
-        import hashlib
-
         for url in self.fetched:
-            (self.fetch.cache_dir() / (hashlib.sha256(url.encode()).hexdigest() + ".bin")).unlink(missing_ok=True)
+            self.fetch.cached_path(url).unlink(missing_ok=True)
 
 
 def open_source(ref: SourceRef) -> LocalSource | HttpSource:

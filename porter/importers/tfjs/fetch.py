@@ -98,13 +98,18 @@ def _opener() -> urllib.request.OpenerDirector:
     return urllib.request.build_opener(_Redirects())
 
 
+def cached_path(url: str) -> Path:
+    """Where the download of ``url`` is cached (keyed by the whole URL)."""
+    return cache_dir() / (hashlib.sha256(url.encode("utf-8")).hexdigest() + ".bin")
+
+
 def fetch(url: str, *, timeout: float | None = None, max_bytes: int | None = None, use_cache: bool = True,
           what: str | None = None) -> bytes:
     """The bytes at ``url``, from the cache when present; otherwise downloaded (then cached atomically)."""
     check_model_url(url)
     timeout = default_timeout() if timeout is None else timeout
     max_bytes = default_max_bytes() if max_bytes is None else max_bytes
-    cached = cache_dir() / (hashlib.sha256(url.encode("utf-8")).hexdigest() + ".bin")
+    cached = cached_path(url)
     if use_cache and cached.is_file():
         return cached.read_bytes()
     data = _download(url, timeout, max_bytes, what or url.rsplit("/", 1)[-1].split("?")[0] or url)
