@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import argparse
 import sys
-import time
 from typing import Callable, Sequence
 
 from . import __version__

@@ -8,7 +8,7 @@ once as a ValidationError that names each failing output with its figures.
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from typing import Callable, Sequence
 
 import numpy as np

@@ -31,7 +31,7 @@ from typing import Any, Iterable, Iterator, Mapping, Sequence
 
 import numpy as np
 
-from ..errors import (DataError, ModelLoadError, PorterError, RuntimeSetupError, SourceError, UsageError,
+from ..errors import (DataError, ModelLoadError, PorterError, RuntimeSetupError, UsageError,
                       ValidationError)
 from ..graph.inspect import TensorInfo, graph_inputs, graph_outputs, image_geometry
 from ..imaging import describe_source, load_image, tensor_shape, to_tensor
