@@ -28,22 +28,10 @@ def _cache(tmp_path, monkeypatch):
     monkeypatch.setenv("PORTER_CACHE", str(tmp_path / "cache"))
 
 
-def _importer_or_skip(source: str) -> None:
-    from porter.importers import get_importer
-    from porter.sources import parse_source
-
-    ref = parse_source(source)
-    try:
-        get_importer(ref.importer)
-    except (KeyError, ImportError) as e:  # an importer still being written
-        pytest.skip(f"importer {ref.importer!r} not available yet: {e}")
-
-
 @pytest.mark.slow
 @pytest.mark.parametrize("name", list(SOURCES))
 def test_finetune_from_every_importer(name, tmp_path):
     source, convert_options = SOURCES[name]
-    _importer_or_skip(source)
     data = make_folder(tmp_path / "data", n=6, size=20, modes=("RGB", "L"))
     out = tmp_path / f"{name}.onnx"
     r = finetune(source, data, out, epochs=3, preprocess="unit", convert_options=convert_options, progress=False)
