@@ -365,7 +365,7 @@ def test_io_binding_keeps_tensors_on_the_gpu():
     assert isinstance(out, ort.OrtValue) and out.device_name().lower() == "cuda"
     np.testing.assert_allclose(out.numpy(), ref, atol=1e-4)
     np.testing.assert_allclose(p.run(x)["probabilities"], ref, atol=1e-4)  # host in, host out
-    torch = pytest.importorskip("torch")
+    import torch
     if torch.cuda.is_available():
         t = torch.from_numpy(x["image"]).cuda()
         got = p.run({"image": t}, output_device="cuda")["probabilities"]
@@ -407,7 +407,7 @@ def test_auto_falls_back_to_cpu_when_the_gpu_provider_does_not_start(monkeypatch
 
 def test_io_binding_path_on_cpu_with_numpy_ortvalue_and_dlpack_inputs():
     """The GPU code path (IO binding) also runs on the CPU provider: exercise it here with every input kind."""
-    torch = pytest.importorskip("torch")
+    import torch
     p = load(classifier(), device="cpu")
     x = p.example_inputs(3)["image"]
     ref = p.run({"image": x})["probabilities"]

@@ -15,7 +15,7 @@ import pytest
 import porter
 from porter.errors import ModelLoadError, SourceError, UnsafeModelError, UnsupportedError, UsageError
 
-torch = pytest.importorskip("torch")
+import torch  # noqa: E402
 
 
 HUB = Path(__file__).resolve().parent.parent / "fixtures" / "torchhub"

@@ -11,7 +11,7 @@ import onnx
 import onnxruntime as ort
 import pytest
 
-torch = pytest.importorskip("torch")
+import torch  # noqa: E402
 
 HUB = Path(__file__).resolve().parent.parent / "fixtures" / "torchhub"
 

@@ -20,7 +20,7 @@ import pytest
 import porter
 from porter.errors import NetworkError, SourceError, UnsafeModelError
 
-torch = pytest.importorskip("torch")
+import torch  # noqa: E402
 
 HUB = Path(__file__).resolve().parent.parent / "fixtures" / "torchhub"
 OWNER, REPO = "porter-fixtures", "tinyhub"
