@@ -59,9 +59,8 @@ def _gelu_tanh(x):
 
 
 def _gelu_erf(x):
-    """TF.js gelu: x * 0.5 * (1 + erf(x / sqrt 2)) (Keras 3 writes it with erfc, which tf2onnx can't convert)."""
-    ops = heavy_import("keras").ops
-    return 0.5 * x * (1.0 + ops.erf(x * 0.7071067811865476))
+    """TF.js gelu is the exact one: x * 0.5 * (1 + erf(x / sqrt 2)) (tf2onnx's Erfc is rewritten in keras.py)."""
+    return heavy_import("keras").activations.gelu(x, approximate=False)
 
 
 _ACTIVATIONS: dict[str, Any] = {
