@@ -8,7 +8,7 @@ from PIL import Image
 
 from porter.errors import DataError
 from porter.imaging import (IMAGE_EXTENSIONS, array_to_rgb, list_images, load_image, preprocess, resize,
-                            to_tensor)
+                            tensor_shape, to_tensor)
 from porter.spec import PreprocessSpec
 
 
@@ -177,6 +177,28 @@ def test_to_tensor_caffe_is_bgr_nhwc():
 def test_to_tensor_tf_preset_range():
     x = to_tensor([np.array([[[0, 255, 127]]], np.uint8)], PreprocessSpec.preset("tf"))
     np.testing.assert_allclose(x.ravel(), [-1.0, 1.0, 127 / 127.5 - 1], atol=1e-6)
+
+
+@pytest.mark.parametrize("mode", ["raw", "unit", "tf", "torch", "caffe"])
+@pytest.mark.parametrize("layout", ["NHWC", "NCHW"])
+def test_to_tensor_is_exactly_the_float32_formula(mode, layout):
+    """Every pixel value 0..255 in every channel: the table lookup gives the same bits as computing
+    float32(p) * (scale / std) + (-mean / std) directly, in the model's layout and channel order."""
+    spec = PreprocessSpec.preset(mode, layout=layout, size=(16, 48))
+    values = np.arange(256 * 3, dtype=np.int64).reshape(16, 48, 1)
+    img = np.concatenate([values % 256, (values * 7) % 256, (values * 13 + 5) % 256], axis=2).astype(np.uint8)
+    out = np.full(tensor_shape(2, (16, 48), spec), np.nan, np.float32)
+    x = to_tensor([img, img[::-1].copy()], spec, out=out)
+    assert x is out
+    std = np.asarray(spec.std, np.float32)
+    a = (np.float32(spec.scale) / std).astype(np.float32)
+    b = (-np.asarray(spec.mean, np.float32) / std).astype(np.float32)
+    for i, im in enumerate([img, img[::-1]]):
+        channels = im[..., ::-1] if spec.channel_order == "BGR" else im
+        expected = channels.astype(np.float32) * a + b  # numpy broadcasts over the last (channel) axis
+        if layout == "NCHW":
+            expected = expected.transpose(2, 0, 1)
+        np.testing.assert_array_equal(x[i], expected)
 
 
 def test_one_channel_models_get_luminance():
