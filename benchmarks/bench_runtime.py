@@ -220,7 +220,7 @@ def predict_section(onnx_path: Path, n_images: int, batch: int, rounds: int, sec
     p = porter.load(onnx_path, device="cpu", batch_size=batch, threads=threads)
     list(p.iter_predictions(paths[:batch * 2]))  # warm the session and the page cache
     # rounds alternate bench and predict so that load from other processes hits both alike
-    bench_tp, pipe_tp, ratios, cpu_bench, cpu_pipe = [], [], [], [], []
+    bench_tp, pipe_tp, ratios, cpu_bench, cpu_pipe, waits = [], [], [], [], [], []
     for _ in range(rounds):
         c0 = time.process_time()
         row = bench(p, [batch], min_seconds=seconds, warmup=1).rows[0]
@@ -229,6 +229,7 @@ def predict_section(onnx_path: Path, n_images: int, batch: int, rounds: int, sec
         c0, t0 = time.process_time(), time.perf_counter()
         results = list(p.iter_predictions(paths))
         pipe_tp.append(len(results) / (time.perf_counter() - t0))
+        waits.append(p.last_stats.decode_wait_seconds / p.last_stats.seconds)
         cpu_pipe.append((time.process_time() - c0) / len(results))
         assert all(r.ok for r in results)
         ratios.append(pipe_tp[-1] / bench_tp[-1])
@@ -256,9 +257,11 @@ def predict_section(onnx_path: Path, n_images: int, batch: int, rounds: int, sec
     log(f"| `porter predict DIR` wall clock (start-up and model load included) | {cli_tp:.1f} | - | {cli_tp / b:.2f} |")
     log(f"predict/bench per round: {', '.join(f'{r:.2f}' for r in ratios)} (median {statistics.median(ratios):.2f}; "
         f"target >= 0.80); by CPU time {statistics.median(cpu_bench) / statistics.median(cpu_pipe):.2f}; "
-        f"decode+resize+normalize alone: {decode_ms:.2f} ms per image on one thread; load average {load_average()}")
+        f"decode+resize+normalize alone: {decode_ms:.2f} ms per image on one thread; inference waited for decoding "
+        f"{statistics.median(waits):.1%} of the time; load average {load_average()}")
     RESULTS["predict"] = {"images": n_images, "batch": batch, "bench": b, "pipeline": q, "cli": cli_tp,
                           "ratios": ratios, "cli_ratio": cli_tp / b, "decode_ms": decode_ms,
+                          "decode_wait_share": statistics.median(waits),
                           "cpu_ms_bench": statistics.median(cpu_bench) * 1e3,
                           "cpu_ms_pipeline": statistics.median(cpu_pipe) * 1e3}
 

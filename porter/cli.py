@@ -295,6 +295,7 @@ def run_predict(args: argparse.Namespace) -> int:
         failed += prediction.error is not None
         writer.write(prediction)
     writer.close()
+    print(f"porter: {predictor.last_stats.describe()}", file=sys.stderr)
     if failed:
         print(f"porter: error: {failed} of {len(paths)} inputs could not be read", file=sys.stderr)
         return 1

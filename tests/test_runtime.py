@@ -162,6 +162,32 @@ def test_iter_predictions_reports_bad_files_and_goes_on(tmp_path):
         p.predict(sources)
 
 
+def test_pipeline_stats_say_whether_decoding_keeps_up(tmp_path, monkeypatch):
+    import time
+
+    import porter.runtime.predictor as P
+
+    files = write_images(tmp_path, 6, size=(8, 8))
+    p = load(classifier(), device="cpu", batch_size=2)
+    out = list(p.iter_predictions(files + [tmp_path / "gone.png"]))
+    st = p.last_stats
+    assert (st.images, st.failed, len(out)) == (7, 1, 7)
+    assert 0 < st.inference_seconds and st.first_batch_seconds + st.decode_wait_seconds + st.inference_seconds <= st.seconds
+    assert st.throughput == pytest.approx(7 / st.seconds)
+    assert "7 images, 1 unreadable in" in st.describe() and st.to_dict()["images"] == 7
+
+    def slow_decode(*args, **kwargs):  # decoding 40x slower than this tiny model: inference must wait for it
+        time.sleep(0.04)
+        return load_image(*args, **kwargs)
+
+    monkeypatch.setattr(P, "load_image", slow_decode)
+    p.decode_workers = 1
+    list(p.iter_predictions(files))
+    st = p.last_stats
+    assert st.images == 6 and st.first_batch_seconds >= 0.07  # two images decoded before anything can run
+    assert st.decode_wait_seconds / st.seconds > 0.5 > st.inference_seconds / st.seconds
+
+
 def test_predictor_facts_and_repr():
     p = load(classifier(), device="cpu", threads=1)
     assert "on cpu" in repr(p) and p.num_classes == 5

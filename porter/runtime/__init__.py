@@ -2,6 +2,6 @@
 
 from __future__ import annotations
 
-from .predictor import Prediction, Predictor, load
+from .predictor import PipelineStats, Prediction, Predictor, load
 
-__all__ = ["Prediction", "Predictor", "load"]
+__all__ = ["PipelineStats", "Prediction", "Predictor", "load"]

@@ -23,6 +23,7 @@ always applies one.
 from __future__ import annotations
 
 import os
+import time
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
@@ -70,6 +71,35 @@ class Prediction:
             return d
         d.update(label=self.label, score=self.score, top_k=[{"label": l, "score": s} for l, s in self.top_k])
         return d
+
+
+@dataclass
+class PipelineStats:
+    """Where the time of one ``iter_predictions`` pass went: is decoding keeping up with inference?"""
+
+    images: int = 0
+    failed: int = 0
+    seconds: float = 0.0  # first image submitted to last result yielded (the caller's own time included)
+    inference_seconds: float = 0.0  # in the model (onnxruntime) and turning its outputs into predictions
+    first_batch_seconds: float = 0.0  # decoding the first batch: nothing to run yet, so nothing to overlap
+    decode_wait_seconds: float = 0.0  # after the first batch: inference idle, waiting for images still decoding
+
+    @property
+    def throughput(self) -> float:
+        return self.images / self.seconds if self.seconds else 0.0
+
+    def describe(self) -> str:
+        share = (lambda t: f"{t / self.seconds:.0%}") if self.seconds else (lambda t: "-")
+        failed = f", {self.failed} unreadable" if self.failed else ""
+        return (f"{self.images} images{failed} in {self.seconds:.2f} s ({self.throughput:.1f}/s); inference busy "
+                f"{share(self.inference_seconds)} of the time, waiting for decoding {share(self.decode_wait_seconds)} "
+                f"after the first batch ({self.first_batch_seconds:.2f} s)")
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"images": self.images, "failed": self.failed, "seconds": round(self.seconds, 4),
+                "throughput": round(self.throughput, 2), "inference_seconds": round(self.inference_seconds, 4),
+                "first_batch_seconds": round(self.first_batch_seconds, 4),
+                "decode_wait_seconds": round(self.decode_wait_seconds, 4)}
 
 
 @dataclass
@@ -149,6 +179,7 @@ class Predictor:
                                        max_batch=max(max_batch or 0, self.batch_size, 64 if not fixed else 0),
                                        opt_batch=self.batch_size)
         self.precision_report: PrecisionReport | None = None
+        self.last_stats: PipelineStats | None = None  # of the latest iter_predictions / predict on images
         try:
             self._session, self._info = self._open(model_bytes)
         except RuntimeSetupError as e:
@@ -487,6 +518,8 @@ class Predictor:
         def submit(pool, k: int) -> list[Future]:
             return [pool.submit(decode, i, k, row) for row, i in enumerate(batches[k])]
 
+        stats = self.last_stats = PipelineStats()
+        start = time.perf_counter()
         with ThreadPoolExecutor(max_workers=self.decode_workers, thread_name_prefix="porter-decode") as pool:
             pending: deque[list[Future]] = deque(submit(pool, k) for k in range(min(ahead + 1, len(batches))))
             for k, idx in enumerate(batches):
@@ -495,6 +528,7 @@ class Predictor:
                     pending.append(submit(pool, k + ahead + 1))
                 tensors: dict[int, np.ndarray | None] = {}
                 failed: dict[int, str] = {}
+                waiting = time.perf_counter()
                 for i, fut in zip(idx, futures):
                     try:
                         tensors[i] = fut.result()
@@ -505,6 +539,11 @@ class Predictor:
                                     f.cancel()
                             raise
                         failed[i] = _strip_name(str(e), _source_name(sources[i], i))
+                inferring = time.perf_counter()
+                if k == 0:
+                    stats.first_batch_seconds = inferring - waiting
+                else:
+                    stats.decode_wait_seconds += inferring - waiting
                 if ring is not None:
                     ok = [row for row, i in enumerate(idx) if i not in failed]
                     buf = ring[k % len(ring)]
@@ -512,11 +551,15 @@ class Predictor:
                     results = self._infer_batch(batch, [idx[r] for r in ok], sources, top_k) if ok else {}
                 else:
                     results = self._infer_group(tensors, sources, top_k)
+                stats.inference_seconds += time.perf_counter() - inferring
+                stats.images += len(idx)
+                stats.failed += len(failed)
                 for i in idx:
                     if i in failed:
                         yield Prediction(source=_source_name(sources[i], i), error=failed[i])
                     else:
                         yield results[i]
+                stats.seconds = time.perf_counter() - start
 
     def image_spec(self) -> tuple[PreprocessSpec, TensorInfo]:
         """The preprocessing and the image input, or a DataError saying why this model can't take images."""
