@@ -46,14 +46,18 @@ def describe_source(src: Any, index: int | None = None) -> str:
 
 # --- decoding ---------------------------------------------------------------------------------------------------
 
-def load_image(src: Any, size: Sequence[int] | None = None, *, name: str | None = None) -> np.ndarray:
+def load_image(src: Any, size: Sequence[int] | None = None, *, name: str | None = None,
+               fast_decode: bool = False) -> np.ndarray:
     """Decode ``src`` (path, PIL image, or numpy array of raw pixels) to uint8 ``H x W x 3`` RGB.
 
     ``size`` (H, W) resizes bilinearly. ``name`` is what errors call the image (default: the path).
+    ``fast_decode``: a JPEG file at least 4x larger than ``size`` is decoded at 1/2, 1/4 or 1/8 scale in the
+    DCT domain (libjpeg's scaling), never below twice the target size, then resized as usual: 2-3x faster on
+    camera photos, pixels within a few levels of the exact path (not bit-identical, hence off by default).
     """
     label = name or describe_source(src)
     if isinstance(src, (str, os.PathLike)):
-        image = _decode_file(Path(src), label, size)
+        image = _decode_file(Path(src), label, size, fast_decode)
     elif _is_pil(src):
         image = _pil_to_rgb(src, label, size)
     elif isinstance(src, np.ndarray):
@@ -75,7 +79,7 @@ def _is_pil(obj: Any) -> bool:
     return isinstance(obj, Image.Image)
 
 
-def _decode_file(path: Path, label: str, size: Sequence[int] | None = None) -> np.ndarray:
+def _decode_file(path: Path, label: str, size: Sequence[int] | None = None, fast_decode: bool = False) -> np.ndarray:
     from PIL import Image, UnidentifiedImageError
 
     if not path.exists():
@@ -84,6 +88,9 @@ def _decode_file(path: Path, label: str, size: Sequence[int] | None = None) -> n
         raise DataError(f"{label}: is a directory, not an image")
     try:
         with Image.open(path) as img:
+            if fast_decode and size is not None and img.format == "JPEG":
+                side = 2 * max(int(size[0]), int(size[1]))  # square: EXIF rotation may swap the axes later
+                img.draft(None, (side, side))  # libjpeg picks the smallest 1/2^k scale still >= side x side
             img.load()  # decode now, inside the try: truncated files fail here
             return _pil_to_rgb(img, label, size)
     except UnidentifiedImageError:

@@ -153,6 +153,32 @@ def test_resize_is_pil_bilinear():
     assert load_image(rgb, (5, 7)).shape == (5, 7, 3)
 
 
+def photo(h: int, w: int) -> np.ndarray:
+    """Smooth colour fields plus grain: what a camera JPEG looks like to the decoder."""
+    yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
+    base = np.stack([np.sin(xx / 37), np.cos(yy / 23), np.sin((xx + yy) / 51)], -1) * 100 + 128
+    return np.clip(base + np.random.default_rng(0).normal(0, 6, base.shape), 0, 255).astype(np.uint8)
+
+
+def test_fast_decode_scales_large_jpegs_in_the_dct_domain(tmp_path):
+    big, small, png = tmp_path / "big.jpg", tmp_path / "small.jpg", tmp_path / "big.png"
+    Image.fromarray(photo(600, 800)).save(big, quality=92)  # >= 4x the 64x48 target: decoded at 1/4 scale
+    Image.fromarray(photo(150, 200)).save(small, quality=92)  # < 4x: decoded in full
+    Image.fromarray(photo(600, 800)).save(png)
+    size = (48, 64)
+    exact = load_image(big, size)
+    fast = load_image(big, size, fast_decode=True)
+    with Image.open(big) as im:
+        im.draft(None, (128, 128))
+        assert im.size == (200, 150)  # libjpeg's 1/4 scale: the smallest still >= 128 x 128
+        by_hand = np.asarray(im.convert("RGB").resize((64, 48), Image.Resampling.BILINEAR))
+    np.testing.assert_array_equal(fast, by_hand)
+    diff = np.abs(fast.astype(int) - exact)
+    assert 0 < diff.max() <= 2 and diff.mean() < 0.5  # close to exact, but a different path
+    for path in (small, png):  # too small to scale, or not a JPEG: exactly the normal path
+        np.testing.assert_array_equal(load_image(path, size, fast_decode=True), load_image(path, size))
+
+
 # --- normalization ------------------------------------------------------------------------------------------------
 
 def test_to_tensor_torch_preset_nchw():

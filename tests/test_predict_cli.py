@@ -110,6 +110,7 @@ def test_predict_raw_outputs_for_a_non_classifier(capsys, tmp_path, image_dir):
     ("no_metadata", "no porter preprocessing metadata"),
     ("missing_input", "no such file or directory"),
     ("bad_top_k", "--top-k must be at least 1"),
+    ("bad_decode_workers", "decode workers must be a positive integer"),
 ])
 def test_predict_bad_inputs(capsys, tmp_path, model_path, image_dir, case, needle):
     model, inputs, extra = model_path, [image_dir], []
@@ -125,9 +126,19 @@ def test_predict_bad_inputs(capsys, tmp_path, model_path, image_dir, case, needl
         inputs = [tmp_path / "nowhere"]
     elif case == "bad_top_k":
         extra = ["--top-k", "0"]
+    elif case == "bad_decode_workers":
+        extra = ["--decode-workers", "0"]
     code, out, err = run(capsys, "predict", model, *inputs, "--device", "cpu", *extra)
     assert code != 0 and out == ""
     assert err.startswith("porter: error: ") and needle in err and len(err.strip().splitlines()) == 1
+
+
+def test_predict_fast_decode_and_decode_workers(capsys, model_path, image_dir):
+    plain = run(capsys, "predict", model_path, image_dir, "--format", "json", "--device", "cpu")
+    fast = run(capsys, "predict", model_path, image_dir, "--format", "json", "--device", "cpu", "--fast-decode",
+               "--decode-workers", "1")
+    assert plain[0] == fast[0] == 0
+    assert json.loads(fast[1]) == json.loads(plain[1])  # small images: nothing to scale, the same answers
 
 
 def test_predict_with_preprocess_for_a_bare_model(capsys, tmp_path, image_dir):

@@ -188,6 +188,24 @@ def test_pipeline_stats_say_whether_decoding_keeps_up(tmp_path, monkeypatch):
     assert st.decode_wait_seconds / st.seconds > 0.5 > st.inference_seconds / st.seconds
 
 
+def test_fast_decode_reaches_the_decoder(tmp_path):
+    from PIL import Image
+
+    rng = np.random.default_rng(3)
+    coarse = rng.integers(0, 256, size=(6, 8, 3), dtype=np.uint8)
+    path = tmp_path / "photo.jpg"
+    Image.fromarray(coarse).resize((256, 192), Image.Resampling.BICUBIC).save(path, quality=90)
+    model = classifier()  # 8x8 input: the 256x192 JPEG is decoded at 1/8 scale
+    spec = PreprocessSpec.preset("unit", layout="NCHW", size=(8, 8))
+    fast = load(model, device="cpu", preprocess=spec, scores="raw", fast_decode=True)
+    exact = load(model, device="cpu", preprocess=spec, scores="raw")
+    x = to_tensor([load_image(path, (8, 8), fast_decode=True)], spec)
+    assert fast.predict([path])[0].top_k[0][1] == pytest.approx(float(fast.run(x)[fast.score_output].max()), abs=1e-6)
+    assert fast.predict([path])[0].score != exact.predict([path])[0].score
+    with pytest.raises(UsageError, match="decode workers must be a positive integer"):
+        load(model, device="cpu", decode_workers=0)
+
+
 def test_predictor_facts_and_repr():
     p = load(classifier(), device="cpu", threads=1)
     assert "on cpu" in repr(p) and p.num_classes == 5

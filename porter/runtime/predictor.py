@@ -129,7 +129,8 @@ def load(model: Any, device: str = "auto", fp16: bool = False, batch_size: int |
     ``batch_size``: the largest batch sent to the model (default 32, or the model's fixed batch).
     Options: ``preprocess`` (a PreprocessSpec or preset name overriding the model's metadata), ``scores``
     (auto|raw|softmax), ``threads`` (CPU intra-op threads), ``cache`` / ``cache_dir`` (optimized-model cache),
-    ``decode_workers`` (image-decoding threads), ``spin`` (ORT thread spinning), ``max_batch`` (TensorRT profile).
+    ``decode_workers`` (image-decoding threads), ``fast_decode`` (large JPEGs decoded at reduced scale, see
+    ``porter.imaging.load_image``), ``spin`` (ORT thread spinning), ``max_batch`` (TensorRT profile).
     """
     return Predictor(model, device=device, fp16=fp16, batch_size=batch_size, **options)
 
@@ -140,7 +141,7 @@ class Predictor:
     def __init__(self, model: Any, *, device: str = "auto", fp16: bool = False, batch_size: int | None = None,
                  preprocess: PreprocessSpec | str | None = None, scores: str = "auto", threads: int | None = None,
                  cache: bool = True, cache_dir: str | os.PathLike | None = None, decode_workers: int | None = None,
-                 spin: bool = True, max_batch: int | None = None):
+                 fast_decode: bool = False, spin: bool = True, max_batch: int | None = None):
         if scores not in SCORE_MODES:
             raise UsageError(f"unknown scores mode {scores!r}; choose one of: {', '.join(SCORE_MODES)}")
         if batch_size is not None and (not isinstance(batch_size, int) or batch_size < 1):
@@ -172,7 +173,10 @@ class Predictor:
         self.preprocess = self._resolve_preprocess(preprocess)
         self.score_output, self.score_transform = self._classifier(scores)
         self.labels = self._labels()
+        if decode_workers is not None and (not isinstance(decode_workers, int) or decode_workers < 1):
+            raise UsageError(f"decode workers must be a positive integer, got {decode_workers!r}")
         self.decode_workers = decode_workers or min(8, max(2, (os.cpu_count() or 2)))
+        self.fast_decode = bool(fast_decode)
         self._config = S.SessionConfig(device=self.device, fp16=self.fp16 and self.device == "tensorrt",
                                        threads=threads, spin=spin, cache=cache and model_bytes is not None,
                                        cache_dir=str(cache_dir) if cache_dir else None,
@@ -509,7 +513,7 @@ class Predictor:
                  for _ in range(min(ahead + 2, len(batches)))] if target else None)
 
         def decode(i: int, k: int, row: int) -> np.ndarray | None:
-            img = load_image(sources[i], target, name=describe_source(sources[i], i))
+            img = load_image(sources[i], target, name=describe_source(sources[i], i), fast_decode=self.fast_decode)
             if ring is not None:
                 to_tensor([img], spec, channels, out=ring[k % len(ring)][row:row + 1])
                 return None
