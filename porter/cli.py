@@ -258,8 +258,8 @@ def add_predict_parser(sub) -> None:
                    help="normalization for a model without porter metadata (overrides the metadata)")
     p.add_argument("--fast-decode", action="store_true",
                    help="decode JPEGs much larger than the model's input at 1/2, 1/4 or 1/8 scale (2-3x faster on "
-                        "camera photos; pixels within a few levels of exact decoding)")
-    p.add_argument("--decode-workers", type=int, default=None,
+                        "camera photos; pixels within a level or two of exact decoding)")
+    p.add_argument("--decode-workers", type=int, default=None, metavar="N",
                    help="image-decoding threads (default: one per CPU, 2 to 8)")
 
 
