@@ -53,7 +53,7 @@ def load_image(src: Any, size: Sequence[int] | None = None, *, name: str | None 
     ``size`` (H, W) resizes bilinearly. ``name`` is what errors call the image (default: the path).
     ``fast_decode``: a JPEG file at least 4x larger than ``size`` is decoded at 1/2, 1/4 or 1/8 scale in the
     DCT domain (libjpeg's scaling), never below twice the target size, then resized as usual: 2-3x faster on
-    camera photos, pixels within a few levels of the exact path (not bit-identical, hence off by default).
+    camera photos, pixels within a level or two of the exact path (not bit-identical, hence off by default).
     """
     label = name or describe_source(src)
     if isinstance(src, (str, os.PathLike)):
