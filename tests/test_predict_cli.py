@@ -133,12 +133,33 @@ def test_predict_bad_inputs(capsys, tmp_path, model_path, image_dir, case, needl
     assert err.startswith("porter: error: ") and needle in err and len(err.strip().splitlines()) == 1
 
 
-def test_predict_fast_decode_and_decode_workers(capsys, model_path, image_dir):
-    plain = run(capsys, "predict", model_path, image_dir, "--format", "json", "--device", "cpu")
-    fast = run(capsys, "predict", model_path, image_dir, "--format", "json", "--device", "cpu", "--fast-decode",
-               "--decode-workers", "1")
-    assert plain[0] == fast[0] == 0
-    assert json.loads(fast[1]) == json.loads(plain[1])  # small images: nothing to scale, the same answers
+def test_predict_fast_decode_and_decode_workers(capsys, monkeypatch, model_path, tmp_path):
+    from PIL import Image
+
+    import porter.runtime.predictor as P
+
+    coarse = np.random.default_rng(4).integers(0, 256, size=(6, 8, 3), dtype=np.uint8)
+    photo = tmp_path / "photo.jpg"  # 32x the model's 8x8 input: decoded at 1/8 scale with --fast-decode
+    Image.fromarray(coarse).resize((256, 192), Image.Resampling.BICUBIC).save(photo, quality=90)
+    pools = []
+
+    class RecordingPool(P.ThreadPoolExecutor):
+        def __init__(self, max_workers=None, **kwargs):
+            pools.append(max_workers)
+            super().__init__(max_workers=max_workers, **kwargs)
+
+    monkeypatch.setattr(P, "ThreadPoolExecutor", RecordingPool)
+    plain = run(capsys, "predict", model_path, photo, "--format", "json", "--device", "cpu")
+    fast = run(capsys, "predict", model_path, photo, "--format", "json", "--device", "cpu", "--fast-decode",
+               "--decode-workers", "3")
+    assert plain[0] == fast[0] == 0 and pools[-1] == 3
+    for (_, out, _), fast_decode in ((plain, False), (fast, True)):
+        model = ModelCard.from_onnx(__import__("onnx").load(str(model_path)))
+        x = to_tensor([load_image(photo, model.preprocess.size, fast_decode=fast_decode)], model.preprocess)
+        sess = ort.InferenceSession(str(model_path), providers=["CPUExecutionProvider"])
+        expected = sess.run(None, {"image": x})[0][0]
+        assert json.loads(out)[0]["score"] == pytest.approx(float(expected.max()), abs=1e-6)
+    assert json.loads(fast[1])[0]["score"] != json.loads(plain[1])[0]["score"]
 
 
 def test_predict_with_preprocess_for_a_bare_model(capsys, tmp_path, image_dir):
