@@ -89,7 +89,9 @@ class PipelineStats:
         return self.images / self.seconds if self.seconds else 0.0
 
     def describe(self) -> str:
-        share = (lambda t: f"{t / self.seconds:.0%}") if self.seconds else (lambda t: "-")
+        def share(t: float) -> str:
+            return f"{t / self.seconds:.0%}" if self.seconds else "-"
+
         failed = f", {self.failed} unreadable" if self.failed else ""
         return (f"{self.images} images{failed} in {self.seconds:.2f} s ({self.throughput:.1f}/s); inference busy "
                 f"{share(self.inference_seconds)} of the time, waiting for decoding {share(self.decode_wait_seconds)} "
