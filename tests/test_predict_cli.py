@@ -162,6 +162,20 @@ def test_predict_fast_decode_and_decode_workers(capsys, monkeypatch, model_path,
     assert json.loads(fast[1])[0]["score"] != json.loads(plain[1])[0]["score"]
 
 
+def test_output_pipe_closed_early_ends_quietly(capsys, monkeypatch, model_path, image_dir):
+    import os
+    import sys
+
+    read_end, write_end = os.pipe()
+    os.close(read_end)  # like `porter predict ... | head -1` once head has exited
+    with open(write_end, "w", buffering=1) as closed_pipe:
+        monkeypatch.setattr(sys, "stdout", closed_pipe)
+        code = main(["predict", str(model_path), str(image_dir), "--format", "csv", "--device", "cpu"])
+        monkeypatch.undo()
+    assert code == 141
+    assert "Traceback" not in capsys.readouterr().err
+
+
 def test_predict_with_preprocess_for_a_bare_model(capsys, tmp_path, image_dir):
     model = save(classifier(preprocess=None), tmp_path / "bare.onnx")
     code, out, _ = run(capsys, "predict", model, image_dir, "--preprocess", "torch", "--format", "json", "--device", "cpu")

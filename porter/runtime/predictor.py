@@ -93,7 +93,7 @@ class PipelineStats:
             return f"{t / self.seconds:.0%}" if self.seconds else "-"
 
         failed = f", {self.failed} unreadable" if self.failed else ""
-        return (f"{self.images} images{failed} in {self.seconds:.2f} s ({self.throughput:.1f}/s); inference busy "
+        return (f"{self.images} image{'' if self.images == 1 else 's'}{failed} in {self.seconds:.2f} s ({self.throughput:.1f}/s); inference busy "
                 f"{share(self.inference_seconds)} of the time, waiting for decoding {share(self.decode_wait_seconds)} "
                 f"after the first batch ({self.first_batch_seconds:.2f} s)")
 
