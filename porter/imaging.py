@@ -16,6 +16,7 @@ Every failure is a ``DataError`` that names the file. Only numpy and Pillow are 
 
 from __future__ import annotations
 
+import functools
 import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterable, Sequence
@@ -88,6 +89,10 @@ def _decode_file(path: Path, label: str, size: Sequence[int] | None = None, fast
         raise DataError(f"{label}: is a directory, not an image")
     try:
         with Image.open(path) as img:
+            if img.format == "JPEG" and not fast_decode:
+                pixels = _decode_jpeg_exact(img, path)
+                if pixels is not None:
+                    return _pil_to_rgb(Image.fromarray(pixels), label, size) if size is not None else pixels
             if fast_decode and size is not None and img.format == "JPEG":
                 side = 2 * max(int(size[0]), int(size[1]))  # square: EXIF rotation may swap the axes later
                 img.draft(None, (side, side))  # libjpeg picks the smallest 1/2^k scale still >= side x side
@@ -101,6 +106,38 @@ def _decode_file(path: Path, label: str, size: Sequence[int] | None = None, fast
     except (OSError, SyntaxError, ValueError) as e:  # truncated / corrupt data
         raise DataError(f"{label}: can't decode image ({' '.join(str(e).split()) or type(e).__name__}); "
                         f"the file may be truncated or corrupt") from None
+
+
+def _decode_jpeg_exact(img: Any, path: Path) -> np.ndarray | None:
+    """Decode a plain colour JPEG with simplejpeg: the same libjpeg-turbo arithmetic as Pillow (accurate integer
+    IDCT, fancy upsampling, so the same pixels), 1.3-1.5x faster with less Python around it.
+
+    ``img`` is the opened (header-only) Pillow image. None means "let Pillow decode it": simplejpeg is missing, the
+    file is not a 3-component YCbCr JPEG, an EXIF orientation needs applying, or libjpeg reports anything at all
+    (Pillow then decodes it, or gives its error, exactly as before).
+    """
+    if _simplejpeg is None or img.mode != "RGB":
+        return None
+    try:
+        if img.getexif().get(0x0112, 1) not in (0, 1):
+            return None
+        data = path.read_bytes()
+        if _simplejpeg.decode_jpeg_header(data)[2] != "YCbCr":
+            return None
+        return _simplejpeg.decode_jpeg(data, colorspace="RGB", fastdct=False, fastupsample=False, strict=True)
+    except Exception:  # noqa: BLE001 - any doubt (broken EXIF, libjpeg warning): Pillow's path decides
+        return None
+
+
+def _import_simplejpeg():
+    try:
+        import simplejpeg
+    except ImportError:  # optional: Pillow decodes everything without it
+        return None
+    return simplejpeg
+
+
+_simplejpeg = _import_simplejpeg()
 
 
 def _pil_to_rgb(img: Any, label: str, size: Sequence[int] | None = None) -> np.ndarray:
@@ -215,23 +252,15 @@ def to_tensor(images: Sequence[np.ndarray], spec: "PreprocessSpec", channels: in
         out = np.empty(shape, np.float32)
     elif out.shape != shape or out.dtype != np.float32 or not out.flags.c_contiguous:
         raise ValueError(f"out must be a C-contiguous float32 array of shape {shape}, got {out.dtype}{out.shape}")
-    # (p * scale - mean) / std == p * a + b per channel, computed in float32
-    mean = _stat(spec.mean, n_ch, "mean")
-    std = _stat(spec.std, n_ch, "std")
-    a = (np.float32(spec.scale) / std).astype(np.float32)
-    b = (-mean / std).astype(np.float32)
+    a, b, tables = _affine(spec, n_ch)
     if n_ch == 1:
         grey = out.reshape(n, h, w)
         np.matmul(np.stack(rgb), LUMA_WEIGHTS, out=grey)
         grey *= a[0]
         grey += b[0]
         return out
-    # A uint8 pixel has 256 values: normalizing is a gather from a 256-entry table per channel, written straight
-    # into ``out`` in the model's layout and channel order. One pass instead of cast + multiply + add (4x faster,
-    # and the same float32 arithmetic, so the same bits).
-    tables = np.arange(256, dtype=np.float32)[None, :] * a[:, None] + b[:, None]  # channels x 256
     sources = (2, 1, 0) if spec.channel_order == "BGR" else (0, 1, 2)
-    uniform = spec.layout == "NHWC" and sources == (0, 1, 2) and np.all(a == a[0]) and np.all(b == b[0])
+    uniform = spec.layout == "NHWC" and sources == (0, 1, 2) and bool(np.all(a == a[0]) and np.all(b == b[0]))
     for i, im in enumerate(rgb):
         if uniform:  # the common tf/unit/raw case: one gather over the whole image
             np.take(tables[0], im, out=out[i], mode="clip")  # mode=clip: no bounds-check buffer (uint8 fits)
@@ -239,6 +268,24 @@ def to_tensor(images: Sequence[np.ndarray], spec: "PreprocessSpec", channels: in
         for c, src in enumerate(sources):
             np.take(tables[c], im[..., src], out=out[i, c] if spec.layout == "NCHW" else out[i, ..., c], mode="clip")
     return out
+
+
+@functools.lru_cache(maxsize=64)
+def _affine(spec: "PreprocessSpec", n_ch: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``(p * scale - mean) / std == p * a + b`` per channel in float32, and its value for every uint8 ``p``.
+
+    A uint8 pixel has 256 values: normalizing is then a gather from a 256-entry table per channel, written straight
+    into the output in the model's layout and channel order. One pass instead of cast + multiply + add (4x faster,
+    and the same float32 arithmetic, so the same bits). Cached: decoding workers call this once per image.
+    """
+    mean = _stat(spec.mean, n_ch, "mean")
+    std = _stat(spec.std, n_ch, "std")
+    a = (np.float32(spec.scale) / std).astype(np.float32)
+    b = (-mean / std).astype(np.float32)
+    tables = np.arange(256, dtype=np.float32)[None, :] * a[:, None] + b[:, None]  # channels x 256
+    for arr in (a, b, tables):
+        arr.flags.writeable = False  # shared by every caller
+    return a, b, tables
 
 
 def _as_rgb(im: np.ndarray, index: int) -> np.ndarray:

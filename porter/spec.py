@@ -43,6 +43,11 @@ class PreprocessSpec:
     std: tuple[float, ...] = (1.0, 1.0, 1.0)
 
     def __post_init__(self) -> None:
+        # sequences given as lists become tuples: the spec is a value (hashable, comparable, safe to share)
+        object.__setattr__(self, "mean", tuple(float(v) for v in self.mean))
+        object.__setattr__(self, "std", tuple(float(v) for v in self.std))
+        if self.size is not None:
+            object.__setattr__(self, "size", tuple(int(v) for v in self.size))
         if self.layout not in ("NHWC", "NCHW"):
             raise UsageError(f"preprocessing layout must be NHWC or NCHW, got {self.layout!r}")
         if self.channel_order not in ("RGB", "BGR"):

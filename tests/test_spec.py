@@ -44,6 +44,13 @@ def test_overrides_and_bad_values():
         PreprocessSpec.preset("imagenet")
 
 
+def test_spec_built_from_lists_is_a_hashable_value():
+    spec = PreprocessSpec(mean=[127.5, 127.5, 127.5], std=[127.5] * 3, size=[224, 224])
+    assert spec.mean == (127.5,) * 3 and spec.size == (224, 224)
+    assert spec == PreprocessSpec(mean=(127.5,) * 3, std=(127.5,) * 3, size=(224, 224))
+    assert len({spec, PreprocessSpec(mean=(127.5,) * 3, std=(127.5,) * 3, size=(224, 224))}) == 1
+
+
 def test_model_card_round_trip_through_onnx_file(tmp_path):
     graph = helper.make_graph([helper.make_node("Identity", ["x"], ["y"])], "g",
                               [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, ["batch", 2])],
