@@ -89,10 +89,6 @@ def _decode_file(path: Path, label: str, size: Sequence[int] | None = None, fast
         raise DataError(f"{label}: is a directory, not an image")
     try:
         with Image.open(path) as img:
-            if img.format == "JPEG" and not fast_decode:
-                pixels = _decode_jpeg_exact(img, path)
-                if pixels is not None:
-                    return _pil_to_rgb(Image.fromarray(pixels), label, size) if size is not None else pixels
             if fast_decode and size is not None and img.format == "JPEG":
                 side = 2 * max(int(size[0]), int(size[1]))  # square: EXIF rotation may swap the axes later
                 img.draft(None, (side, side))  # libjpeg picks the smallest 1/2^k scale still >= side x side
@@ -106,38 +102,6 @@ def _decode_file(path: Path, label: str, size: Sequence[int] | None = None, fast
     except (OSError, SyntaxError, ValueError) as e:  # truncated / corrupt data
         raise DataError(f"{label}: can't decode image ({' '.join(str(e).split()) or type(e).__name__}); "
                         f"the file may be truncated or corrupt") from None
-
-
-def _decode_jpeg_exact(img: Any, path: Path) -> np.ndarray | None:
-    """Decode a plain colour JPEG with simplejpeg: the same libjpeg-turbo arithmetic as Pillow (accurate integer
-    IDCT, fancy upsampling, so the same pixels), 1.3-1.5x faster with less Python around it.
-
-    ``img`` is the opened (header-only) Pillow image. None means "let Pillow decode it": simplejpeg is missing, the
-    file is not a 3-component YCbCr JPEG, an EXIF orientation needs applying, or libjpeg reports anything at all
-    (Pillow then decodes it, or gives its error, exactly as before).
-    """
-    if _simplejpeg is None or img.mode != "RGB":
-        return None
-    try:
-        if img.getexif().get(0x0112, 1) not in (0, 1):
-            return None
-        data = path.read_bytes()
-        if _simplejpeg.decode_jpeg_header(data)[2] != "YCbCr":
-            return None
-        return _simplejpeg.decode_jpeg(data, colorspace="RGB", fastdct=False, fastupsample=False, strict=True)
-    except Exception:  # noqa: BLE001 - any doubt (broken EXIF, libjpeg warning): Pillow's path decides
-        return None
-
-
-def _import_simplejpeg():
-    try:
-        import simplejpeg
-    except ImportError:  # optional: Pillow decodes everything without it
-        return None
-    return simplejpeg
-
-
-_simplejpeg = _import_simplejpeg()
 
 
 def _pil_to_rgb(img: Any, label: str, size: Sequence[int] | None = None) -> np.ndarray:

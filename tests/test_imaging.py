@@ -6,7 +6,6 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from porter import imaging
 from porter.errors import DataError
 from porter.imaging import (IMAGE_EXTENSIONS, array_to_rgb, list_images, load_image, preprocess, resize,
                             tensor_shape, to_tensor)
@@ -36,49 +35,6 @@ def test_jpeg_decodes_close_to_source(tmp_path):
     out = load_image(str(tmp_path / "a.jpg"))
     assert out.shape == (16, 16, 3)
     assert np.abs(out.astype(int) - rgb).max() <= 3
-
-
-JPEG_VARIANTS = {  # what cameras, phones and web encoders write
-    "420": dict(quality=90),
-    "422": dict(quality=90, subsampling=1),
-    "444": dict(quality=95, subsampling=0),
-    "progressive": dict(quality=85, progressive=True),
-    "optimized-q50": dict(quality=50, optimize=True),
-}
-
-
-@pytest.mark.parametrize("variant", sorted(JPEG_VARIANTS))
-def test_colour_jpegs_decode_to_exactly_pillows_pixels(tmp_path, monkeypatch, variant):
-    """The simplejpeg fast path runs the same libjpeg-turbo arithmetic as Pillow: identical pixels, resized or not."""
-    assert imaging._simplejpeg is not None, "simplejpeg is a dependency on this platform; run scripts/bootstrap.sh"
-    path = tmp_path / "photo.jpg"
-    Image.fromarray(photo(61, 83)).save(path, **JPEG_VARIANTS[variant])  # odd sizes: partial MCUs at the edges
-    calls = []
-    decode = imaging._simplejpeg.decode_jpeg
-    monkeypatch.setattr(imaging._simplejpeg, "decode_jpeg", lambda *a, **k: calls.append(1) or decode(*a, **k))
-    with Image.open(path) as im:
-        by_pillow = np.asarray(im.convert("RGB"))
-        resized_by_pillow = np.asarray(im.convert("RGB").resize((40, 30), Image.Resampling.BILINEAR))
-    np.testing.assert_array_equal(load_image(path), by_pillow)
-    np.testing.assert_array_equal(load_image(path, (30, 40)), resized_by_pillow)
-    assert len(calls) == 2  # both went through simplejpeg
-    monkeypatch.setattr(imaging, "_simplejpeg", None)  # without it: Pillow, the same pixels
-    np.testing.assert_array_equal(load_image(path, (30, 40)), resized_by_pillow)
-
-
-def test_other_jpegs_are_left_to_pillow(tmp_path, monkeypatch):
-    calls = []
-    decode = imaging._simplejpeg.decode_jpeg
-    monkeypatch.setattr(imaging._simplejpeg, "decode_jpeg", lambda *a, **k: calls.append(1) or decode(*a, **k))
-    Image.fromarray(photo(40, 40)[..., 0]).save(tmp_path / "grey.jpg")
-    Image.fromarray(photo(40, 40)).convert("CMYK").save(tmp_path / "cmyk.jpg")
-    Image.fromarray(photo(120, 160)).save(tmp_path / "cut.jpg")
-    (tmp_path / "cut.jpg").write_bytes((tmp_path / "cut.jpg").read_bytes()[:-500])
-    assert load_image(tmp_path / "grey.jpg").shape == (40, 40, 3)
-    assert load_image(tmp_path / "cmyk.jpg").shape == (40, 40, 3)
-    with pytest.raises(DataError, match=r"cut\.jpg: can't decode image.*truncated"):
-        load_image(tmp_path / "cut.jpg")
-    assert calls == [1]  # only the truncated one was tried (and refused by libjpeg); Pillow gave the error
 
 
 def test_grey_becomes_three_equal_channels(tmp_path):
