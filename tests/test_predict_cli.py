@@ -144,15 +144,15 @@ def test_predict_fast_decode_and_decode_workers(capsys, monkeypatch, model_path,
     pools = []
 
     class RecordingPool(P.ThreadPoolExecutor):
-        def __init__(self, max_workers=None, **kwargs):
-            pools.append(max_workers)
-            super().__init__(max_workers=max_workers, **kwargs)
+        def __init__(self, max_workers=None, thread_name_prefix="", **kwargs):
+            pools.append((thread_name_prefix, max_workers))
+            super().__init__(max_workers=max_workers, thread_name_prefix=thread_name_prefix, **kwargs)
 
     monkeypatch.setattr(P, "ThreadPoolExecutor", RecordingPool)
     plain = run(capsys, "predict", model_path, photo, "--format", "json", "--device", "cpu")
     fast = run(capsys, "predict", model_path, photo, "--format", "json", "--device", "cpu", "--fast-decode",
                "--decode-workers", "3")
-    assert plain[0] == fast[0] == 0 and pools[-1] == 3
+    assert plain[0] == fast[0] == 0 and ("porter-decode", 3) in pools[len(pools) // 2:]
     for (_, out, _), fast_decode in ((plain, False), (fast, True)):
         model = ModelCard.from_onnx(__import__("onnx").load(str(model_path)))
         x = to_tensor([load_image(photo, model.preprocess.size, fast_decode=fast_decode)], model.preprocess)

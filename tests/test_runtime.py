@@ -188,6 +188,41 @@ def test_pipeline_stats_say_whether_decoding_keeps_up(tmp_path, monkeypatch):
     assert st.decode_wait_seconds / st.seconds > 0.5 > st.inference_seconds / st.seconds
 
 
+def test_long_cpu_runs_use_single_threaded_streams_with_the_same_answers(tmp_path, monkeypatch):
+    import porter.runtime.predictor as P
+
+    model = classifier(layout="NHWC", preprocess="tf")
+    files = write_images(tmp_path, 21, size=(12, 10))
+    sources = files[:5] + [tmp_path / "gone.png"] + files[5:]
+    p = load(model, device="cpu", batch_size=2, threads=2)
+    assert [p.pipeline_streams(n) for n in (1, 7, 8, 40)] == [1, 1, 2, 2]  # at least 4 batches per stream
+    opened = []
+    create = P.S.create_session
+    monkeypatch.setattr(P.S, "create_session", lambda src, config, **kw: opened.append(config) or create(src, config, **kw))
+    out = list(p.iter_predictions(sources, top_k=3))  # 11 batches of 2: two streams
+    assert p.last_stats.streams == 2 and "(2 streams)" in p.last_stats.describe()
+    assert [(c.threads, c.spin) for c in opened] == [(1, False)]  # one single-threaded session, built once
+    list(p.iter_predictions(sources))
+    assert len(opened) == 1
+    assert [r.source for r in out] == [str(s) for s in sources] and out[5].error == "no such file"
+    expected = by_hand(model, files, p.preprocess)
+    good = [r for r in out if r.ok]
+    assert [r.index for r in good] == list(expected.argmax(1))
+    assert [r.score for r in good] == pytest.approx(list(expected.max(1)), abs=1e-6)
+    one = load(model, device="cpu", batch_size=2, threads=2, streams=1)
+    opened.clear()
+    assert [r.to_dict() for r in one.iter_predictions(sources, top_k=3)] == [r.to_dict() for r in out]
+    assert one.last_stats.streams == 1 and not opened  # streams=1: the predictor's own session
+    with pytest.raises(DataError, match=r"gone\.png: no such file"):
+        p.predict(sources)
+    it = p.iter_predictions(sources)
+    assert next(it).ok
+    it.close()  # a consumer that stops early: the pools shut down, nothing hangs
+    assert load(model, device="cpu", threads=2, fp16=True).pipeline_streams(100) == 1
+    with pytest.raises(UsageError, match="streams must be a positive integer"):
+        load(model, device="cpu", streams=0)
+
+
 def test_fast_decode_reaches_the_decoder(tmp_path):
     from PIL import Image
 

@@ -82,7 +82,8 @@ class PipelineStats:
     seconds: float = 0.0  # first image submitted to last result yielded (the caller's own time included)
     inference_seconds: float = 0.0  # in the model (onnxruntime) and turning its outputs into predictions
     first_batch_seconds: float = 0.0  # decoding the first batch: nothing to run yet, so nothing to overlap
-    decode_wait_seconds: float = 0.0  # after the first batch: inference idle, waiting for images still decoding
+    decode_wait_seconds: float = 0.0  # after the first batch: a stream idle, waiting for images still decoding
+    streams: int = 1  # concurrent inference streams (CPU pipelines; see Predictor.iter_predictions)
 
     @property
     def throughput(self) -> float:
@@ -93,15 +94,16 @@ class PipelineStats:
             return f"{t / self.seconds:.0%}" if self.seconds else "-"
 
         failed = f", {self.failed} unreadable" if self.failed else ""
+        streams = f" ({self.streams} streams)" if self.streams > 1 else ""
         return (f"{self.images} image{'' if self.images == 1 else 's'}{failed} in {self.seconds:.2f} s ({self.throughput:.1f}/s); inference busy "
-                f"{share(self.inference_seconds)} of the time, waiting for decoding {share(self.decode_wait_seconds)} "
-                f"after the first batch ({self.first_batch_seconds:.2f} s)")
+                f"{share(self.inference_seconds / self.streams)} of the time{streams}, waiting for decoding "
+                f"{share(self.decode_wait_seconds)} after the first batch ({self.first_batch_seconds:.2f} s)")
 
     def to_dict(self) -> dict[str, Any]:
         return {"images": self.images, "failed": self.failed, "seconds": round(self.seconds, 4),
                 "throughput": round(self.throughput, 2), "inference_seconds": round(self.inference_seconds, 4),
                 "first_batch_seconds": round(self.first_batch_seconds, 4),
-                "decode_wait_seconds": round(self.decode_wait_seconds, 4)}
+                "decode_wait_seconds": round(self.decode_wait_seconds, 4), "streams": self.streams}
 
 
 @dataclass
@@ -143,7 +145,8 @@ class Predictor:
     def __init__(self, model: Any, *, device: str = "auto", fp16: bool = False, batch_size: int | None = None,
                  preprocess: PreprocessSpec | str | None = None, scores: str = "auto", threads: int | None = None,
                  cache: bool = True, cache_dir: str | os.PathLike | None = None, decode_workers: int | None = None,
-                 fast_decode: bool = False, spin: bool = True, max_batch: int | None = None):
+                 fast_decode: bool = False, spin: bool = True, max_batch: int | None = None,
+                 streams: int | None = None):
         if scores not in SCORE_MODES:
             raise UsageError(f"unknown scores mode {scores!r}; choose one of: {', '.join(SCORE_MODES)}")
         if batch_size is not None and (not isinstance(batch_size, int) or batch_size < 1):
@@ -179,6 +182,11 @@ class Predictor:
             raise UsageError(f"decode workers must be a positive integer, got {decode_workers!r}")
         self.decode_workers = decode_workers or min(8, max(2, (os.cpu_count() or 2)))
         self.fast_decode = bool(fast_decode)
+        if streams is not None and (not isinstance(streams, int) or streams < 1):
+            raise UsageError(f"streams must be a positive integer, got {streams!r}")
+        self.streams = streams  # CPU pipelines: concurrent single-threaded inference streams; None: one per core
+        self._stream_session = None
+        self._external_data = model_bytes is None
         self._config = S.SessionConfig(device=self.device, fp16=self.fp16 and self.device == "tensorrt",
                                        threads=threads, spin=spin, cache=cache and model_bytes is not None,
                                        cache_dir=str(cache_dir) if cache_dir else None,
@@ -481,12 +489,12 @@ class Predictor:
             raise UsageError(f"batch size must be a positive integer, got {batch_size!r}")
         return batch_size or self.batch_size
 
-    def _run_padded(self, feeds: dict[str, Any], n: int) -> dict[str, np.ndarray]:
+    def _run_padded(self, feeds: dict[str, Any], n: int, runner=None) -> dict[str, np.ndarray]:
         fixed = self._fixed_batch()
         if fixed and n < fixed:  # a model with a fixed batch: pad the last chunk, drop the padding after
             feeds = {k: np.concatenate([_host_array(v), np.zeros((fixed - n, *np.shape(v)[1:]), _host_array(v).dtype)])
                      for k, v in feeds.items()}
-        out = self.run(feeds)
+        out = (runner or self.run)(feeds)
         return {k: (v[:n] if np.ndim(v) and np.shape(v)[0] == (fixed or n) else v) for k, v in out.items()}
 
     def iter_predictions(self, sources: Sequence[Any], *, top_k: int = 5, errors: str = "report",
@@ -495,6 +503,12 @@ class Predictor:
 
         ``errors="report"``: an unreadable input yields a Prediction with ``error`` set and the rest go on;
         ``errors="raise"``: the first one raises its DataError.
+
+        On the CPU, a long run (at least 4 batches per core) goes through ``pipeline_streams()`` concurrent
+        single-threaded inference streams instead of one batch at a time on every core: a multi-threaded run
+        waits at every layer for its slowest thread, so each slice of CPU the decoders take stalls all cores
+        (measured: decoding that takes 15% of a 2-core machine cost one 2-thread stream 30% of its throughput),
+        while independent streams only lose the share the decoders use.
         """
         if errors not in ("report", "raise"):
             raise UsageError(f"errors must be 'report' or 'raise', got {errors!r}")
@@ -507,12 +521,15 @@ class Predictor:
         channels = _channels(image, spec)
         bs = self._batch(batch_size)
         target = spec.size
-        ahead = 2  # batches decoding while one runs
         batches = [list(range(s, min(s + bs, len(sources)))) for s in range(0, len(sources), bs)]
+        streams = self.pipeline_streams(len(batches))
+        runner = self._stream_runner() if streams > 1 else None
+        window = 2 + streams  # batches in flight: decoding ahead, or in inference
         # With a known size, workers normalize straight into a ring of reused batch buffers: no per-batch
-        # allocation (fresh pages cost as much as a copy) and no concatenation on the inference thread.
+        # allocation (fresh pages cost as much as a copy) and no concatenation on the inference thread. A batch's
+        # buffer is reused once its inference is done, `window` batches later.
         ring = ([np.empty(tensor_shape(len(batches[0]), target, spec, channels), np.float32)
-                 for _ in range(min(ahead + 2, len(batches)))] if target else None)
+                 for _ in range(min(window, len(batches)))] if target else None)
 
         def decode(i: int, k: int, row: int) -> np.ndarray | None:
             img = load_image(sources[i], target, name=describe_source(sources[i], i), fast_decode=self.fast_decode)
@@ -521,51 +538,93 @@ class Predictor:
                 return None
             return to_tensor([img], spec, channels)
 
-        def submit(pool, k: int) -> list[Future]:
-            return [pool.submit(decode, i, k, row) for row, i in enumerate(batches[k])]
+        def infer(k: int, tensors: dict[int, np.ndarray | None], failed: dict[int, str]):
+            started = time.perf_counter()
+            idx = batches[k]
+            if ring is not None:
+                ok = [row for row, i in enumerate(idx) if i not in failed]
+                buf = ring[k % len(ring)]
+                batch = buf[:len(idx)] if len(ok) == len(idx) else buf[ok]
+                results = self._infer_batch(batch, [idx[r] for r in ok], sources, top_k, runner) if ok else {}
+            else:
+                results = self._infer_group(tensors, sources, top_k, runner)
+            return results, time.perf_counter() - started
 
-        stats = self.last_stats = PipelineStats()
+        stats = self.last_stats = PipelineStats(streams=streams)
         start = time.perf_counter()
-        with ThreadPoolExecutor(max_workers=self.decode_workers, thread_name_prefix="porter-decode") as pool:
-            pending: deque[list[Future]] = deque(submit(pool, k) for k in range(min(ahead + 1, len(batches))))
+        decoding: dict[int, list[Future]] = {}
+        running: deque[tuple[int, dict[int, str], Future]] = deque()
+        next_decode = 0
+        with ThreadPoolExecutor(max_workers=self.decode_workers, thread_name_prefix="porter-decode") as pool, \
+                ThreadPoolExecutor(max_workers=streams, thread_name_prefix="porter-infer") as inference:
+
+            def top_up(first_unfinished: int) -> None:
+                nonlocal next_decode
+                while next_decode < min(len(batches), first_unfinished + window):
+                    decoding[next_decode] = [pool.submit(decode, i, next_decode, row)
+                                             for row, i in enumerate(batches[next_decode])]
+                    next_decode += 1
+
+            top_up(0)
             for k, idx in enumerate(batches):
-                futures = pending.popleft()
-                if k + ahead + 1 < len(batches):
-                    pending.append(submit(pool, k + ahead + 1))
                 tensors: dict[int, np.ndarray | None] = {}
                 failed: dict[int, str] = {}
                 waiting = time.perf_counter()
-                for i, fut in zip(idx, futures):
+                for i, fut in zip(idx, decoding.pop(k)):
                     try:
                         tensors[i] = fut.result()
                     except PorterError as e:
                         if errors == "raise":
-                            for rest in pending:
+                            for rest in decoding.values():
                                 for f in rest:
                                     f.cancel()
                             raise
                         failed[i] = _strip_name(str(e), _source_name(sources[i], i))
-                inferring = time.perf_counter()
+                waited = time.perf_counter() - waiting
                 if k == 0:
-                    stats.first_batch_seconds = inferring - waiting
-                else:
-                    stats.decode_wait_seconds += inferring - waiting
-                if ring is not None:
-                    ok = [row for row, i in enumerate(idx) if i not in failed]
-                    buf = ring[k % len(ring)]
-                    batch = buf[:len(idx)] if len(ok) == len(idx) else buf[ok]
-                    results = self._infer_batch(batch, [idx[r] for r in ok], sources, top_k) if ok else {}
-                else:
-                    results = self._infer_group(tensors, sources, top_k)
-                stats.inference_seconds += time.perf_counter() - inferring
-                stats.images += len(idx)
-                stats.failed += len(failed)
-                for i in idx:
-                    if i in failed:
-                        yield Prediction(source=_source_name(sources[i], i), error=failed[i])
-                    else:
-                        yield results[i]
-                stats.seconds = time.perf_counter() - start
+                    stats.first_batch_seconds = waited
+                elif len(running) < streams:  # a stream sat idle while these images decoded
+                    stats.decode_wait_seconds += waited
+                if streams > 1:
+                    running.append((k, failed, inference.submit(infer, k, tensors, failed)))
+                else:  # one stream: run here, no hand-over
+                    done: Future = Future()
+                    done.set_result(infer(k, tensors, failed))
+                    running.append((k, failed, done))
+                # hand results out in order once every stream is busy (or nothing is left to start)
+                while running and (len(running) >= streams or k == len(batches) - 1):
+                    k0, failed0, fut0 = running.popleft()
+                    results, seconds = fut0.result()
+                    top_up(k0 + 1)  # its buffer is free: start decoding the batch that reuses it
+                    stats.inference_seconds += seconds
+                    stats.images += len(batches[k0])
+                    stats.failed += len(failed0)
+                    for i in batches[k0]:
+                        if i in failed0:
+                            yield Prediction(source=_source_name(sources[i], i), error=failed0[i])
+                        else:
+                            yield results[i]
+                    stats.seconds = time.perf_counter() - start
+
+    def pipeline_streams(self, n_batches: int) -> int:
+        """How many concurrent inference streams a pipeline of ``n_batches`` batches uses (see iter_predictions).
+
+        CPU fp32 only, one stream per intra-op thread, and only for runs of at least 4 batches per stream: a
+        single-threaded stream takes N times as long per batch, which a short run can't make up for.
+        """
+        if self.device != "cpu" or self.fp16:
+            return 1
+        n = self.streams or self._config.threads or S.cpu_threads()
+        return n if n > 1 and n_batches >= 4 * n else 1
+
+    def _stream_runner(self):
+        """A run function on a single-threaded session of the same model (created once, from the optimized cache)."""
+        if self._stream_session is None:
+            source = self._model_path if self._external_data else self.model.SerializeToString()
+            config = replace(self._config, threads=1, spin=False)
+            self._stream_session, _ = S.create_session(source, config, input_profiles={t.name: t.shape for t in self.inputs})
+        session, names = self._stream_session, self.output_names
+        return lambda feeds: dict(zip(names, session.run(None, feeds)))
 
     def image_spec(self) -> tuple[PreprocessSpec, TensorInfo]:
         """The preprocessing and the image input, or a DataError saying why this model can't take images."""
@@ -579,19 +638,20 @@ class Predictor:
                             f"the API) or pass preprocessed tensors (preprocessed=True)")
         return self.preprocess, image
 
-    def _infer_group(self, tensors: dict[int, np.ndarray], sources: Sequence[Any], top_k: int) -> dict[int, Prediction]:
+    def _infer_group(self, tensors: dict[int, np.ndarray], sources: Sequence[Any], top_k: int,
+                     runner=None) -> dict[int, Prediction]:
         results: dict[int, Prediction] = {}
         order = sorted(tensors)
         while order:  # consecutive images of one size form a batch (sizes differ only without a fixed size)
             shape = tensors[order[0]].shape
             run = [i for i in order if tensors[i].shape == shape]
             order = [i for i in order if tensors[i].shape != shape]
-            results.update(self._infer_batch(np.concatenate([tensors[i] for i in run]), run, sources, top_k))
+            results.update(self._infer_batch(np.concatenate([tensors[i] for i in run]), run, sources, top_k, runner))
         return results
 
     def _infer_batch(self, batch: np.ndarray, indices: list[int], sources: Sequence[Any],
-                     top_k: int) -> dict[int, Prediction]:
-        out = self._run_padded({self.input_names[0]: batch}, len(indices))
+                     top_k: int, runner=None) -> dict[int, Prediction]:
+        out = self._run_padded({self.input_names[0]: batch}, len(indices), runner)
         results: dict[int, Prediction] = {}
         for row, i in enumerate(indices):
             name = _source_name(sources[i], i)
