@@ -261,6 +261,9 @@ def add_predict_parser(sub) -> None:
                         "camera photos; pixels within a level or two of exact decoding)")
     p.add_argument("--decode-workers", type=int, default=None, metavar="N",
                    help="image-decoding threads (default: one per CPU, 2 to 8)")
+    p.add_argument("--streams", type=int, default=None, metavar="N",
+                   help="CPU: concurrent inference streams, each with its share of the cores, for runs of 4+ "
+                        "batches per stream (default: one per core, up to 4; 1 runs each batch on all cores)")
 
 
 def add_bench_parser(sub) -> None:
@@ -290,7 +293,7 @@ def run_predict(args: argparse.Namespace) -> int:
     # decoding threads share the CPU with inference: ORT's idle workers should sleep, not spin
     predictor = load(args.model, device=args.device, fp16=args.fp16, batch_size=args.batch_size,
                      preprocess=args.preprocess, spin=False, decode_workers=args.decode_workers,
-                     fast_decode=args.fast_decode)
+                     fast_decode=args.fast_decode, streams=args.streams)
     predictor.image_spec()  # a model that can't take images fails here, before any output
     print(f"porter: {predictor.describe()}", file=sys.stderr)
     for note in predictor.notes:

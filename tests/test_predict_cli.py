@@ -111,6 +111,7 @@ def test_predict_raw_outputs_for_a_non_classifier(capsys, tmp_path, image_dir):
     ("missing_input", "no such file or directory"),
     ("bad_top_k", "--top-k must be at least 1"),
     ("bad_decode_workers", "decode workers must be a positive integer"),
+    ("bad_streams", "streams must be a positive integer"),
 ])
 def test_predict_bad_inputs(capsys, tmp_path, model_path, image_dir, case, needle):
     model, inputs, extra = model_path, [image_dir], []
@@ -128,6 +129,8 @@ def test_predict_bad_inputs(capsys, tmp_path, model_path, image_dir, case, needl
         extra = ["--top-k", "0"]
     elif case == "bad_decode_workers":
         extra = ["--decode-workers", "0"]
+    elif case == "bad_streams":
+        extra = ["--streams", "-1"]
     code, out, err = run(capsys, "predict", model, *inputs, "--device", "cpu", *extra)
     assert code != 0 and out == ""
     assert err.startswith("porter: error: ") and needle in err and len(err.strip().splitlines()) == 1
@@ -160,6 +163,21 @@ def test_predict_fast_decode_and_decode_workers(capsys, monkeypatch, model_path,
         expected = sess.run(None, {"image": x})[0][0]
         assert json.loads(out)[0]["score"] == pytest.approx(float(expected.max()), abs=1e-6)
     assert json.loads(fast[1])[0]["score"] != json.loads(plain[1])[0]["score"]
+
+
+def test_predict_streams(capsys, model_path, tmp_path):
+    paths = write_images(tmp_path / "many", 10, size=(16, 12))
+    code, out, err = run(capsys, "predict", model_path, tmp_path / "many", "--format", "json", "--device", "cpu",
+                         "--batch-size", "1", "--streams", "2")
+    assert code == 0, err
+    assert "10 images in" in err and "(2 streams)" in err  # 10 batches: enough for 2 streams
+    rows = json.loads(out)
+    expected = expected_rows(model_path, paths)
+    assert [r["path"] for r in rows] == [str(p) for p in paths]
+    assert [r["score"] for r in rows] == pytest.approx([float(e.max()) for e in expected], abs=1e-6)
+    code, out1, err = run(capsys, "predict", model_path, tmp_path / "many", "--format", "json", "--device", "cpu",
+                          "--batch-size", "1", "--streams", "1")
+    assert code == 0 and "streams" not in err and json.loads(out1) == rows
 
 
 def test_output_pipe_closed_early_ends_quietly(capsys, monkeypatch, model_path, image_dir):

@@ -219,6 +219,11 @@ def test_long_cpu_runs_use_single_threaded_streams_with_the_same_answers(tmp_pat
     assert next(it).ok
     it.close()  # a consumer that stops early: the pools shut down, nothing hangs
     assert load(model, device="cpu", threads=2, fp16=True).pipeline_streams(100) == 1
+    many = load(model, device="cpu", threads=8, batch_size=1)  # 8 threads: 4 streams of 2, not 8 of 1
+    assert (many.pipeline_streams(15), many.pipeline_streams(16)) == (1, P.MAX_STREAMS) == (1, 4)
+    opened.clear()
+    assert [r.to_dict() for r in many.iter_predictions(sources, top_k=3)] == [r.to_dict() for r in out]
+    assert many.last_stats.streams == 4 and [c.threads for c in opened] == [2]
     with pytest.raises(UsageError, match="streams must be a positive integer"):
         load(model, device="cpu", streams=0)
 

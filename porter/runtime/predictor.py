@@ -40,6 +40,7 @@ from ..spec import ModelCard, PreprocessSpec
 from . import session as S
 
 DEFAULT_BATCH = 32
+MAX_STREAMS = 4  # concurrent CPU inference streams by default (each holds one batch's activations)
 SCORE_MODES = ("auto", "raw", "softmax")
 SHAPE_ONLY_OPS = {"Identity", "Reshape", "Flatten", "Squeeze", "Unsqueeze", "Cast", "Transpose", "Dropout"}
 FP16_TOLERANCE = 0.02  # max |fp16 - fp32| allowed, relative to max(1, max |fp32|)
@@ -184,8 +185,8 @@ class Predictor:
         self.fast_decode = bool(fast_decode)
         if streams is not None and (not isinstance(streams, int) or streams < 1):
             raise UsageError(f"streams must be a positive integer, got {streams!r}")
-        self.streams = streams  # CPU pipelines: concurrent single-threaded inference streams; None: one per core
-        self._stream_session = None
+        self.streams = streams  # CPU pipelines: concurrent inference streams; None: one per core, up to MAX_STREAMS
+        self._stream_session: tuple[int, Any] | None = None  # (threads, session) shared by the streams
         self._external_data = model_bytes is None
         self._config = S.SessionConfig(device=self.device, fp16=self.fp16 and self.device == "tensorrt",
                                        threads=threads, spin=spin, cache=cache and model_bytes is not None,
@@ -504,11 +505,11 @@ class Predictor:
         ``errors="report"``: an unreadable input yields a Prediction with ``error`` set and the rest go on;
         ``errors="raise"``: the first one raises its DataError.
 
-        On the CPU, a long run (at least 4 batches per core) goes through ``pipeline_streams()`` concurrent
-        single-threaded inference streams instead of one batch at a time on every core: a multi-threaded run
-        waits at every layer for its slowest thread, so each slice of CPU the decoders take stalls all cores
-        (measured: decoding that takes 15% of a 2-core machine cost one 2-thread stream 30% of its throughput),
-        while independent streams only lose the share the decoders use.
+        On the CPU, a long run goes through ``pipeline_streams()`` concurrent inference streams, each with its
+        share of the cores (2 cores: two single-threaded streams), instead of one batch at a time on every core:
+        a multi-threaded run waits at every layer for its slowest thread, so each slice of CPU the decoders take
+        stalls all cores (measured: a load taking 15% of a 2-core machine cost one 2-thread run 30% of its
+        throughput), while independent streams only lose the share the decoders use.
         """
         if errors not in ("report", "raise"):
             raise UsageError(f"errors must be 'report' or 'raise', got {errors!r}")
@@ -523,7 +524,7 @@ class Predictor:
         target = spec.size
         batches = [list(range(s, min(s + bs, len(sources)))) for s in range(0, len(sources), bs)]
         streams = self.pipeline_streams(len(batches))
-        runner = self._stream_runner() if streams > 1 else None
+        runner = self._stream_runner(streams) if streams > 1 else None
         window = 2 + streams  # batches in flight: decoding ahead, or in inference
         # With a known size, workers normalize straight into a ring of reused batch buffers: no per-batch
         # allocation (fresh pages cost as much as a copy) and no concatenation on the inference thread. A batch's
@@ -609,21 +610,30 @@ class Predictor:
     def pipeline_streams(self, n_batches: int) -> int:
         """How many concurrent inference streams a pipeline of ``n_batches`` batches uses (see iter_predictions).
 
-        CPU fp32 only, one stream per intra-op thread, and only for runs of at least 4 batches per stream: a
-        single-threaded stream takes N times as long per batch, which a short run can't make up for.
+        CPU fp32 only; ``streams=`` if given, else one per intra-op thread up to MAX_STREAMS (each stream holds a
+        batch of activations, so a 32-core machine gets 4 streams of 8 threads, not 32 of 1); and only for runs of
+        at least 4 batches per stream: a stream with 1/N of the threads takes N times as long per batch, which a
+        short run can't make up for.
         """
         if self.device != "cpu" or self.fp16:
             return 1
-        n = self.streams or self._config.threads or S.cpu_threads()
+        n = self.streams or min(self._cpu_threads, MAX_STREAMS)
         return n if n > 1 and n_batches >= 4 * n else 1
 
-    def _stream_runner(self):
-        """A run function on a single-threaded session of the same model (created once, from the optimized cache)."""
-        if self._stream_session is None:
+    @property
+    def _cpu_threads(self) -> int:
+        return self._config.threads or S.cpu_threads()
+
+    def _stream_runner(self, streams: int):
+        """A run function on a session of the same model with 1/streams of the threads, shared by the streams
+        (created once per thread count, from the optimized-model cache)."""
+        threads = max(1, self._cpu_threads // streams)
+        if self._stream_session is None or self._stream_session[0] != threads:
             source = self._model_path if self._external_data else self.model.SerializeToString()
-            config = replace(self._config, threads=1, spin=False)
-            self._stream_session, _ = S.create_session(source, config, input_profiles={t.name: t.shape for t in self.inputs})
-        session, names = self._stream_session, self.output_names
+            config = replace(self._config, threads=threads, spin=False)
+            session, _ = S.create_session(source, config, input_profiles={t.name: t.shape for t in self.inputs})
+            self._stream_session = (threads, session)
+        session, names = self._stream_session[1], self.output_names
         return lambda feeds: dict(zip(names, session.run(None, feeds)))
 
     def image_spec(self) -> tuple[PreprocessSpec, TensorInfo]:
