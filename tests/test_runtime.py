@@ -219,6 +219,10 @@ def test_long_cpu_runs_use_single_threaded_streams_with_the_same_answers(tmp_pat
     assert next(it).ok
     it.close()  # a consumer that stops early: the pools shut down, nothing hangs
     assert load(model, device="cpu", threads=2, fp16=True).pipeline_streams(100) == 1
+    limit = P.STREAMS_MAX_MODEL_BYTES
+    monkeypatch.setattr(P, "STREAMS_MAX_MODEL_BYTES", 100)  # a "big" model: streams only when asked
+    assert p.pipeline_streams(40) == 1 and load(model, device="cpu", threads=2, streams=2).pipeline_streams(40) == 2
+    monkeypatch.setattr(P, "STREAMS_MAX_MODEL_BYTES", limit)
     many = load(model, device="cpu", threads=8, batch_size=1)  # 8 threads: 4 streams of 2, not 8 of 1
     assert (many.pipeline_streams(15), many.pipeline_streams(16)) == (1, P.MAX_STREAMS) == (1, 4)
     opened.clear()

@@ -41,6 +41,7 @@ from . import session as S
 
 DEFAULT_BATCH = 32
 MAX_STREAMS = 4  # concurrent CPU inference streams by default (each holds one batch's activations)
+STREAMS_MAX_MODEL_BYTES = 1 << 30  # bigger models get streams only when asked (streams=): their weights are loaded twice
 SCORE_MODES = ("auto", "raw", "softmax")
 SHAPE_ONLY_OPS = {"Identity", "Reshape", "Flatten", "Squeeze", "Unsqueeze", "Cast", "Transpose", "Dropout"}
 FP16_TOLERANCE = 0.02  # max |fp16 - fp32| allowed, relative to max(1, max |fp32|)
@@ -611,12 +612,15 @@ class Predictor:
         """How many concurrent inference streams a pipeline of ``n_batches`` batches uses (see iter_predictions).
 
         CPU fp32 only; ``streams=`` if given, else one per intra-op thread up to MAX_STREAMS (each stream holds a
-        batch of activations, so a 32-core machine gets 4 streams of 8 threads, not 32 of 1); and only for runs of
+        batch of activations, so a 32-core machine gets 4 streams of 8 threads, not 32 of 1) for models up to
+        STREAMS_MAX_MODEL_BYTES (the streams share a second session, a second copy of the weights); and only for runs of
         at least 4 batches per stream: a stream with 1/N of the threads takes N times as long per batch, which a
         short run can't make up for.
         """
         if self.device != "cpu" or self.fp16:
             return 1
+        if self.streams is None and (self._external_data or self.model.ByteSize() > STREAMS_MAX_MODEL_BYTES):
+            return 1  # the streams' session is a second copy of the weights: not unasked for a big model
         n = self.streams or min(self._cpu_threads, MAX_STREAMS)
         return n if n > 1 and n_batches >= 4 * n else 1
 
