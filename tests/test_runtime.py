@@ -232,6 +232,30 @@ def test_long_cpu_runs_use_single_threaded_streams_with_the_same_answers(tmp_pat
         load(model, device="cpu", streams=0)
 
 
+def test_a_consumer_that_stops_early_does_not_wait_for_queued_decoding(tmp_path, monkeypatch):
+    import threading
+    import time
+
+    import porter.runtime.predictor as P
+
+    files = write_images(tmp_path, 12, size=(8, 8))
+    decoded = []
+    lock = threading.Lock()
+
+    def slow_decode(*args, **kwargs):
+        time.sleep(0.05)
+        with lock:
+            decoded.append(args[0])
+        return load_image(*args, **kwargs)
+
+    monkeypatch.setattr(P, "load_image", slow_decode)
+    p = load(classifier(), device="cpu", batch_size=2, decode_workers=1, streams=1)
+    it = p.iter_predictions(files)
+    assert next(it).ok  # batch 0 done; batches 1-3 queued for decoding
+    it.close()
+    assert len(decoded) <= 4  # batch 0 and at most the image in the decoder's hands: the queued ones were dropped
+
+
 def test_fast_decode_reaches_the_decoder(tmp_path):
     from PIL import Image
 

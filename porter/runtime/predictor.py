@@ -568,45 +568,47 @@ class Predictor:
                     next_decode += 1
 
             top_up(0)
-            for k, idx in enumerate(batches):
-                tensors: dict[int, np.ndarray | None] = {}
-                failed: dict[int, str] = {}
-                waiting = time.perf_counter()
-                for i, fut in zip(idx, decoding.pop(k)):
-                    try:
-                        tensors[i] = fut.result()
-                    except PorterError as e:
-                        if errors == "raise":
-                            for rest in decoding.values():
-                                for f in rest:
-                                    f.cancel()
-                            raise
-                        failed[i] = _strip_name(str(e), _source_name(sources[i], i))
-                waited = time.perf_counter() - waiting
-                if k == 0:
-                    stats.first_batch_seconds = waited
-                elif len(running) < streams:  # a stream sat idle while these images decoded
-                    stats.decode_wait_seconds += waited
-                if streams > 1:
-                    running.append((k, failed, inference.submit(infer, k, tensors, failed)))
-                else:  # one stream: run here, no hand-over
-                    done: Future = Future()
-                    done.set_result(infer(k, tensors, failed))
-                    running.append((k, failed, done))
-                # hand results out in order once every stream is busy (or nothing is left to start)
-                while running and (len(running) >= streams or k == len(batches) - 1):
-                    k0, failed0, fut0 = running.popleft()
-                    results, seconds = fut0.result()
-                    top_up(k0 + 1)  # its buffer is free: start decoding the batch that reuses it
-                    stats.inference_seconds += seconds
-                    stats.images += len(batches[k0])
-                    stats.failed += len(failed0)
-                    for i in batches[k0]:
-                        if i in failed0:
-                            yield Prediction(source=_source_name(sources[i], i), error=failed0[i])
-                        else:
-                            yield results[i]
-                    stats.seconds = time.perf_counter() - start
+            try:
+                for k, idx in enumerate(batches):
+                    tensors: dict[int, np.ndarray | None] = {}
+                    failed: dict[int, str] = {}
+                    waiting = time.perf_counter()
+                    for i, fut in zip(idx, decoding.pop(k)):
+                        try:
+                            tensors[i] = fut.result()
+                        except PorterError as e:
+                            if errors == "raise":
+                                raise
+                            failed[i] = _strip_name(str(e), _source_name(sources[i], i))
+                    waited = time.perf_counter() - waiting
+                    if k == 0:
+                        stats.first_batch_seconds = waited
+                    elif len(running) < streams:  # a stream sat idle while these images decoded
+                        stats.decode_wait_seconds += waited
+                    if streams > 1:
+                        running.append((k, failed, inference.submit(infer, k, tensors, failed)))
+                    else:  # one stream: run here, no hand-over
+                        done: Future = Future()
+                        done.set_result(infer(k, tensors, failed))
+                        running.append((k, failed, done))
+                    # hand results out in order once every stream is busy (or nothing is left to start)
+                    while running and (len(running) >= streams or k == len(batches) - 1):
+                        k0, failed0, fut0 = running.popleft()
+                        results, seconds = fut0.result()
+                        top_up(k0 + 1)  # its buffer is free: start decoding the batch that reuses it
+                        stats.inference_seconds += seconds
+                        stats.images += len(batches[k0])
+                        stats.failed += len(failed0)
+                        for i in batches[k0]:
+                            if i in failed0:
+                                yield Prediction(source=_source_name(sources[i], i), error=failed0[i])
+                            else:
+                                yield results[i]
+                        stats.seconds = time.perf_counter() - start
+            finally:  # an error, or a consumer that stopped early: drop the decoding nobody will read
+                for rest in decoding.values():
+                    for f in rest:
+                        f.cancel()
 
     def pipeline_streams(self, n_batches: int) -> int:
         """How many concurrent inference streams a pipeline of ``n_batches`` batches uses (see iter_predictions).
