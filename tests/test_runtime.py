@@ -223,6 +223,15 @@ def test_long_cpu_runs_use_single_threaded_streams_with_the_same_answers(tmp_pat
     monkeypatch.setattr(P, "STREAMS_MAX_MODEL_BYTES", 100)  # a "big" model: streams only when asked
     assert p.pipeline_streams(40) == 1 and load(model, device="cpu", threads=2, streams=2).pipeline_streams(40) == 2
     monkeypatch.setattr(P, "STREAMS_MAX_MODEL_BYTES", limit)
+    free_size = classifier(size=None, preprocess="unit")  # no ring buffers: tensors grouped by size, then streams
+    mixed = random_images(5, size=(8, 8)) + random_images(4, size=(12, 10), seed=2)
+    fs = load(free_size, device="cpu", batch_size=1, threads=2)
+    got = fs.predict(mixed)
+    assert fs.last_stats.streams == 2
+    sess = ort.InferenceSession(free_size.SerializeToString(), providers=["CPUExecutionProvider"])
+    for im, r in zip(mixed, got):
+        ref = sess.run(None, {"image": to_tensor([im], fs.preprocess)})[0][0]
+        assert r.index == int(ref.argmax()) and r.score == pytest.approx(float(ref.max()), abs=1e-6)
     many = load(model, device="cpu", threads=8, batch_size=1)  # 8 threads: 4 streams of 2, not 8 of 1
     assert (many.pipeline_streams(15), many.pipeline_streams(16)) == (1, P.MAX_STREAMS) == (1, 4)
     opened.clear()
