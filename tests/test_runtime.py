@@ -252,7 +252,7 @@ def test_a_consumer_that_stops_early_does_not_wait_for_queued_decoding(tmp_path,
     lock = threading.Lock()
 
     def slow_decode(*args, **kwargs):
-        time.sleep(0.05)
+        time.sleep(0.2)  # far longer than the consumer's step from its first result to close()
         with lock:
             decoded.append(args[0])
         return load_image(*args, **kwargs)
