@@ -44,10 +44,14 @@ class PreprocessSpec:
 
     def __post_init__(self) -> None:
         # sequences given as lists become tuples: the spec is a value (hashable, comparable, safe to share)
-        object.__setattr__(self, "mean", tuple(float(v) for v in self.mean))
-        object.__setattr__(self, "std", tuple(float(v) for v in self.std))
-        if self.size is not None:
-            object.__setattr__(self, "size", tuple(int(v) for v in self.size))
+        for name, kind in (("mean", float), ("std", float), ("size", int)):
+            value = getattr(self, name)
+            if value is None and name == "size":
+                continue
+            try:
+                object.__setattr__(self, name, tuple(kind(v) for v in value))
+            except (TypeError, ValueError):
+                raise UsageError(f"preprocessing {name} must be a sequence of numbers, got {value!r}") from None
         if self.layout not in ("NHWC", "NCHW"):
             raise UsageError(f"preprocessing layout must be NHWC or NCHW, got {self.layout!r}")
         if self.channel_order not in ("RGB", "BGR"):

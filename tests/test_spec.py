@@ -49,6 +49,10 @@ def test_spec_built_from_lists_is_a_hashable_value():
     assert spec.mean == (127.5,) * 3 and spec.size == (224, 224)
     assert spec == PreprocessSpec(mean=(127.5,) * 3, std=(127.5,) * 3, size=(224, 224))
     assert len({spec, PreprocessSpec(mean=(127.5,) * 3, std=(127.5,) * 3, size=(224, 224))}) == 1
+    with pytest.raises(UsageError, match="preprocessing mean must be a sequence of numbers, got 0.5"):
+        PreprocessSpec(mean=0.5)
+    with pytest.raises(UsageError, match=r"preprocessing size must be a sequence of numbers, got \('a', 3\)"):
+        PreprocessSpec(size=("a", 3))
 
 
 def test_model_card_round_trip_through_onnx_file(tmp_path):
