@@ -268,8 +268,12 @@ class Predictor:
             return None
         return self.card.labels
 
+    @property
+    def _input_profiles(self) -> dict[str, tuple[Any, ...]]:
+        return {t.name: t.shape for t in self.inputs}
+
     def _open(self, model_bytes: bytes | None):
-        profiles = {t.name: t.shape for t in self.inputs}
+        profiles = self._input_profiles
         source: Any = model_bytes if model_bytes is not None else self._model_path
         if not self.fp16:
             return S.create_session(source, self._config, input_profiles=profiles)
@@ -580,10 +584,10 @@ class Predictor:
                             if errors == "raise":
                                 raise
                             failed[i] = _strip_name(str(e), _source_name(sources[i], i))
-                    waited = time.perf_counter() - waiting
+                    waited = time.perf_counter() - waiting  # a stream's slot stood free meanwhile
                     if k == 0:
                         stats.first_batch_seconds = waited
-                    elif len(running) < streams:  # a stream sat idle while these images decoded
+                    else:
                         stats.decode_wait_seconds += waited
                     if streams > 1:
                         running.append((k, failed, inference.submit(infer, k, tensors, failed)))
@@ -635,9 +639,11 @@ class Predictor:
         (created once per thread count, from the optimized-model cache)."""
         threads = max(1, self._cpu_threads // streams)
         if self._stream_session is None or self._stream_session[0] != threads:
+            # the bytes of the model this Predictor checked (not re-read from disk, which may have changed since);
+            # they serialize to what _open saw, so the optimized-model cache hits
             source = self._model_path if self._external_data else self.model.SerializeToString()
             config = replace(self._config, threads=threads, spin=False)
-            session, _ = S.create_session(source, config, input_profiles={t.name: t.shape for t in self.inputs})
+            session, _ = S.create_session(source, config, input_profiles=self._input_profiles)
             self._stream_session = (threads, session)
         session, names = self._stream_session[1], self.output_names
         return lambda feeds: dict(zip(names, session.run(None, feeds)))
