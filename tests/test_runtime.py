@@ -543,3 +543,35 @@ def test_io_binding_path_on_cpu_with_numpy_ortvalue_and_dlpack_inputs():
         p.run({"image": ort.OrtValue.ortvalue_from_numpy(x[0, :, :, :8].copy())})
     with pytest.raises(UsageError, match="output_device='cuda' needs a GPU device"):
         p.run({"image": x}, output_device="cuda")
+
+
+def test_batches_spread_their_tail_over_the_streams():
+    from porter.runtime.predictor import plan_batches
+
+    def sizes(*args, **kw):
+        batches = plan_batches(*args, **kw)
+        assert [i for b in batches for i in b] == list(range(args[0]))  # every index once, in order
+        return [len(b) for b in batches]
+
+    assert sizes(1000, 32) == [32] * 31 + [8]  # one stream: only the last batch is short
+    assert sizes(1000, 32, 2) == [32] * 30 + [20, 20]  # two streams finish together
+    assert sizes(1001, 32, 4) == [32] * 28 + [27, 26, 26, 26]
+    assert sizes(1024, 32, 2) == [32] * 32  # nothing short: unchanged
+    assert sizes(1000, 32, 2, padded=True) == [32] * 31 + [8]  # a fixed-batch model pads: spreading adds padding
+    assert sizes(33, 32, 2) == [17, 16] and sizes(5, 2, 4) == [2, 2, 1] and sizes(0, 4, 2) == []
+
+
+def test_a_spread_tail_gives_the_same_answers(tmp_path, monkeypatch):
+    import porter.runtime.predictor as P
+
+    model = classifier(layout="NHWC", preprocess="tf")
+    files = write_images(tmp_path, 41, size=(12, 10))
+    p = load(model, device="cpu", batch_size=5, threads=2)
+    seen = []
+    infer = P.Predictor._infer_batch
+    monkeypatch.setattr(P.Predictor, "_infer_batch", lambda self, batch, idx, *a: seen.append(len(idx)) or infer(self, batch, idx, *a))
+    out = p.predict(files)
+    assert p.last_stats.streams == 2 and sorted(seen) == [3, 3] + [5] * 7  # 8 x 5 + 1 -> 7 x 5 + 3 + 3
+    expected = by_hand(model, files, p.preprocess)
+    assert [r.index for r in out] == list(expected.argmax(1))
+    assert [r.score for r in out] == pytest.approx(list(expected.max(1)), abs=1e-6)

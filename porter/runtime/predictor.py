@@ -527,8 +527,8 @@ class Predictor:
         channels = _channels(image, spec)
         bs = self._batch(batch_size)
         target = spec.size
-        batches = [list(range(s, min(s + bs, len(sources)))) for s in range(0, len(sources), bs)]
-        streams = self.pipeline_streams(len(batches))
+        streams = self.pipeline_streams(-(-len(sources) // bs))
+        batches = plan_batches(len(sources), bs, streams, padded=self._fixed_batch() is not None)
         runner = self._stream_runner(streams) if streams > 1 else None
         window = 2 + streams  # batches in flight: decoding ahead, or in inference
         # With a known size, workers normalize straight into a ring of reused batch buffers: no per-batch
@@ -709,6 +709,24 @@ class Predictor:
 
 
 # --- helpers ------------------------------------------------------------------------------------------------------
+
+def plan_batches(n: int, batch_size: int, streams: int = 1, padded: bool = False) -> list[list[int]]:
+    """Indices 0..n-1 in batches of ``batch_size``, the last ``streams`` of them sharing their images evenly.
+
+    With one stream the last batch is simply short. With several, a short last batch would leave its stream idle
+    while another runs a full one (on 2 cores: one core idle for most of a batch at the end of every run), so
+    the tail is spread: 1000 images, batches of 32, 2 streams -> 30 x 32, then 20 + 20. ``padded``: the model
+    takes exactly ``batch_size`` (short batches are padded), so spreading would only add padding: no change.
+    """
+    bounds = list(range(0, n, batch_size)) + [n]
+    tail = len(bounds) - 1 - streams  # first batch of the tail
+    if streams > 1 and not padded and tail >= 0 and n % batch_size:
+        start = bounds[tail]
+        share, extra = divmod(n - start, streams)
+        bounds = bounds[:tail] + [start + k * share + min(k, extra) for k in range(streams)] + [n]
+    return [list(range(a, b)) for a, b in zip(bounds, bounds[1:])]
+
+
 
 def probabilities(scores: np.ndarray, transform: str) -> np.ndarray:
     """Apply the score transform chosen from the graph: none | softmax | exp (of log-probabilities)."""
