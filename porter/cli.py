@@ -314,7 +314,7 @@ def run_predict(args: argparse.Namespace) -> int:
         if tips:
             print(f"porter: decoding is the bottleneck; try {' or '.join(tips)}", file=sys.stderr)
     if failed:
-        print(f"porter: error: {failed} of {len(paths)} inputs could not be read", file=sys.stderr)
+        print(f"porter: error: {failed} of {len(paths)} inputs failed; see their error fields", file=sys.stderr)
         return 1
     return 0
 

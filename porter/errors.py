@@ -59,6 +59,10 @@ class DataError(PorterError):
     """Training or prediction data that can't be used: missing, empty, corrupt, or of the wrong shape."""
 
 
+class InferenceError(DataError):
+    """The model failed to run on an input (an image too small for its convolutions, say)."""
+
+
 class NetworkError(PorterError):
     """A download failed: offline, HTTP error, timeout, or too large."""
 

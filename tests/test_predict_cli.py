@@ -77,8 +77,8 @@ def test_predict_reports_unreadable_files_and_exits_non_zero(capsys, model_path,
     bad = [r for r in rows if "error" in r]
     assert len(rows) == 7 and len(bad) == 1
     assert bad[0]["path"].endswith("broken.jpg") and "label" not in bad[0] and "decode" in bad[0]["error"]
-    assert "1 of 7 inputs could not be read" in err
-    assert "porter: 7 images, 1 unreadable in " in err and "waiting for decoding" in err
+    assert "1 of 7 inputs failed; see their error fields" in err
+    assert "porter: 7 images, 1 failed in " in err and "waiting for decoding" in err
 
 
 def test_predict_csv_and_table(capsys, model_path, image_dir):

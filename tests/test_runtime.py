@@ -7,7 +7,7 @@ import onnxruntime as ort
 import pytest
 
 import porter.runtime.session as S
-from porter.errors import DataError, ModelLoadError, RuntimeSetupError, SourceError, UsageError
+from porter.errors import DataError, InferenceError, ModelLoadError, RuntimeSetupError, SourceError, UsageError
 from porter.imaging import load_image, to_tensor
 from porter.runtime import Prediction, load
 from porter.runtime.predictor import compare_precision, convert_to_fp16
@@ -174,7 +174,7 @@ def test_pipeline_stats_say_whether_decoding_keeps_up(tmp_path, monkeypatch):
     assert (st.images, st.failed, len(out)) == (7, 1, 7)
     assert 0 < st.inference_seconds and st.first_batch_seconds + st.decode_wait_seconds + st.inference_seconds <= st.seconds
     assert st.throughput == pytest.approx(7 / st.seconds)
-    assert "7 images, 1 unreadable in" in st.describe() and st.to_dict()["images"] == 7
+    assert "7 images, 1 failed in" in st.describe() and st.to_dict()["images"] == 7
 
     def slow_decode(*args, **kwargs):  # decoding 40x slower than this tiny model: inference must wait for it
         time.sleep(0.04)
@@ -568,10 +568,38 @@ def test_a_spread_tail_gives_the_same_answers(tmp_path, monkeypatch):
     files = write_images(tmp_path, 41, size=(12, 10))
     p = load(model, device="cpu", batch_size=5, threads=2)
     seen = []
-    infer = P.Predictor._infer_batch
-    monkeypatch.setattr(P.Predictor, "_infer_batch", lambda self, batch, idx, *a: seen.append(len(idx)) or infer(self, batch, idx, *a))
+    run = P.Predictor._run_padded
+    monkeypatch.setattr(P.Predictor, "_run_padded", lambda self, feeds, n, *a: seen.append(n) or run(self, feeds, n, *a))
     out = p.predict(files)
     assert p.last_stats.streams == 2 and sorted(seen) == [3, 3] + [5] * 7  # 8 x 5 + 1 -> 7 x 5 + 3 + 3
     expected = by_hand(model, files, p.preprocess)
     assert [r.index for r in out] == list(expected.argmax(1))
     assert [r.score for r in out] == pytest.approx(list(expected.max(1)), abs=1e-6)
+
+
+def valid_conv_classifier():
+    """A classifier of any image size whose 3x3 convolution has no padding: images under 3x3 make it fail."""
+    from onnx import helper
+
+    model = classifier(size=None, preprocess="unit")
+    conv = next(n for n in model.graph.node if n.op_type == "Conv")
+    del conv.attribute[:]
+    conv.attribute.append(helper.make_attribute("pads", [0, 0, 0, 0]))
+    return model
+
+
+def test_an_image_the_model_fails_on_is_reported_with_the_rest_going_on(tmp_path):
+    p = load(valid_conv_classifier(), device="cpu")
+    tiny = random_images(1, size=(2, 2))[0]
+    good = random_images(3, size=(9, 9), seed=3)
+    out = list(p.iter_predictions([good[0], tiny, good[1], good[2]]))
+    assert [r.ok for r in out] == [True, False, True, True]
+    assert out[1].error.startswith("model failed on the batch of 1 holding it (1x3x2x2): ")
+    assert "Invalid input shape" in out[1].error and "[ONNXRuntimeError]" not in out[1].error
+    ref = p.predict(good)
+    assert [r.index for r in ref] == [out[0].index, out[2].index, out[3].index]
+    assert p.last_stats is not None and "1 failed" not in p.last_stats.describe()  # the last pass had none
+    list(p.iter_predictions([good[0], tiny]))
+    assert "2 images, 1 failed in" in p.last_stats.describe()
+    with pytest.raises(InferenceError, match=r"^array 1: model failed on the batch of 1 holding it"):
+        p.predict([good[0], tiny])

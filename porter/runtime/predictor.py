@@ -23,16 +23,17 @@ always applies one.
 from __future__ import annotations
 
 import os
+import re
 import time
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Iterable, Iterator, Mapping, Sequence
+from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
 
 import numpy as np
 
-from ..errors import (DataError, ModelLoadError, PorterError, RuntimeSetupError, UsageError,
+from ..errors import (DataError, InferenceError, ModelLoadError, PorterError, RuntimeSetupError, UsageError,
                       ValidationError)
 from ..graph.inspect import TensorInfo, graph_inputs, graph_outputs, image_geometry
 from ..imaging import describe_source, load_image, tensor_shape, to_tensor
@@ -95,7 +96,7 @@ class PipelineStats:
         def share(t: float) -> str:
             return f"{t / self.seconds:.0%}" if self.seconds else "-"
 
-        failed = f", {self.failed} unreadable" if self.failed else ""
+        failed = f", {self.failed} failed" if self.failed else ""
         streams = f" ({self.streams} streams)" if self.streams > 1 else ""
         return (f"{self.images} image{'' if self.images == 1 else 's'}{failed} in {self.seconds:.2f} s ({self.throughput:.1f}/s); inference busy "
                 f"{share(self.inference_seconds / self.streams)} of the time{streams}, waiting for decoding "
@@ -507,8 +508,32 @@ class Predictor:
                          batch_size: int | None = None) -> Iterator[Prediction]:
         """Yield one Prediction per source, in order, decoding ahead in a thread pool while batches run.
 
-        ``errors="report"``: an unreadable input yields a Prediction with ``error`` set and the rest go on;
-        ``errors="raise"``: the first one raises its DataError.
+        ``errors="report"``: an input that can't be read (or that the model fails on) yields a Prediction with
+        ``error`` set and the rest go on; ``errors="raise"``: the first one raises its DataError.
+        See ``iter_outputs`` for the pipeline.
+        """
+        if top_k < 1:
+            raise UsageError(f"top-k must be at least 1, got {top_k}")
+        sources = list(sources)
+
+        def predictions(out: dict[str, np.ndarray], indices: list[int]) -> dict[int, Prediction]:
+            return self._predictions(out, indices, sources, top_k)
+
+        for i, result, error in self.iter_outputs(sources, errors=errors, batch_size=batch_size, postprocess=predictions):
+            name = _source_name(sources[i], i)
+            yield result if error is None else Prediction(source=name, error=_strip_name(str(error), name))
+
+    def iter_outputs(self, sources: Sequence[Any], *, errors: str = "report", batch_size: int | None = None,
+                     names: Sequence[str] | None = None,
+                     postprocess: Callable[[dict[str, np.ndarray], list[int]], dict[int, Any]] | None = None,
+                     ) -> Iterator[tuple[int, Any, DataError | None]]:
+        """The image pipeline: decode, resize and normalize ahead in a thread pool while batches run; yield
+        ``(index, result, error)`` per source, in order.
+
+        ``result`` is ``postprocess(outputs, indices)[index]`` for each batch's named outputs (run on the inference
+        threads; default: the source's row of every output), ``error`` a DataError when the source can't be read
+        or the model failed on its batch (an ``InferenceError``). ``errors="raise"`` raises the first instead.
+        ``names``: what error messages call each source (default: its path, or "array N").
 
         On the CPU, a long run goes through ``pipeline_streams()`` concurrent inference streams, each with its
         share of the cores (2 cores: two single-threaded streams), instead of one batch at a time on every core:
@@ -518,11 +543,13 @@ class Predictor:
         """
         if errors not in ("report", "raise"):
             raise UsageError(f"errors must be 'report' or 'raise', got {errors!r}")
-        if top_k < 1:
-            raise UsageError(f"top-k must be at least 1, got {top_k}")
         sources = list(sources)
         if not sources:
             raise DataError("no inputs to predict on")
+        if names is not None and len(names) != len(sources):
+            raise UsageError(f"{len(names)} names for {len(sources)} inputs")
+        label = (lambda i: names[i]) if names is not None else (lambda i: describe_source(sources[i], i))
+        post = postprocess or self._rows
         spec, image = self.image_spec()
         channels = _channels(image, spec)
         bs = self._batch(batch_size)
@@ -538,28 +565,46 @@ class Predictor:
                  for _ in range(min(window, len(batches)))] if target else None)
 
         def decode(i: int, k: int, row: int) -> np.ndarray | None:
-            img = load_image(sources[i], target, name=describe_source(sources[i], i), fast_decode=self.fast_decode)
+            img = load_image(sources[i], target, name=label(i), fast_decode=self.fast_decode)
             if ring is not None:
                 to_tensor([img], spec, channels, out=ring[k % len(ring)][row:row + 1])
                 return None
             return to_tensor([img], spec, channels)
 
-        def infer(k: int, tensors: dict[int, np.ndarray | None], failed: dict[int, str]):
+        def run(batch: np.ndarray, indices: list[int], failed: dict[int, DataError]) -> dict[int, Any]:
+            try:
+                out = self._run_padded({self.input_names[0]: batch}, len(indices), runner)
+            except PorterError:
+                raise
+            except Exception as e:  # noqa: BLE001 - onnxruntime raises its own types
+                why = (f"{self.name} failed on the batch of {len(indices)} holding it "
+                       f"({'x'.join(map(str, batch.shape))}): {_ort_message(e)}")
+                if errors == "raise":
+                    raise InferenceError(f"{label(indices[0])}: {why}") from None
+                error = InferenceError(why)
+                failed.update((i, error) for i in indices)
+                return {}
+            return post(out, indices)
+
+        def infer(k: int, tensors: dict[int, np.ndarray | None], failed: dict[int, DataError]):
             started = time.perf_counter()
-            idx = batches[k]
-            if ring is not None:
-                ok = [row for row, i in enumerate(idx) if i not in failed]
+            idx = [i for i in batches[k] if i not in failed]
+            results: dict[int, Any] = {}
+            if ring is not None and idx:
                 buf = ring[k % len(ring)]
-                batch = buf[:len(idx)] if len(ok) == len(idx) else buf[ok]
-                results = self._infer_batch(batch, [idx[r] for r in ok], sources, top_k, runner) if ok else {}
-            else:
-                results = self._infer_group(tensors, sources, top_k, runner)
+                ok = [row for row, i in enumerate(batches[k]) if i not in failed]
+                results = run(buf[:len(ok)] if len(ok) == len(batches[k]) else buf[ok], idx, failed)
+            while ring is None and idx:  # consecutive images of one size form a batch (no fixed size)
+                shape = tensors[idx[0]].shape
+                same = [i for i in idx if tensors[i].shape == shape]
+                idx = [i for i in idx if tensors[i].shape != shape]
+                results.update(run(np.concatenate([tensors[i] for i in same]), same, failed))
             return results, time.perf_counter() - started
 
         stats = self.last_stats = PipelineStats(streams=streams)
         start = time.perf_counter()
         decoding: dict[int, list[Future]] = {}
-        running: deque[tuple[int, dict[int, str], Future]] = deque()
+        running: deque[tuple[int, dict[int, DataError], Future]] = deque()
         next_decode = 0
         with ThreadPoolExecutor(max_workers=self.decode_workers, thread_name_prefix="porter-decode") as pool, \
                 ThreadPoolExecutor(max_workers=streams, thread_name_prefix="porter-infer") as inference:
@@ -575,15 +620,15 @@ class Predictor:
             try:
                 for k, idx in enumerate(batches):
                     tensors: dict[int, np.ndarray | None] = {}
-                    failed: dict[int, str] = {}
+                    failed: dict[int, DataError] = {}
                     waiting = time.perf_counter()
                     for i, fut in zip(idx, decoding.pop(k)):
                         try:
                             tensors[i] = fut.result()
-                        except PorterError as e:
+                        except DataError as e:
                             if errors == "raise":
                                 raise
-                            failed[i] = _strip_name(str(e), _source_name(sources[i], i))
+                            failed[i] = e
                     waited = time.perf_counter() - waiting  # a stream's slot stood free meanwhile
                     if k == 0:
                         stats.first_batch_seconds = waited
@@ -604,10 +649,7 @@ class Predictor:
                         stats.images += len(batches[k0])
                         stats.failed += len(failed0)
                         for i in batches[k0]:
-                            if i in failed0:
-                                yield Prediction(source=_source_name(sources[i], i), error=failed0[i])
-                            else:
-                                yield results[i]
+                            yield (i, None, failed0[i]) if i in failed0 else (i, results[i], None)
                         stats.seconds = time.perf_counter() - start
             finally:  # an error, or a consumer that stopped early: drop the decoding nobody will read
                 for rest in decoding.values():
@@ -660,29 +702,20 @@ class Predictor:
                             f"the API) or pass preprocessed tensors (preprocessed=True)")
         return self.preprocess, image
 
-    def _infer_group(self, tensors: dict[int, np.ndarray], sources: Sequence[Any], top_k: int,
-                     runner=None) -> dict[int, Prediction]:
-        results: dict[int, Prediction] = {}
-        order = sorted(tensors)
-        while order:  # consecutive images of one size form a batch (sizes differ only without a fixed size)
-            shape = tensors[order[0]].shape
-            run = [i for i in order if tensors[i].shape == shape]
-            order = [i for i in order if tensors[i].shape != shape]
-            results.update(self._infer_batch(np.concatenate([tensors[i] for i in run]), run, sources, top_k, runner))
-        return results
+    def _predictions(self, out: dict[str, np.ndarray], indices: list[int], sources: Sequence[Any],
+                     top_k: int) -> dict[int, Prediction]:
+        """One batch's outputs as Predictions: labels and top-k for classifiers, else each source's rows."""
+        if not self.is_classifier:
+            return {i: Prediction(source=_source_name(sources[i], i), outputs=rows)
+                    for i, rows in self._rows(out, indices).items()}
+        scores = out[self.score_output]
+        return {i: self._classify(scores[row], _source_name(sources[i], i), top_k) for row, i in enumerate(indices)}
 
-    def _infer_batch(self, batch: np.ndarray, indices: list[int], sources: Sequence[Any],
-                     top_k: int, runner=None) -> dict[int, Prediction]:
-        out = self._run_padded({self.input_names[0]: batch}, len(indices), runner)
-        results: dict[int, Prediction] = {}
-        for row, i in enumerate(indices):
-            name = _source_name(sources[i], i)
-            if self.is_classifier:
-                results[i] = self._classify(out[self.score_output][row], name, top_k)
-            else:
-                results[i] = Prediction(source=name, outputs={
-                    k: (v[row:row + 1] if np.ndim(v) and np.shape(v)[0] == len(indices) else v) for k, v in out.items()})
-        return results
+    def _rows(self, out: dict[str, np.ndarray], indices: list[int]) -> dict[int, dict[str, np.ndarray]]:
+        """Each source's row of every output, keeping the batch axis (outputs without one are shared)."""
+        n = len(indices)
+        return {i: {k: (v[row:row + 1] if np.ndim(v) and np.shape(v)[0] == n else v) for k, v in out.items()}
+                for row, i in enumerate(indices)}
 
     def _classify(self, row: np.ndarray, source: str | None, top_k: int) -> Prediction:
         scores = probabilities(np.asarray(row, dtype=np.float64).reshape(-1), self.score_transform)
@@ -862,6 +895,12 @@ def _host_array(value: Any) -> np.ndarray:
     if hasattr(value, "__dlpack__"):
         return np.from_dlpack(value)
     return np.asarray(value)
+
+
+def _ort_message(e: Exception) -> str:
+    """onnxruntime's message without its status-code prefix, on one line."""
+    msg = " ".join(str(e).split())
+    return re.sub(r"^\[ONNXRuntimeError\] : \d+ : \w+ : ", "", msg)[:300]
 
 
 def _strip_name(message: str, name: str) -> str:

@@ -264,7 +264,7 @@ class SessionConfig:
     device_id: int = 0
     max_batch: int = 64  # TensorRT optimization profile: batch 1 .. max_batch
     opt_batch: int = 32
-    log_level: int = 3  # ORT logging: 0 verbose .. 4 fatal
+    log_level: int = 4  # ORT logging: 0 verbose .. 4 fatal (its errors reach the user as porter's own messages)
 
 
 @dataclass
