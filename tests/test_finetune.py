@@ -314,3 +314,33 @@ def test_fixed_batch_onnx_model(tmp_path):
     assert r.model.graph.input[0].type.tensor_type.shape.dim[0].dim_value == 1
     prob, label = run(r.model, np.zeros((1, 3, 8, 8), np.float32))
     assert prob.shape == (1, 3) and label.shape == (1,)
+
+
+def test_features_come_from_the_predict_pipeline_with_streams(tmp_path, monkeypatch):
+    """Feature extraction is porter predict's pipeline: concurrent streams on the CPU, same numbers as by hand."""
+    import porter.runtime.session as S
+    import porter.transfer.features as F
+    from porter.graph.surgery import choose_cut, extract_backbone
+    from porter.imaging import preprocess
+    from porter.transfer.data import load_data
+
+    monkeypatch.setattr(S, "cpu_threads", lambda: 2)
+    data = make_folder(tmp_path / "data", n=12)
+    (data / "red" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n not really")
+    model = onnx.load(save(build("gemm"), tmp_path / "m.onnx"))
+    card = ModelCard.from_onnx(model)
+    backbone = extract_backbone(model, choose_cut(model, None))
+    made = []
+    real = F.backbone_predictor
+    monkeypatch.setattr(F, "backbone_predictor", lambda *a, **kw: made.append(real(*a, **kw)) or made[-1])
+    dataset = load_data(data)
+    g = F.InputGeometry("image", "image", "NCHW", (8, 8), 3, dims=("batch", 3, 8, 8))
+    got = F.compute_features(backbone, dataset, g, card.preprocess, cut="flat", backbone_hash="h", batch_size=2,
+                             device="cpu", cache=False, progress=False)
+    assert made[0].last_stats.streams == 2 and made[0].last_stats.images == 37  # 19 batches of 2: two streams
+    [(name, why)] = got.skipped
+    assert name == str(Path("red") / "broken.png") and why.startswith(f"{name}: not an image Pillow can decode")
+    files = [f for f in sorted(data.glob("*/*.png")) if f.name != "broken.png"]
+    (want,) = run(backbone, preprocess(files, card.preprocess, channels=3))
+    assert len(got.index) == 36 and [dataset.names[i] for i in got.index] == [str(f.relative_to(data)) for f in files]
+    np.testing.assert_allclose(got.features, want, atol=1e-6)

@@ -421,16 +421,18 @@ def _sample_inputs(dataset: Dataset, feats: Features, g: InputGeometry, spec: Pr
 def _check_merged(merged, backbone, head, dataset: Dataset, feats: Features, g: InputGeometry,
                   spec: PreprocessSpec | None) -> dict[str, Any]:
     """The merged model's outputs == the backbone's features through the torch head, on real examples."""
-    from ..runtime.session import SessionConfig, create_session
-    from .features import run_batched
+    from ..runtime.predictor import Predictor
     from .heads import predict_proba
 
     x, pos = _sample_inputs(dataset, feats, g, spec)
-    cfg = SessionConfig(device="cpu", cache=False, spin=False)
-    bsess, _ = create_session(backbone.SerializeToString(), cfg)
-    msess, _ = create_session(merged.SerializeToString(), cfg)
-    (fresh,) = run_batched(bsess, g, x)
-    prob, label = run_batched(msess, g, x)
+
+    def run(model) -> list[np.ndarray]:
+        p = Predictor(model, device="cpu", scores="raw", cache=False, spin=False)
+        out = p.run_batched(x)
+        return [out[name] for name in p.output_names]
+
+    (fresh,) = run(backbone)
+    prob, label = run(merged)
     want = predict_proba(head, np.asarray(fresh, np.float32))
     diff = float(np.abs(prob - want).max())
     rel = float((np.abs(prob - want) / np.maximum(np.abs(want), 1e-12)).max())

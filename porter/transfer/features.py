@@ -1,8 +1,8 @@
 """Backbone features, computed once and cached on disk.
 
-The backbone runs in ONNX Runtime (``porter.runtime.session``: CUDA where it works, else CPU) in batches, while
-a thread pool decodes and resizes the next images (Pillow releases the GIL, so decoding and inference overlap).
-Unreadable images are skipped, counted and named. Features are cached under
+The backbone runs through ``porter.runtime.Predictor`` (CUDA where it works, else CPU): images go through the
+same pipeline as ``porter predict`` (decoding ahead in a thread pool, concurrent inference streams on the CPU),
+so a model is trained and served on identical pixels. Unreadable images are skipped, counted and named. Features are cached under
 ``<porter cache>/features/<key>.npz``, the key hashing the backbone (weights and graph), the cut, the data
 (paths, sizes, mtimes; or the array bytes) and the preprocessing, so a second run with other head settings
 skips extraction.
@@ -10,7 +10,6 @@ skips extraction.
 
 from __future__ import annotations
 
-import collections
 import contextlib
 import hashlib
 import json
@@ -18,14 +17,13 @@ import os
 import sys
 import tempfile
 import time
-from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from ..errors import DataError, UsageError
+from ..errors import DataError, InferenceError, UsageError
 from .data import Dataset
 
 if TYPE_CHECKING:
@@ -163,10 +161,10 @@ def compute_features(backbone: "onnx.ModelProto", dataset: Dataset, geometry: In
             return hit
     start = time.perf_counter()
     _check_vectors(dataset, geometry)
-    session, device_used, providers = _session(backbone, device)
-    feats, index, skipped = _run(session, dataset, geometry, spec, batch_size, progress, workers)
+    predictor = backbone_predictor(backbone, geometry, spec, device=device, batch_size=batch_size, workers=workers)
+    feats, index, skipped = _run(predictor, dataset, geometry, progress)
     result = Features(feats, dataset.labels[index], index, skipped, time.perf_counter() - start,
-                      device=device_used, providers=providers)
+                      device=predictor.device, providers=list(predictor.providers))
     _check_classes(dataset, result)
     if cache:
         _save_cached(path, result)
@@ -174,13 +172,16 @@ def compute_features(backbone: "onnx.ModelProto", dataset: Dataset, geometry: In
     return result
 
 
-def _session(backbone: "onnx.ModelProto", device: str):
-    from ..runtime.session import SessionConfig, create_session, resolve_device
+def backbone_predictor(backbone: "onnx.ModelProto", g: InputGeometry, spec: "PreprocessSpec | None", *,
+                       device: str = "cpu", batch_size: int | None = None, workers: int | None = None):
+    """A Predictor running the backbone on images of ``g.size`` preprocessed by ``spec`` (or on vectors)."""
+    from ..runtime.predictor import Predictor
 
-    resolved, _ = resolve_device(device)
-    # spin off: the decoding threads need the CPU between batches
-    session, info = create_session(backbone.SerializeToString(), SessionConfig(device=resolved, spin=False, cache=False))
-    return session, resolved, list(info.providers)
+    if g.kind == "image" and spec is not None and g.size is not None:
+        spec = spec.with_(size=g.size)
+    # no optimized-model cache (every cut is a new model); spin off: the decoding threads need the cores
+    return Predictor(backbone, device=device, batch_size=batch_size, preprocess=spec, scores="raw", cache=False,
+                     spin=False, decode_workers=workers)
 
 
 def _check_vectors(dataset: Dataset, g: InputGeometry) -> None:
@@ -201,27 +202,6 @@ def _check_vectors(dataset: Dataset, g: InputGeometry) -> None:
                         f"give a CSV (or an array) of {_fmt(g.dims[1:])} values per example")
 
 
-def fixed_batch(g: InputGeometry) -> int | None:
-    """The input's batch size when the model fixes it (ONNX files exported with batch 1, say), else None."""
-    d = g.dims[0] if g.dims else None
-    return d if isinstance(d, int) and d > 0 else None
-
-
-def run_batched(session, g: InputGeometry, x: np.ndarray) -> list[np.ndarray]:
-    """``session.run`` on ``x``; for a fixed-batch model in chunks of that size, the last one padded, then trimmed."""
-    fixed = fixed_batch(g)
-    if fixed is None or len(x) == fixed:
-        return session.run(None, {g.name: x})
-    outs = []
-    for i in range(0, len(x), fixed):
-        chunk = x[i:i + fixed]
-        n = len(chunk)
-        if n < fixed:
-            chunk = np.concatenate([chunk, np.repeat(chunk[-1:], fixed - n, axis=0)])
-        outs.append([o[:n] for o in session.run(None, {g.name: chunk})])
-    return [np.concatenate(parts) for parts in zip(*outs)]
-
-
 def _fmt(dims) -> str:
     return "[" + ", ".join("?" if not isinstance(d, int) or d <= 0 else str(d) for d in dims) + "]"
 
@@ -237,86 +217,61 @@ def _check_classes(dataset: Dataset, f: Features) -> None:
                             f"files failed to decode{example}")
 
 
-def _decode(item: Any, name: str, size: tuple[int, int]) -> np.ndarray:
-    from ..imaging import load_image
-
-    return load_image(item, size, name=name)
-
-
-def _run(session, dataset: Dataset, g: InputGeometry, spec: "PreprocessSpec | None", batch_size: int,
-         progress: bool, workers: int | None):
-    from ..imaging import to_tensor
-
+def _run(predictor, dataset: Dataset, g: InputGeometry, progress: bool):
     n = len(dataset)
-    batch_size = max(1, int(batch_size))
+    batch_size = predictor.batch_size
     bar = Progress(n, "features", enabled=progress)
-    outs: list[np.ndarray] = []
+    rows: list[np.ndarray] = []
     index: list[int] = []
     skipped: list[tuple[str, str]] = []
+    output = predictor.output_names[0]
 
-    def infer(batch: np.ndarray, first: bool) -> np.ndarray:
-        try:
-            (y,) = run_batched(session, g, batch)
-        except Exception as e:  # noqa: BLE001 - ORT raises its own types
-            msg = " ".join(str(e).split())[:300]
-            if first and g.kind == "image":
-                size = "x".join(map(str, g.size or ()))
-                raise UsageError(f"image size {size} doesn't fit the backbone (input {g.name!r} {_fmt(g.dims)}): "
-                                f"{msg}; give --image-size with a size the model accepts") from None
-            raise DataError(f"the backbone failed on a batch: {msg}") from None
-        y = np.asarray(y)
+    def features(out: dict[str, np.ndarray], ids: list[int]) -> dict[int, np.ndarray]:
+        y = np.asarray(out[output])
         if y.ndim != 2:
             raise DataError(f"the cut tensor has shape {list(y.shape)} at run time, not batch x features; "
                             f"choose another --cut")
-        return y.astype(np.float32, copy=False)
+        return dict(zip(ids, y.astype(np.float32, copy=False)))
 
     if dataset.kind == "vectors":
         for i in range(0, n, batch_size):
-            outs.append(infer(np.ascontiguousarray(dataset.x[i:i + batch_size], np.float32), i == 0))
-            index.extend(range(i, min(n, i + batch_size)))
-            bar.update(min(batch_size, n - i))
+            ids = list(range(i, min(n, i + batch_size)))
+            try:
+                out = predictor.run_batched(np.ascontiguousarray(dataset.x[i:i + batch_size], np.float32))
+            except DataError:
+                raise
+            except Exception as e:  # noqa: BLE001 - onnxruntime raises its own types
+                raise DataError(f"the backbone failed on a batch: {' '.join(str(e).split())[:300]}") from None
+            got = features(out, ids)
+            rows.extend(got[j] for j in ids)
+            index.extend(ids)
+            bar.update(len(ids))
     else:
-        if spec is None:
+        if predictor.preprocess is None:
             raise DataError("the model's preprocessing is unknown; give --preprocess (raw, unit, tf, torch or caffe)")
         if g.size is None:
             raise DataError(f"the model input {g.name!r} {_fmt(g.dims)} has no fixed image size; give --image-size H,W")
-        nworkers = workers or min(8, (os.cpu_count() or 2))
-        with ThreadPoolExecutor(max_workers=nworkers, thread_name_prefix="porter-decode") as pool:
-            pending: collections.deque[tuple[int, Future]] = collections.deque()
-            ahead = batch_size * 3  # decode up to three batches ahead of inference
-            submitted = 0
-
-            def fill():
-                nonlocal submitted
-                while submitted < n and len(pending) < ahead:
-                    i = submitted
-                    pending.append((i, pool.submit(_decode, dataset.items[i], dataset.names[i], g.size)))
-                    submitted += 1
-
-            fill()
-            first = True
-            while pending:
-                images, ids, seen = [], [], 0
-                while pending and len(images) < batch_size:
-                    i, fut = pending.popleft()
-                    seen += 1
-                    try:
-                        images.append(fut.result())
-                        ids.append(i)
-                    except DataError as e:
-                        skipped.append((dataset.names[i], str(e)))
-                    fill()
-                bar.update(seen)
-                if not images:
-                    continue
-                outs.append(infer(to_tensor(images, spec, g.channels), first))
-                first = False
-                index.extend(ids)
+        done = 0
+        for i, row, error in predictor.iter_outputs(dataset.items, names=dataset.names, postprocess=features):
+            if isinstance(error, InferenceError):
+                if not rows and g.kind == "image":
+                    size = "x".join(map(str, g.size or ()))
+                    raise UsageError(f"image size {size} doesn't fit the backbone (input {g.name!r} {_fmt(g.dims)}): "
+                                     f"{error}; give --image-size with a size the model accepts") from None
+                raise DataError(f"the backbone failed on a batch: {error}") from None
+            if error is not None:
+                skipped.append((dataset.names[i], str(error)))
+            else:
+                rows.append(row)
+                index.append(i)
+            done += 1
+            if done % batch_size == 0 or done == n:
+                bar.update(done - bar.done)
     bar.close()
-    if not outs:
+    if not rows:
         first = skipped[0][1] if skipped else "no examples"
         raise DataError(f"none of the {n} images could be read (e.g. {first})")
-    feats = np.concatenate(outs)
+    feats = np.stack(rows)
     if not np.isfinite(feats).all():
         bad = int((~np.isfinite(feats)).any(axis=1).sum())
         raise DataError(f"the backbone produced NaN or inf features for {bad} of {len(feats)} examples; check the "
