@@ -603,3 +603,16 @@ def test_an_image_the_model_fails_on_is_reported_with_the_rest_going_on(tmp_path
     assert "2 images, 1 failed in" in p.last_stats.describe()
     with pytest.raises(InferenceError, match=r"^array 1: model failed on the batch of 1 holding it"):
         p.predict([good[0], tiny])
+
+
+@pytest.mark.parametrize("streams", [1, 2])
+def test_images_resized_to_a_size_the_model_does_not_take_fail_once(tmp_path, streams):
+    """A preprocessing size that doesn't fit the model's fixed input is one clear error, with or without streams."""
+    model = classifier(layout="NHWC", preprocess="tf")
+    spec = PreprocessSpec.preset("tf", layout="NHWC", size=(12, 12), channels=3)
+    p = load(model, device="cpu", batch_size=1, threads=2, streams=streams, preprocess=spec)
+    files = write_images(tmp_path, 8, size=(12, 10))
+    with pytest.raises(DataError, match=r"input 'image' of model expects float32\[batch, 8, 8, 3\], received "
+                                        r"float32\[1, 12, 12, 3\]"):
+        list(p.iter_predictions(files))
+    assert p.last_stats.streams == streams

@@ -688,7 +688,8 @@ class Predictor:
             session, _ = S.create_session(source, config, input_profiles=self._input_profiles)
             self._stream_session = (threads, session)
         session, names = self._stream_session[1], self.output_names
-        return lambda feeds: dict(zip(names, session.run(None, feeds)))
+        # the same feed checks as run(): a batch that can't fit is one clear error, however many streams
+        return lambda feeds: dict(zip(names, session.run(None, {k: self._check_feed(k, v) for k, v in feeds.items()})))
 
     def image_spec(self) -> tuple[PreprocessSpec, TensorInfo]:
         """The preprocessing and the image input, or a DataError saying why this model can't take images."""
