@@ -278,6 +278,9 @@ def add_bench_parser(sub) -> None:
                    help="also time the source model (rebuilt from the metadata's source reference) and print ratios")
     p.add_argument("--seconds", type=float, default=1.0, help="minimum timed seconds per batch size (default 1)")
     p.add_argument("--warmup", type=int, default=3, help="untimed runs before timing (default 3)")
+    p.add_argument("--streams", type=int, default=1, metavar="N",
+                   help="CPU: time N concurrent streams sharing the cores, as porter predict runs long jobs "
+                        "(throughput = the streams' rates added up; default 1)")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
 
 
@@ -328,7 +331,8 @@ def run_bench(args: argparse.Namespace) -> int:
 
     sizes = parse_batch_sizes(args.batch_sizes)
     predictor = load(args.model, device=args.device, fp16=args.fp16, batch_size=max(sizes))
-    report = bench(predictor, sizes, warmup=args.warmup, min_seconds=args.seconds, against_source=args.against_source)
+    report = bench(predictor, sizes, warmup=args.warmup, min_seconds=args.seconds, against_source=args.against_source,
+                   streams=args.streams)
     print(json.dumps(report.to_dict(), indent=2) if args.json else report.to_table())
     return 0
 

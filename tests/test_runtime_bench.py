@@ -12,7 +12,8 @@ from porter.errors import SourceError, UsageError
 from porter.importers import ImportedModel
 from porter.runtime import load
 from porter.sources import SourceRef
-from porter.runtime.bench import BenchReport, Timing, bench, load_source, measure, parse_batch_sizes, summarize
+from porter.runtime.bench import (BenchReport, Timing, bench, load_source, measure, measure_streams, parse_batch_sizes,
+                                  summarize)
 
 from runtime_models import card_for, classifier, write_images
 
@@ -123,3 +124,69 @@ def test_keras_fixture_end_to_end(tmp_path, capsys):
     assert "keras p50 ms" in table and "speed-up" in table
     row = table.splitlines()[3].split()
     assert row[0] == "4" and row[-2].endswith("x") and float(row[-1]) < 1e-4
+
+
+def test_measure_streams_runs_every_stream_beside_the_others():
+    import threading
+
+    seen: dict[str, int] = {}
+    inside = [0]
+    overlap = [0]
+    lock = threading.Lock()
+
+    def fn():
+        name = threading.current_thread().name
+        with lock:
+            seen[name] = seen.get(name, 0) + 1
+            inside[0] += 1
+            overlap[0] = max(overlap[0], inside[0])
+        threading.Event().wait(0.002)
+        with lock:
+            inside[0] -= 1
+
+    per_stream = measure_streams(fn, 3, warmup=2, min_seconds=0.05, min_runs=12)
+    assert len(per_stream) == 3 and sum(map(len, per_stream)) >= 12 and all(per_stream)
+    assert sorted(seen) == ["porter-bench-0", "porter-bench-1", "porter-bench-2"]
+    assert all(n == 2 + len(t) for n, t in zip((seen[f"porter-bench-{i}"] for i in range(3)), per_stream))  # + warm-up
+    assert overlap[0] == 3  # the streams really ran at the same time
+
+    def broken():
+        raise RuntimeError("boom")
+
+    with pytest.raises(RuntimeError, match="boom"):
+        measure_streams(broken, 2, warmup=1)
+
+
+def test_bench_with_streams(tmp_path, capsys):
+    from porter.cli import main
+
+    from runtime_models import save
+
+    p = load(classifier(), device="cpu", threads=4)
+    report = bench(p, "1,4", warmup=1, min_seconds=0.0, min_runs=6, streams=2)
+    assert report.engine == "onnxruntime cpu, 2 concurrent streams of 2 threads"
+    assert [r.batch_size for r in report.rows] == [1, 4] and all(r.runs >= 6 and r.throughput > 0 for r in report.rows)
+    assert p._stream_session[0] == 2  # the predict pipeline's own stream session
+    for kwargs, message in (({"streams": 0}, "streams must be a positive integer"),
+                            ({"streams": 2, "against_source": True}, "--streams and --against-source")):
+        with pytest.raises(UsageError, match=message):
+            bench(p, "1", **kwargs)
+    p.device = "cuda"  # as if on a GPU: streams are refused before anything runs
+    with pytest.raises(UsageError, match="--streams is for the CPU"):
+        bench(p, "1", streams=2)
+    model = save(classifier(), tmp_path / "m.onnx")
+    assert main(["bench", str(model), "--device", "cpu", "--batch-sizes", "2", "--seconds", "0", "--streams", "2"]) == 0
+    out = capsys.readouterr().out
+    assert "2 concurrent streams of" in out.splitlines()[0] and out.splitlines()[2].split()[0] == "2"
+    assert main(["bench", str(model), "--device", "cpu", "--streams", "0"]) == 2
+    assert "streams must be a positive integer, got 0" in capsys.readouterr().err
+
+
+
+def test_streams_throughput_adds_up_the_streams_rates(monkeypatch):
+    import porter.runtime.bench as B
+
+    monkeypatch.setattr(B, "measure_streams", lambda fn, streams, **kw: [[0.1, 0.1], [0.2]])
+    (row,) = bench(load(classifier(), device="cpu", threads=2), "4", streams=2).rows
+    assert row.throughput == pytest.approx(2 * 4 / 0.2 + 4 / 0.2) and row.p50_ms == pytest.approx(100.0)
+    assert row.runs == 3

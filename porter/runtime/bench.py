@@ -6,6 +6,10 @@ decoding is not part of the figure: ``porter predict`` overlaps decoding with in
 separately. On a GPU the inputs are placed on the device once and outputs stay there (IO binding), which
 measures the model, not PCIe copies.
 
+``streams=N`` (CPU) times N concurrent streams sharing the cores, as ``porter predict`` runs long jobs: each
+stream runs batches back to back on a session with 1/N of the threads; latency is per run, throughput is the
+streams' rates added up.
+
 ``against_source=True`` rebuilds the original model from the card's ``source`` through its importer and runs
 ``ImportedModel.run_source`` on the same inputs in the same process, reporting speed-up ratios and the max
 absolute difference of the outputs.
@@ -13,6 +17,7 @@ absolute difference of the outputs.
 
 from __future__ import annotations
 
+import threading
 import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
@@ -29,7 +34,7 @@ class Timing:
     batch_size: int
     p50_ms: float
     p95_ms: float
-    throughput: float  # items per second (from the median)
+    throughput: float  # items per second (batch / p50; concurrent streams: their rates added up)
     runs: int
 
     def to_dict(self) -> dict[str, Any]:
@@ -99,10 +104,13 @@ def measure(fn: Callable[[], Any], *, warmup: int = 3, min_seconds: float = 1.0,
     return times
 
 
-def summarize(times: Sequence[float], batch_size: int) -> Timing:
+def summarize(times: Sequence[float], batch_size: int, throughput: float | None = None) -> Timing:
+    """p50/p95 of ``times``; throughput ``batch_size / p50`` unless given (concurrent streams: their rates added up)."""
     arr = np.asarray(times)
     p50 = float(np.percentile(arr, 50))
-    return Timing(batch_size, p50 * 1e3, float(np.percentile(arr, 95)) * 1e3, batch_size / p50 if p50 else 0.0, len(arr))
+    if throughput is None:
+        throughput = batch_size / p50 if p50 else 0.0
+    return Timing(batch_size, p50 * 1e3, float(np.percentile(arr, 95)) * 1e3, throughput, len(arr))
 
 
 def parse_batch_sizes(text: str | Sequence[int]) -> tuple[int, ...]:
@@ -118,10 +126,55 @@ def parse_batch_sizes(text: str | Sequence[int]) -> tuple[int, ...]:
     return sizes
 
 
+def measure_streams(fn: Callable[[], Any], streams: int, *, warmup: int = 3, min_seconds: float = 1.0,
+                    min_runs: int = 5) -> list[list[float]]:
+    """``streams`` threads calling ``fn`` back to back after ``warmup`` calls each and a common start: seconds per
+    call, per thread. Every thread keeps going until ``min_seconds`` have passed and ``min_runs`` calls are done
+    between them, so each one's calls ran beside the others' (only a thread's last call can end alone)."""
+    times: list[list[float]] = [[] for _ in range(streams)]
+    t0 = [0.0]
+    start = threading.Barrier(streams, action=lambda: t0.__setitem__(0, time.perf_counter()))  # all warm: go
+    errors: list[BaseException] = []
+
+    def work(i: int) -> None:
+        try:
+            for _ in range(warmup):
+                fn()
+        except BaseException as e:  # noqa: BLE001 - handed to the caller below
+            errors.append(e)
+        start.wait()
+        while not errors and (sum(map(len, times)) < min_runs or time.perf_counter() - t0[0] < min_seconds):
+            s = time.perf_counter()
+            try:
+                fn()
+            except BaseException as e:  # noqa: BLE001
+                errors.append(e)
+                break
+            times[i].append(time.perf_counter() - s)
+
+    threads = [threading.Thread(target=work, args=(i,), name=f"porter-bench-{i}") for i in range(streams)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    if errors:
+        raise errors[0]
+    return times
+
+
 def bench(predictor: Predictor, batch_sizes: Sequence[int] | str = (1, 8, 32), *, warmup: int = 3,
-          min_seconds: float = 1.0, min_runs: int = 5, against_source: bool = False, seed: int = 0) -> BenchReport:
+          min_seconds: float = 1.0, min_runs: int = 5, against_source: bool = False, seed: int = 0,
+          streams: int = 1) -> BenchReport:
     """Time ``predictor`` at each batch size (and the source framework beside it when asked)."""
     sizes = parse_batch_sizes(batch_sizes)
+    if not isinstance(streams, int) or streams < 1:
+        raise UsageError(f"streams must be a positive integer, got {streams!r}")
+    if streams > 1 and predictor.device != "cpu":
+        raise UsageError(f"--streams is for the CPU (cores shared between concurrent runs); {predictor.name} runs on "
+                         f"{predictor.device}, where one stream keeps the GPU busy: drop --streams")
+    if streams > 1 and against_source:
+        raise UsageError("--streams and --against-source time different things (the source runs one batch at a "
+                         "time); run them separately")
     fixed = predictor._fixed_batch()
     notes = []
     if fixed and any(b != fixed for b in sizes):
@@ -129,6 +182,9 @@ def bench(predictor: Predictor, batch_sizes: Sequence[int] | str = (1, 8, 32), *
         sizes = (fixed,)
     source = load_source(predictor) if against_source else None
     engine = f"onnxruntime {predictor.device}{' fp16' if predictor.fp16 else ''}"
+    if streams > 1:
+        threads = predictor.stream_threads(streams)
+        engine += f", {streams} concurrent streams of {threads} thread{'s' if threads > 1 else ''}"
     report = BenchReport(model=predictor.name, engine=engine, providers=list(predictor.providers), rows=[],
                          notes=notes + list(predictor.notes))
     if source is not None:
@@ -136,8 +192,16 @@ def bench(predictor: Predictor, batch_sizes: Sequence[int] | str = (1, 8, 32), *
         report.notes.extend(source.notes)
     for b in sizes:
         feeds = predictor.example_inputs(b, seed=seed)
-        report.rows.append(summarize(measure(_runner(predictor, feeds), warmup=warmup, min_seconds=min_seconds,
-                                             min_runs=min_runs), b))
+        if streams > 1:
+            session = predictor.stream_session(streams)
+            per_stream = measure_streams(lambda: session.run(None, feeds), streams, warmup=warmup,
+                                         min_seconds=min_seconds, min_runs=min_runs)
+            # the streams' rates added up (a wall clock would count the tail, where the last run ends alone)
+            rate = sum(len(t) * b / sum(t) for t in per_stream if t)
+            report.rows.append(summarize([x for t in per_stream for x in t], b, throughput=rate))
+        else:
+            report.rows.append(summarize(measure(_runner(predictor, feeds), warmup=warmup, min_seconds=min_seconds,
+                                                 min_runs=min_runs), b))
         if source is not None:
             arrays = [feeds[n] for n in predictor.input_names]
             report.source_rows.append(summarize(measure(lambda: source.run(arrays), warmup=min(warmup, 2),

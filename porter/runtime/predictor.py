@@ -677,9 +677,22 @@ class Predictor:
         return self._config.threads or S.cpu_threads()
 
     def _stream_runner(self, streams: int):
-        """A run function on a session of the same model with 1/streams of the threads, shared by the streams
-        (created once per thread count, from the optimized-model cache)."""
-        threads = max(1, self._cpu_threads // streams)
+        """A run function on ``stream_session(streams)``, checking its feeds as ``run()`` does."""
+        session, names = self.stream_session(streams), self.output_names
+        # the same feed checks as run(): a batch that can't fit is one clear error, however many streams
+        return lambda feeds: dict(zip(names, session.run(None, {k: self._check_feed(k, v) for k, v in feeds.items()})))
+
+    def stream_threads(self, streams: int) -> int:
+        """Intra-op threads of each of ``streams`` concurrent CPU streams: the cores shared out."""
+        return max(1, self._cpu_threads // streams)
+
+    def stream_session(self, streams: int):
+        """The onnxruntime session ``streams`` concurrent CPU streams share: the same model with
+        ``stream_threads(streams)`` threads, idle threads not spinning (created once per thread count, from the
+        optimized-model cache)."""
+        if self.device != "cpu":
+            raise UsageError(f"concurrent streams are for the CPU; this predictor runs on {self.device}")
+        threads = self.stream_threads(streams)
         if self._stream_session is None or self._stream_session[0] != threads:
             # the bytes of the model this Predictor checked (not re-read from disk, which may have changed since);
             # they serialize to what _open saw, so the optimized-model cache hits
@@ -687,9 +700,7 @@ class Predictor:
             config = replace(self._config, threads=threads, spin=False)
             session, _ = S.create_session(source, config, input_profiles=self._input_profiles)
             self._stream_session = (threads, session)
-        session, names = self._stream_session[1], self.output_names
-        # the same feed checks as run(): a batch that can't fit is one clear error, however many streams
-        return lambda feeds: dict(zip(names, session.run(None, {k: self._check_feed(k, v) for k, v in feeds.items()})))
+        return self._stream_session[1]
 
     def image_spec(self) -> tuple[PreprocessSpec, TensorInfo]:
         """The preprocessing and the image input, or a DataError saying why this model can't take images."""
