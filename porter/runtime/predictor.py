@@ -772,7 +772,6 @@ def plan_batches(n: int, batch_size: int, streams: int = 1, padded: bool = False
     return [list(range(a, b)) for a, b in zip(bounds, bounds[1:])]
 
 
-
 def probabilities(scores: np.ndarray, transform: str) -> np.ndarray:
     """Apply the score transform chosen from the graph: none | softmax | exp (of log-probabilities)."""
     if transform == "softmax":

@@ -2,9 +2,9 @@
 
 The backbone runs through ``porter.runtime.Predictor`` (CUDA where it works, else CPU): images go through the
 same pipeline as ``porter predict`` (decoding ahead in a thread pool, concurrent inference streams on the CPU),
-so a model is trained and served on identical pixels. Unreadable images are skipped, counted and named. Features are cached under
-``<porter cache>/features/<key>.npz``, the key hashing the backbone (weights and graph), the cut, the data
-(paths, sizes, mtimes; or the array bytes) and the preprocessing, so a second run with other head settings
+so a model is trained and served on identical pixels. Unreadable images are skipped, counted and named. Features
+are cached under ``<porter cache>/features/<key>.npz``, the key hashing the backbone (weights and graph), the cut,
+the data (paths, sizes, mtimes; or the array bytes) and the preprocessing, so a second run with other head settings
 skips extraction.
 """
 
@@ -254,7 +254,7 @@ def _run(predictor, dataset: Dataset, g: InputGeometry, progress: bool):
         done = 0
         for i, row, error in predictor.iter_outputs(dataset.items, names=dataset.names, postprocess=features):
             if isinstance(error, InferenceError):
-                if not rows and g.kind == "image":
+                if not rows:  # the very first batch: the image size is what doesn't fit
                     size = "x".join(map(str, g.size or ()))
                     raise UsageError(f"image size {size} doesn't fit the backbone (input {g.name!r} {_fmt(g.dims)}): "
                                      f"{error}; give --image-size with a size the model accepts") from None
