@@ -616,3 +616,22 @@ def test_images_resized_to_a_size_the_model_does_not_take_fail_once(tmp_path, st
                                         r"float32\[1, 12, 12, 3\]"):
         list(p.iter_predictions(files))
     assert p.last_stats.streams == streams
+
+
+def test_iter_outputs_yields_every_output_row_in_order_with_named_errors(tmp_path):
+    model = classifier(layout="NHWC", preprocess="tf")
+    files = write_images(tmp_path, 5, size=(12, 10))
+    sources = files[:2] + [tmp_path / "gone.png"] + files[2:]
+    p = load(model, device="cpu", batch_size=2)
+    got = list(p.iter_outputs(sources, names=[f"n{i}" for i in range(6)]))
+    assert [i for i, _, _ in got] == list(range(6))
+    i, row, error = got[2]
+    assert row is None and isinstance(error, DataError) and str(error) == "n2: no such file"
+    expected = by_hand(model, files, p.preprocess)
+    rows = [r for _, r, e in got if e is None]
+    assert all(set(r) == {"probabilities"} and r["probabilities"].shape == (1, 5) for r in rows)
+    np.testing.assert_allclose(np.concatenate([r["probabilities"] for r in rows]), expected, atol=1e-6)
+    with pytest.raises(UsageError, match="2 names for 6 inputs"):
+        list(p.iter_outputs(sources, names=["a", "b"]))
+    with pytest.raises(DataError, match="^n2: no such file"):
+        list(p.iter_outputs(sources, names=[f"n{i}" for i in range(6)], errors="raise"))
