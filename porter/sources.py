@@ -25,6 +25,10 @@ from typing import Any
 from .errors import ModelLoadError, SourceError
 
 PREFIXES = ("keras", "torchhub", "tfjs", "onnx")
+# what a file's content says it is (sniff_file) -> (importer, form)
+FILE_KINDS = {"keras-zip": ("keras", "keras-file"), "hdf5": ("keras", "h5-file"),
+              "torchscript": ("torchhub", "torchscript"), "torch-pickle": ("torchhub", "state-dict"),
+              "tfjs-json": ("tfjs", "json-file"), "onnx": ("onnx", "onnx-file")}
 HDF5_MAGIC = b"\x89HDF\r\n\x1a\n"
 
 
@@ -174,18 +178,9 @@ def _detect_path(path: Path, text: str) -> SourceRef:
         raise SourceError(f"{text} is a directory but not a model: no saved_model.pb, model.json or hubconf.py in it")
     kind = sniff_file(path)
     suffix = path.suffix.lower()
-    if kind == "keras-zip":
-        return SourceRef("keras", "keras-file", str(path), text=text)
-    if kind == "hdf5":
-        return SourceRef("keras", "h5-file", str(path), text=text)
-    if kind == "torchscript":
-        return SourceRef("torchhub", "torchscript", str(path), text=text)
-    if kind == "torch-pickle":
-        return SourceRef("torchhub", "state-dict", str(path), text=text)
-    if kind == "tfjs-json":
-        return SourceRef("tfjs", "json-file", str(path), text=text)
-    if kind == "onnx":
-        return SourceRef("onnx", "onnx-file", str(path), text=text)
+    if kind in FILE_KINDS:
+        importer, form = FILE_KINDS[kind]
+        return SourceRef(importer, form, str(path), text=text)
     expected = {".keras": "a Keras zip archive holding config.json", ".h5": "an HDF5 file", ".hdf5": "an HDF5 file",
                 ".json": "a TF.js model.json", ".onnx": "an ONNX protobuf", ".pt": "a TorchScript archive",
                 ".pth": "a TorchScript archive"}.get(suffix)
