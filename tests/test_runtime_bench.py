@@ -168,6 +168,7 @@ def test_bench_with_streams(tmp_path, capsys):
     assert [r.batch_size for r in report.rows] == [1, 4] and all(r.runs >= 6 and r.throughput > 0 for r in report.rows)
     assert p._stream_session[0] == 2  # the predict pipeline's own stream session
     for kwargs, message in (({"streams": 0}, "streams must be a positive integer"),
+                            ({"warmup": -1}, "can't be negative"), ({"min_seconds": -0.5}, "can't be negative"),
                             ({"streams": 2, "against_source": True}, "--streams and --against-source")):
         with pytest.raises(UsageError, match=message):
             bench(p, "1", **kwargs)

@@ -169,6 +169,9 @@ def bench(predictor: Predictor, batch_sizes: Sequence[int] | str = (1, 8, 32), *
     sizes = parse_batch_sizes(batch_sizes)
     if not isinstance(streams, int) or streams < 1:
         raise UsageError(f"streams must be a positive integer, got {streams!r}")
+    if warmup < 0 or min_seconds < 0 or min_runs < 1:
+        raise UsageError(f"warm-up runs and timed seconds can't be negative, nor timed runs under 1 (got warmup "
+                         f"{warmup}, seconds {min_seconds}, runs {min_runs})")
     if streams > 1 and predictor.device != "cpu":
         raise UsageError(f"--streams is for the CPU (cores shared between concurrent runs); {predictor.name} runs on "
                          f"{predictor.device}, where one stream keeps the GPU busy: drop --streams")
