@@ -343,29 +343,10 @@ def run_cli(onnx_path: Path, images: Path, batch: int) -> tuple[float, float]:
 
 
 def streams_throughput(p, batch: int, streams: int, seconds: float):
-    """A measurement of ``p``'s pipeline streams on ready tensors: ``streams`` threads running batches concurrently."""
-    import threading
+    """A measurement of ``p``'s pipeline streams on ready tensors: ``porter bench --streams`` in process."""
+    from porter.runtime.bench import bench
 
-    run = p._stream_runner(streams)
-    feeds = p.example_inputs(batch)
-
-    def measure() -> float:
-        counts = [0] * streams
-        start = time.perf_counter()
-
-        def work(i: int) -> None:
-            while time.perf_counter() - start < seconds:
-                run(feeds)
-                counts[i] += batch
-
-        threads = [threading.Thread(target=work, args=(i,)) for i in range(streams)]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join()
-        return sum(counts) / (time.perf_counter() - start)
-
-    return measure
+    return lambda: bench(p, [batch], streams=streams, min_seconds=seconds, warmup=1).rows[0].throughput
 
 
 def camera_section(onnx_path: Path, batch: int, workdir: Path) -> None:
