@@ -245,8 +245,9 @@ DEVICE_CHOICES = ["auto", "cuda", "tensorrt", "cpu"]
 def add_predict_parser(sub) -> None:
     p = sub.add_parser("predict", help="classify images (or run any image model) with ONNX Runtime",
                        description="Run an ONNX model on image files and directories (recursive), preprocessing them "
-                                   "as the model's porter metadata says. Decoding runs in parallel with inference; an "
-                                   "unreadable file is reported on its own line and the exit code is non-zero.")
+                                   "as the model's porter metadata says. Decoding runs in parallel with inference; a "
+                                   "file that can't be read (or that the model fails on) is reported on its own line "
+                                   "and the exit code is non-zero.")
     p.add_argument("model", help="an ONNX file (from porter convert or finetune)")
     p.add_argument("inputs", nargs="+", metavar="INPUT", help="image files or directories")
     p.add_argument("--top-k", type=int, default=5, help="classes to report per image (default 5)")
