@@ -594,15 +594,21 @@ def test_an_image_the_model_fails_on_is_reported_with_the_rest_going_on(tmp_path
     good = random_images(3, size=(9, 9), seed=3)
     out = list(p.iter_predictions([good[0], tiny, good[1], good[2]]))
     assert [r.ok for r in out] == [True, False, True, True]
-    assert out[1].error.startswith("model failed on the batch of 1 holding it (1x3x2x2): ")
+    assert out[1].error.startswith("model failed on image 1x3x2x2: ")
     assert "Invalid input shape" in out[1].error and "[ONNXRuntimeError]" not in out[1].error
     ref = p.predict(good)
     assert [r.index for r in ref] == [out[0].index, out[2].index, out[3].index]
     assert p.last_stats is not None and "1 failed" not in p.last_stats.describe()  # the last pass had none
     list(p.iter_predictions([good[0], tiny]))
     assert "2 images, 1 failed in" in p.last_stats.describe()
-    with pytest.raises(InferenceError, match=r"^array 1: model failed on the batch of 1 holding it"):
+    with pytest.raises(InferenceError, match=r"^array 1 \(in a batch of 1\): model failed on image 1x3x2x2: "):
         p.predict([good[0], tiny])
+    # the same mechanism under run() and preprocessed tensors: one InferenceError, not onnxruntime's exception
+    x = to_tensor([tiny], p.preprocess)
+    with pytest.raises(InferenceError, match=r"^model failed on image 1x3x2x2: .*Invalid input shape"):
+        p.run(x)
+    with pytest.raises(InferenceError, match=r"^model failed on image 1x3x2x2: "):
+        p.predict(x, preprocessed=True)
 
 
 @pytest.mark.parametrize("streams", [1, 2])

@@ -195,6 +195,7 @@ def bench(predictor: Predictor, batch_sizes: Sequence[int] | str = (1, 8, 32), *
         report.notes.extend(source.notes)
     for b in sizes:
         feeds = predictor.example_inputs(b, seed=seed)
+        predictor.run(feeds)  # checked once (a model that can't run these is one clear error); timed raw below
         if streams > 1:
             session = predictor.stream_session(streams)
             per_stream = measure_streams(lambda: session.run(None, feeds), streams, warmup=warmup,

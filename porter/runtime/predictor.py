@@ -22,6 +22,7 @@ always applies one.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import time
@@ -370,9 +371,27 @@ class Predictor:
         if self.device == "cpu":
             if output_device == "cuda":
                 raise UsageError("output_device='cuda' needs a GPU device; this predictor runs on the CPU")
-            arrays = {k: _host_array(v) for k, v in feeds.items()}
-            return dict(zip(self.output_names, self._session.run(None, arrays)))
-        return self._run_bound(feeds, output_device)
+            return self._run_on(self._session, feeds)
+        with self._failures(feeds):
+            return self._run_bound(feeds, output_device)
+
+    def _run_on(self, session, feeds: dict[str, Any]) -> dict[str, np.ndarray]:
+        """``session`` (this model, on the CPU) on checked feeds, its failures as InferenceErrors."""
+        arrays = {k: _host_array(v) for k, v in feeds.items()}
+        with self._failures(feeds):
+            return dict(zip(self.output_names, session.run(None, arrays)))
+
+    @contextlib.contextmanager
+    def _failures(self, feeds: Mapping[str, Any]):
+        """onnxruntime failing on inputs that passed the checks (an image too small for a convolution, say): an
+        InferenceError naming the model and the inputs, ORT's own words kept, not a traceback."""
+        try:
+            yield
+        except PorterError:
+            raise
+        except Exception as e:  # noqa: BLE001 - onnxruntime raises its own types
+            given = ", ".join(f"{k} {'x'.join(map(str, _shape_dtype(v)[0] or ()))}" for k, v in feeds.items())
+            raise InferenceError(f"{self.name} failed on {given}: {_ort_message(e)}") from None
 
     def _run_bound(self, feeds: dict[str, Any], output_device: str) -> dict[str, Any]:
         import onnxruntime as ort
@@ -574,15 +593,10 @@ class Predictor:
         def run(batch: np.ndarray, indices: list[int], failed: dict[int, DataError]) -> dict[int, Any]:
             try:
                 out = self._run_padded({self.input_names[0]: batch}, len(indices), runner)
-            except PorterError:
-                raise
-            except Exception as e:  # noqa: BLE001 - onnxruntime raises its own types
-                why = (f"{self.name} failed on the batch of {len(indices)} holding it "
-                       f"({'x'.join(map(str, batch.shape))}): {_ort_message(e)}")
+            except InferenceError as e:  # the whole batch: each of its inputs reports it
                 if errors == "raise":
-                    raise InferenceError(f"{label(indices[0])}: {why}") from None
-                error = InferenceError(why)
-                failed.update((i, error) for i in indices)
+                    raise InferenceError(f"{label(indices[0])} (in a batch of {len(indices)}): {e}") from None
+                failed.update((i, e) for i in indices)
                 return {}
             return post(out, indices)
 
@@ -678,9 +692,9 @@ class Predictor:
 
     def _stream_runner(self, streams: int):
         """A run function on ``stream_session(streams)``, checking its feeds as ``run()`` does."""
-        session, names = self.stream_session(streams), self.output_names
-        # the same feed checks as run(): a batch that can't fit is one clear error, however many streams
-        return lambda feeds: dict(zip(names, session.run(None, {k: self._check_feed(k, v) for k, v in feeds.items()})))
+        session = self.stream_session(streams)
+        # the same checks as run(): a batch that can't fit is one clear error, however many streams
+        return lambda feeds: self._run_on(session, {k: self._check_feed(k, v) for k, v in feeds.items()})
 
     def stream_threads(self, streams: int) -> int:
         """Intra-op threads of each of ``streams`` concurrent CPU streams: the cores shared out."""

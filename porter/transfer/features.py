@@ -238,10 +238,8 @@ def _run(predictor, dataset: Dataset, g: InputGeometry, progress: bool):
             ids = list(range(i, min(n, i + batch_size)))
             try:
                 out = predictor.run_batched(np.ascontiguousarray(dataset.x[i:i + batch_size], np.float32))
-            except DataError:
-                raise
-            except Exception as e:  # noqa: BLE001 - onnxruntime raises its own types
-                raise DataError(f"the backbone failed on a batch: {' '.join(str(e).split())[:300]}") from None
+            except InferenceError as e:
+                raise DataError(f"the backbone failed on a batch: {e}") from None
             got = features(out, ids)
             rows.extend(got[j] for j in ids)
             index.extend(ids)
