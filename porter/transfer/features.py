@@ -226,12 +226,12 @@ def _run(predictor, dataset: Dataset, g: InputGeometry, progress: bool):
     skipped: list[tuple[str, str]] = []
     output = predictor.output_names[0]
 
-    def features(out: dict[str, np.ndarray], ids: list[int]) -> dict[int, np.ndarray]:
+    def features(out: dict[str, np.ndarray]) -> np.ndarray:
         y = np.asarray(out[output])
         if y.ndim != 2:
             raise DataError(f"the cut tensor has shape {list(y.shape)} at run time, not batch x features; "
                             f"choose another --cut")
-        return dict(zip(ids, y.astype(np.float32, copy=False)))
+        return y.astype(np.float32, copy=False)
 
     if dataset.kind == "vectors":
         for i in range(0, n, batch_size):
@@ -240,8 +240,7 @@ def _run(predictor, dataset: Dataset, g: InputGeometry, progress: bool):
                 out = predictor.run_batched(np.ascontiguousarray(dataset.x[i:i + batch_size], np.float32))
             except InferenceError as e:
                 raise DataError(f"the backbone failed on a batch: {e}") from None
-            got = features(out, ids)
-            rows.extend(got[j] for j in ids)
+            rows.extend(features(out))
             index.extend(ids)
             bar.update(len(ids))
     else:
@@ -250,7 +249,8 @@ def _run(predictor, dataset: Dataset, g: InputGeometry, progress: bool):
         if g.size is None:
             raise DataError(f"the model input {g.name!r} {_fmt(g.dims)} has no fixed image size; give --image-size H,W")
         done = 0
-        for i, row, error in predictor.iter_outputs(dataset.items, names=dataset.names, postprocess=features):
+        for i, row, error in predictor.iter_outputs(dataset.items, names=dataset.names,
+                                                    postprocess=lambda out, ids: dict(zip(ids, features(out)))):
             if isinstance(error, InferenceError):
                 if not rows:  # the very first batch: the image size is what doesn't fit
                     size = "x".join(map(str, g.size or ()))
