@@ -320,12 +320,12 @@ def predict_section(onnx_path: Path, n_images: int, batch: int, rounds: int, sec
 
 
 def run_bench_cli(onnx_path: Path, batch: int, seconds: float) -> float:
-    """``porter bench MODEL --batch-sizes B`` as a user runs it: the items/s of its table."""
+    """``porter bench MODEL --batch-sizes B`` as a user runs it: its items/s (read from ``--json``)."""
     cli = subprocess.run([sys.executable, "-m", "porter", "bench", str(onnx_path), "--device", "cpu",
-                          "--batch-sizes", str(batch), "--seconds", str(seconds)], capture_output=True, text=True)
+                          "--batch-sizes", str(batch), "--seconds", str(seconds), "--json"], capture_output=True, text=True)
     if cli.returncode != 0:
         raise SystemExit(f"porter bench failed: {cli.stderr.strip()}")
-    return float(cli.stdout.strip().splitlines()[-1].split()[-1])
+    return float(json.loads(cli.stdout)["rows"][0]["throughput"])
 
 
 def run_cli(onnx_path: Path, images: Path, batch: int) -> tuple[float, float]:
