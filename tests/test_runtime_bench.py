@@ -183,7 +183,6 @@ def test_bench_with_streams(tmp_path, capsys):
     assert "streams must be a positive integer, got 0" in capsys.readouterr().err
 
 
-
 def test_streams_throughput_adds_up_the_streams_rates(monkeypatch):
     import porter.runtime.bench as B
 
