@@ -94,6 +94,10 @@ def test_against_source_errors(tmp_path):
     tuned = classifier(card=card_for(None, source="keras:MobileNetV2", framework="keras", cut="pool"))
     with pytest.raises(SourceError, match="fine-tuned by porter"):
         load_source(load(tuned, device="cpu"))
+    in_memory = classifier(card=card_for(None, source="keras-object:mobilenetv2_1.00_224", framework="keras"))
+    with pytest.raises(SourceError, match=r"^model was converted from an in-memory keras model \(keras-object:"
+                                          r"mobilenetv2_1\.00_224\), which porter can't rebuild; --against-source"):
+        load_source(load(in_memory, device="cpu"))
     bare = classifier(preprocess=None)
     with pytest.raises(SourceError, match="no porter metadata"):
         load_source(load(bare, device="cpu"))

@@ -17,6 +17,7 @@ absolute difference of the outputs.
 
 from __future__ import annotations
 
+import re
 import threading
 import time
 from dataclasses import dataclass, field
@@ -251,6 +252,11 @@ def load_source(predictor: Predictor) -> SourceModel:
     from ..options import ConvertOptions
     from ..sources import parse_source
 
+    in_memory = re.match(r"(\w+)-object:", card.source)
+    if in_memory:  # porter.convert(model_object): nothing on disk or on a hub to rebuild it from
+        raise SourceError(f"{predictor.name} was converted from an in-memory {in_memory.group(1)} model "
+                          f"({card.source}), which porter can't rebuild; --against-source needs a model converted "
+                          f"from a file or a keras:/torchhub:/tfjs: reference")
     try:
         ref = parse_source(card.source)
     except SourceError as e:
