@@ -98,6 +98,9 @@ def test_against_source_errors(tmp_path):
     with pytest.raises(SourceError, match=r"^model was converted from an in-memory keras model \(keras-object:"
                                           r"mobilenetv2_1\.00_224\), which porter can't rebuild; --against-source"):
         load_source(load(in_memory, device="cpu"))
+    module = classifier(card=card_for(None, source="module:SmallCNN", framework="torch"))
+    with pytest.raises(SourceError, match=r"in-memory torch model \(module:SmallCNN\), which porter can't rebuild"):
+        load_source(load(module, device="cpu"))
     bare = classifier(preprocess=None)
     with pytest.raises(SourceError, match="no porter metadata"):
         load_source(load(bare, device="cpu"))

@@ -252,9 +252,9 @@ def load_source(predictor: Predictor) -> SourceModel:
     from ..options import ConvertOptions
     from ..sources import parse_source
 
-    in_memory = re.match(r"(\w+)-object:", card.source)
-    if in_memory:  # porter.convert(model_object): nothing on disk or on a hub to rebuild it from
-        raise SourceError(f"{predictor.name} was converted from an in-memory {in_memory.group(1)} model "
+    if re.match(r"(keras-object|module):", card.source):  # what sources._from_object names in-memory models
+        # porter.convert(model_object): nothing on disk or on a hub to rebuild it from
+        raise SourceError(f"{predictor.name} was converted from an in-memory {card.framework} model "
                           f"({card.source}), which porter can't rebuild; --against-source needs a model converted "
                           f"from a file or a keras:/torchhub:/tfjs: reference")
     try:
