@@ -181,19 +181,24 @@ def run_inspect(args: argparse.Namespace) -> int:
 
 def add_finetune_parser(sub) -> None:
     p = sub.add_parser("finetune", help="train a new classifier head on your data; write backbone + head as one ONNX",
-                       description="Cut the model's classifier off, compute backbone features once (cached), train a "
-                                   "new head in torch with early stopping, and write backbone + head as one ONNX file "
+                       description="Cut the model's whole classifier head off at the pooled backbone (or a better "
+                                   "candidate cut chosen on validation), compute backbone features once (cached), "
+                                   "solve a new linear head to its optimum (L2 strength chosen on validation) or train "
+                                   "an MLP head, and write backbone + head as one ONNX file "
                                    "with labels and preprocessing, plus a report (NAME.metrics.json, "
                                    "NAME.training.png, NAME.confusion.png) beside it.")
     p.add_argument("source", help="an ONNX file, or any source porter converts (keras:..., torchhub:..., tfjs:..., a path)")
     p.add_argument("data", help="an image folder with one subfolder per class, or a CSV file with a label column")
     p.add_argument("-o", "--output", required=True, help="the ONNX file to write")
     g = p.add_argument_group("training")
-    g.add_argument("--epochs", type=int, default=100, help="upper bound; early stopping on validation loss decides (default 100)")
-    g.add_argument("--patience", type=int, default=20, help="epochs without a better validation loss before stopping (default 20)")
-    g.add_argument("--batch-size", type=int, default=32, help="head training batch size (default 32)")
-    g.add_argument("--lr", type=float, default=1e-2, help="AdamW learning rate (default 0.01; halved on plateaus)")
-    g.add_argument("--weight-decay", type=float, default=1e-4, help="AdamW weight decay (default 1e-4)")
+    g.add_argument("--epochs", type=int, default=100, help="AdamW: upper bound; early stopping on validation loss decides (default 100)")
+    g.add_argument("--patience", type=int, default=20, help="AdamW: epochs without a better validation loss before stopping (default 20)")
+    g.add_argument("--batch-size", type=int, default=32, help="AdamW: head training batch size (default 32)")
+    g.add_argument("--lr", type=float, default=None,
+                   help="train with AdamW at this learning rate (halved on plateaus). Default: the linear head is "
+                        "solved by L-BFGS; the mlp head's lr is chosen on validation from 0.001, 0.003")
+    g.add_argument("--weight-decay", type=float, default=None,
+                   help="linear probe: the L2 strength; AdamW: its weight decay. Default: chosen on validation")
     g.add_argument("--head", choices=["linear", "mlp"], default="linear", help="head architecture (default linear)")
     g.add_argument("--hidden", type=int, default=256, help="mlp hidden units (default 256)")
     g.add_argument("--dropout", type=float, default=None, help="dropout (default 0 for linear, 0.2 for mlp)")
@@ -201,7 +206,10 @@ def add_finetune_parser(sub) -> None:
     g.add_argument("--balance", action="store_true", help="weight classes by inverse frequency (imbalanced data)")
     g.add_argument("--seed", type=int, default=0, help="seed for the split, init and shuffling (default 0)")
     g = p.add_argument_group("model and data")
-    g.add_argument("--cut", metavar="TENSOR", help="attach the head to this tensor (default: detected; see porter inspect --cuts)")
+    g.add_argument("--cut", metavar="MODE|TENSOR",
+                   help="auto (default: search the candidate cuts while their features take at most 2x the "
+                        "backbone's, pick the lowest validation loss), backbone (the pooled backbone only), search "
+                        "(every candidate), or a tensor name (pooled if spatial); porter inspect MODEL --cuts lists them")
     g.add_argument("--image-size", metavar="H,W", help="image size for backbones without a fixed input size")
     add_preprocess_args(g)
     g.add_argument("--label-column", default="label", help="CSV label column (default label)")

@@ -9,7 +9,8 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from porter.errors import UsageError
-from porter.graph.surgery import FEATURES, choose_cut, cut_candidates, extract_backbone, merge_head, model_hash
+from porter.graph.cuts import choose_cut, cut_candidates
+from porter.graph.surgery import FEATURES, extract_backbone, merge_head, model_hash
 
 RNG = np.random.default_rng(0)
 

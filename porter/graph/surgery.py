@@ -1,231 +1,23 @@
-"""Graph surgery for fine-tuning: find where to cut, extract the backbone, merge a new head onto it.
+"""Graph surgery for fine-tuning: extract the backbone up to one or more cuts, merge a new head onto it.
 
-Framework-free: imports only onnx and numpy. The cut is the tensor a new head is attached to -- the input of
-the final classifier (``Gemm``; ``MatMul`` [+ ``Add``]; a 1x1 ``Conv`` after global pooling), found by walking
-back from the model's output through trailing ``Softmax``/``Flatten``/``Reshape``/``Identity``-like nodes.
-Without such a classifier the last global pooling (``GlobalAveragePool``/``GlobalMaxPool``, or ``ReduceMean``
-over the spatial axes) is the fallback.
+Framework-free: imports only onnx and numpy. Where to cut is ``cuts.py``'s job; here a cut becomes a graph output
+of batch x features: pooled by a ``ReduceMean`` porter appends when the cut is a spatial feature map, flattened when
+it has trailing unit dims.
 """
 
 from __future__ import annotations
 
 import hashlib
-from dataclasses import dataclass
-from typing import NamedTuple, Sequence
+from typing import Sequence
 
 import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
 from ..errors import UsageError
+from .cuts import Cut, ModelGraph, choose_cut, format_shape  # noqa: F401 - format_shape re-exported for callers
 
-FEATURES = "porter/features"  # the backbone's output: batch x features
-# Nodes that sit between a classifier and the model output without changing what it computes per example.
-PASS_THROUGH = {"Softmax", "LogSoftmax", "Sigmoid", "Flatten", "Reshape", "Identity", "Squeeze", "Unsqueeze",
-                "Dropout", "Cast", "Transpose"}
-GLOBAL_POOLS = {"GlobalAveragePool", "GlobalMaxPool"}
-
-
-class CutCandidate(NamedTuple):
-    """A tensor a head can be attached to: its name, its (inferred) shape, and why it is a candidate."""
-
-    name: str
-    shape: tuple[int | str | None, ...] | None
-    reason: str
-
-    def describe(self) -> str:
-        return f"{self.name} {format_shape(self.shape)} ({self.reason})"
-
-
-def format_shape(shape: Sequence[int | str | None] | None) -> str:
-    if shape is None:
-        return "[unknown shape]"
-    return "[" + ", ".join("?" if d is None else str(d) for d in shape) + "]"
-
-
-# --- reading the graph ------------------------------------------------------------------------------------------
-
-class _Graph:
-    """Producer/consumer maps, constants and inferred shapes of a model's main graph."""
-
-    def __init__(self, model: onnx.ModelProto):
-        try:
-            inferred = onnx.shape_inference.infer_shapes(model)
-        except Exception:  # noqa: BLE001 - shapes are a help, not a requirement
-            inferred = model
-        g = inferred.graph
-        self.graph = model.graph
-        self.nodes = list(model.graph.node)
-        self.producer: dict[str, onnx.NodeProto] = {}
-        self.order: dict[str, int] = {}
-        for i, node in enumerate(self.nodes):
-            for out in node.output:
-                if out:
-                    self.producer[out] = node
-                    self.order[out] = i
-        self.consts: dict[str, onnx.TensorProto] = {t.name: t for t in model.graph.initializer}
-        for node in self.nodes:
-            if node.op_type == "Constant" and node.output:
-                for a in node.attribute:
-                    if a.name == "value" and a.type == onnx.AttributeProto.TENSOR:
-                        self.consts[node.output[0]] = a.t
-        self.inputs = [v.name for v in model.graph.input if v.name not in self.consts]
-        self.shapes: dict[str, tuple[int | str | None, ...]] = {}
-        self.types: dict[str, int] = {}
-        for v in list(g.input) + list(g.value_info) + list(g.output):
-            t = v.type.tensor_type
-            if t.elem_type:
-                self.types[v.name] = t.elem_type
-            if t.HasField("shape"):
-                self.shapes[v.name] = tuple(d.dim_value if d.HasField("dim_value") else (d.dim_param or None)
-                                            for d in t.shape.dim)
-
-    def tensors(self) -> set[str]:
-        return set(self.producer) | set(self.inputs)
-
-    def const_array(self, name: str) -> np.ndarray | None:
-        t = self.consts.get(name)
-        return numpy_helper.to_array(t) if t is not None else None
-
-    def through(self, name: str) -> str:
-        """Walk back from ``name`` through pass-through nodes; the first tensor that isn't their output."""
-        seen = set()
-        while name in self.producer and name not in seen:
-            seen.add(name)
-            node = self.producer[name]
-            if node.op_type not in PASS_THROUGH or not node.input:
-                break
-            name = node.input[0]
-        return name
-
-
-def _attr(node: onnx.NodeProto, name: str, default=None):
-    for a in node.attribute:
-        if a.name == name:
-            return helper.get_attribute_value(a)
-    return default
-
-
-def _is_global_pool(g: _Graph, node: onnx.NodeProto) -> bool:
-    if node.op_type in GLOBAL_POOLS:
-        return True
-    if node.op_type != "ReduceMean" or not node.input:
-        return False
-    axes = _attr(node, "axes")
-    if axes is None and len(node.input) > 1 and node.input[1]:
-        arr = g.const_array(node.input[1])
-        axes = arr.reshape(-1).tolist() if arr is not None else None
-    shape = g.shapes.get(node.input[0])
-    if axes is None or shape is None or len(shape) != 4:
-        return False
-    spatial = {((a + 4) % 4) for a in axes}
-    return spatial in ({2, 3}, {1, 2})  # NCHW or NHWC
-
-
-def _classifier_input(g: _Graph, name: str) -> tuple[str, str] | None:
-    """If ``name`` is produced by a classifier layer, return (its feature input, description)."""
-    node = g.producer.get(name)
-    if node is None:
-        return None
-    if node.op_type == "Gemm" and len(node.input) >= 2 and node.input[1] in g.consts:
-        return node.input[0], f"input of the final classifier (Gemm '{node.name or node.output[0]}')"
-    if node.op_type == "Add" and len(node.input) == 2:
-        for mm, bias in ((node.input[0], node.input[1]), (node.input[1], node.input[0])):
-            prod = g.producer.get(mm)
-            if prod is not None and prod.op_type == "MatMul" and prod.input[1] in g.consts and bias in g.consts:
-                return prod.input[0], f"input of the final classifier (MatMul + Add '{prod.name or prod.output[0]}')"
-    if node.op_type == "MatMul" and len(node.input) == 2 and node.input[1] in g.consts:
-        return node.input[0], f"input of the final classifier (MatMul '{node.name or node.output[0]}')"
-    if node.op_type == "Conv" and len(node.input) >= 2 and node.input[1] in g.consts:
-        w = g.consts[node.input[1]]
-        if len(w.dims) == 4 and tuple(w.dims[2:]) == (1, 1):
-            pooled = g.through(node.input[0])
-            pool = g.producer.get(pooled)
-            if pool is not None and _is_global_pool(g, pool):
-                return node.input[0], f"input of the final classifier (1x1 Conv '{node.name or node.output[0]}' after global pooling)"
-    return None
-
-
-def cut_candidates(model: onnx.ModelProto) -> list[CutCandidate]:
-    """Tensors a new head can be attached to, best first, as (name, shape, reason).
-
-    First the input of each output's final classifier, then the outputs of global pooling nodes (latest first).
-    """
-    return _candidates(_Graph(model))
-
-
-def _candidates(g: _Graph) -> list[CutCandidate]:
-    found: list[CutCandidate] = []
-    names: set[str] = set()
-
-    def add(name: str, reason: str) -> None:
-        if name not in names:
-            names.add(name)
-            found.append(CutCandidate(name, g.shapes.get(name), reason))
-
-    for out in g.graph.output:
-        hit = _classifier_input(g, g.through(out.name))
-        if hit:
-            add(*hit)
-    pools = [n for n in g.nodes if _is_global_pool(g, n)]
-    for node in reversed(pools):
-        kind = node.op_type if node.op_type in GLOBAL_POOLS else "ReduceMean over the spatial axes"
-        add(node.output[0], f"output of global pooling ({kind} '{node.name or node.output[0]}')")
-    return found
-
-
-@dataclass(frozen=True)
-class Cut:
-    """The chosen cut: the tensor, its shape, why, and a note when porter fell back or the user chose."""
-
-    name: str
-    shape: tuple[int | str | None, ...] | None
-    reason: str
-    note: str | None = None
-
-
-def choose_cut(model: onnx.ModelProto, cut: str | None = None) -> Cut:
-    """The tensor to attach a head to: ``cut`` if given (checked), else the best detected candidate."""
-    g = _Graph(model)
-    candidates = _candidates(g)
-    listing = "; ".join(c.describe() for c in candidates[:6]) or "none detected"
-    if cut is not None:
-        if cut in g.consts:
-            raise UsageError(f"--cut {cut!r} is a weight (initializer), not an activation; candidates: {listing}")
-        if cut not in g.tensors():
-            raise UsageError(f"--cut {cut!r} is not a tensor of this model; candidates: {listing} "
-                             f"(porter inspect MODEL --cuts lists them)")
-        reason = next((c.reason for c in candidates if c.name == cut), "chosen with --cut")
-        chosen = Cut(cut, g.shapes.get(cut), reason, note=f"cut at {cut!r} (--cut)")
-    else:
-        if not candidates:
-            raise UsageError("no cut found: this model has no final classifier (Gemm, MatMul [+ Add], 1x1 Conv after "
-                             "global pooling) and no global pooling; choose the feature tensor with --cut TENSOR")
-        best = candidates[0]
-        note = None
-        if best.reason.startswith("output of global pooling"):
-            note = (f"no final classifier found (Gemm, MatMul + Add, 1x1 Conv after global pooling); cutting at the "
-                    f"last global pooling {best.name!r} {format_shape(best.shape)}")
-        chosen = Cut(best.name, best.shape, best.reason, note)
-    feature_dim(chosen, listing)  # fails early on a spatial tensor
-    return chosen
-
-
-def feature_dim(cut: Cut, listing: str = "") -> int | None:
-    """The feature count of a batch x features tensor (trailing unit dims allowed); None when not known yet."""
-    shape = cut.shape
-    if shape is None:
-        return None
-    rest = shape[1:]
-    unknown = [d for d in rest if not isinstance(d, int) or d <= 0]
-    big = [d for d in rest if isinstance(d, int) and d > 1]
-    if len(shape) < 2 or len(unknown) + len(big) > 1:
-        hint = f"; candidates: {listing}" if listing else ""
-        raise UsageError(f"cut tensor {cut.name!r} has shape {format_shape(shape)}, not batch x features after "
-                         f"pooling; cut after global pooling or flattening{hint}")
-    if unknown:
-        return None  # checked when the features are computed
-    return int(big[0]) if big else 1
+FEATURES = "porter/features"  # the backbone's output: batch x features (with several cuts: porter/features/0, ...)
 
 
 # --- extraction -------------------------------------------------------------------------------------------------
@@ -245,17 +37,22 @@ def _subgraph_inputs(node: onnx.NodeProto) -> set[str]:
     return names
 
 
-def extract_backbone(model: onnx.ModelProto, cut: Cut | str | None = None) -> onnx.ModelProto:
-    """The sub-graph from the model's inputs to the cut, with one output ``porter/features`` (batch x features).
+def extract_backbone(model: onnx.ModelProto, cuts: Cut | str | Sequence[Cut] | None = None) -> onnx.ModelProto:
+    """The sub-graph from the model's inputs to the cut(s), each as an output of batch x features.
 
-    Keeps the source's input(s), opset, IR version and functions; drops ``porter.*`` metadata. A cut tensor
-    with trailing unit dims (``N x C x 1 x 1``) is flattened.
+    One cut: one output ``porter/features``; several: ``porter/features/0``, ``/1``, ... in their order, computed in
+    one pass. A spatial cut gets the global average pooling it asks for (``Cut.pool_axes``); trailing unit dims
+    (``N x C x 1 x 1``) are flattened. Keeps the source's input(s), opset, IR version and functions; drops
+    ``porter.*`` metadata.
     """
-    if not isinstance(cut, Cut):
-        cut = choose_cut(model, cut)
+    if cuts is None or isinstance(cuts, str):
+        cuts = [choose_cut(model, cuts)]
+    elif isinstance(cuts, Cut):
+        cuts = [cuts]
+    cuts = list(cuts)
     src = model.graph
-    g = _Graph(model)
-    needed = {cut.name}
+    g = ModelGraph(model)
+    needed = {c.name for c in cuts}
     keep = [False] * len(g.nodes)
     for i in range(len(g.nodes) - 1, -1, -1):
         node = g.nodes[i]
@@ -265,26 +62,72 @@ def extract_backbone(model: onnx.ModelProto, cut: Cut | str | None = None) -> on
             needed.update(_subgraph_inputs(node))
     nodes = [n for n, k in zip(g.nodes, keep) if k]
     inputs = [v for v in src.input if v.name in needed and v.name not in g.consts]
+    for c in cuts:
+        if c.name in g.inputs:
+            continue
+        if not _depends_on_input(g, c.name):
+            raise UsageError(f"cut tensor {c.name!r} does not depend on any model input; choose another --cut")
     if not inputs:
-        raise UsageError(f"cut tensor {cut.name!r} does not depend on any model input; choose another --cut")
+        raise UsageError(f"cut tensor {cuts[0].name!r} does not depend on any model input; choose another --cut")
     inits = [t for t in src.initializer if t.name in needed]
     sparse = [t for t in src.sparse_initializer if t.values.name in needed]
-    value_info = [v for v in src.value_info if v.name in needed and v.name != cut.name]
-
-    rank = len(cut.shape) if cut.shape is not None else None
-    tail_op = "Identity" if rank == 2 else "Flatten"
-    tail = helper.make_node(tail_op, [cut.name], [FEATURES], name="porter/features",
-                            **({"axis": 1} if tail_op == "Flatten" else {}))
+    cut_names = {c.name for c in cuts}
+    value_info = [v for v in src.value_info if v.name in needed and v.name not in cut_names]
     batch = _batch_dim(inputs[0])
-    dim = feature_dim(cut)
-    out = helper.make_tensor_value_info(FEATURES, g.types.get(cut.name, onnx.TensorProto.FLOAT), [batch, dim])
-    graph = helper.make_graph(nodes + [tail], (src.name or "model") + "_backbone", inputs, [out],
+    opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 0)
+    outputs = []
+    for i, cut in enumerate(cuts):
+        out_name = FEATURES if len(cuts) == 1 else f"{FEATURES}/{i}"
+        tail, extra = _feature_tail(cut, out_name, opset)
+        nodes += tail
+        inits += extra
+        outputs.append(helper.make_tensor_value_info(out_name, g.types.get(cut.name, onnx.TensorProto.FLOAT),
+                                                     [batch, cut.features]))
+    graph = helper.make_graph(nodes, (src.name or "model") + "_backbone", inputs, outputs,
                               initializer=inits, value_info=value_info, sparse_initializer=sparse)
     backbone = helper.make_model(graph, opset_imports=list(model.opset_import), ir_version=model.ir_version,
                                  functions=list(model.functions), producer_name=model.producer_name,
                                  producer_version=model.producer_version)
     backbone.domain, backbone.model_version = model.domain, model.model_version
     return backbone
+
+
+def _depends_on_input(g: ModelGraph, name: str) -> bool:
+    stack, seen = [name], set()
+    while stack:
+        n = stack.pop()
+        if n in g.inputs:
+            return True
+        node = g.producer.get(n)
+        if node is None or n in seen:
+            continue
+        seen.add(n)
+        stack.extend(i for i in list(node.input) + sorted(_subgraph_inputs(node)) if i)
+    return False
+
+
+def _feature_tail(cut: Cut, out_name: str, opset: int) -> tuple[list[onnx.NodeProto], list[onnx.TensorProto]]:
+    """Nodes turning the cut tensor into ``out_name`` (batch x features): pool if asked, then flatten."""
+    nodes, inits = [], []
+    x = cut.name
+    if cut.pool_axes:
+        pooled = f"{out_name}/pooled"
+        if opset >= 18:
+            axes = f"{out_name}/pool_axes"
+            inits.append(numpy_helper.from_array(np.array(cut.pool_axes, np.int64), axes))
+            nodes.append(helper.make_node("ReduceMean", [x, axes], [pooled], name=f"{out_name}/pool", keepdims=0))
+        else:
+            nodes.append(helper.make_node("ReduceMean", [x], [pooled], name=f"{out_name}/pool",
+                                          axes=list(cut.pool_axes), keepdims=0))
+        x = pooled
+        rank = 2
+    else:
+        rank = len(cut.shape) if cut.shape is not None else None
+    if rank == 2:
+        nodes.append(helper.make_node("Identity", [x], [out_name], name=out_name))
+    else:
+        nodes.append(helper.make_node("Flatten", [x], [out_name], name=out_name, axis=1))
+    return nodes, inits
 
 
 def _batch_dim(value: onnx.ValueInfoProto) -> str | int | None:
@@ -295,16 +138,64 @@ def _batch_dim(value: onnx.ValueInfoProto) -> str | int | None:
     return d.dim_param if d.HasField("dim_param") else (d.dim_value if d.HasField("dim_value") else "batch")
 
 
+class Fingerprint:
+    """A content hash of a model's computation, blind to how its tensors and nodes are named.
+
+    Converters name generated tensors with process-wide counters (tf2onnx's ``const_fold_opt__123``), and Keras
+    numbers its layers per session, so the same source converted twice gives different names and bytes. Tensors
+    are renamed by first use (inputs, then nodes in order), so ``digest`` changes only with the graph's structure,
+    attributes and weights, and ``tensor_id`` names a tensor the same way in every conversion.
+    """
+
+    def __init__(self, model: onnx.ModelProto):
+        ids: dict[str, str] = {}
+
+        def cid(name: str) -> str:
+            if not name:
+                return ""
+            if name not in ids:
+                ids[name] = f"t{len(ids)}"
+            return ids[name]
+
+        graph = model.graph
+        h = hashlib.sha256()
+        init_names = {t.name for t in graph.initializer}
+        for v in graph.input:
+            if v.name not in init_names:
+                h.update(f"in {cid(v.name)} ".encode() + _value_type(v))
+        for node in graph.node:
+            h.update(f"{node.domain}:{node.op_type}({','.join(cid(i) for i in node.input)})->"
+                     f"{','.join(cid(o) for o in node.output)}".encode())
+            for a in sorted(node.attribute, key=lambda a: a.name):
+                c = onnx.AttributeProto()
+                c.CopyFrom(a)
+                c.doc_string = ""
+                if c.type == onnx.AttributeProto.TENSOR:
+                    c.t.name = ""
+                h.update(c.SerializeToString(deterministic=True))
+        for t in sorted(graph.initializer, key=lambda t: int(cid(t.name)[1:])):
+            arr = numpy_helper.to_array(t)
+            h.update(f"init {cid(t.name)} {arr.dtype} {arr.shape}".encode() + np.ascontiguousarray(arr).tobytes())
+        for v in graph.output:
+            h.update(f"out {cid(v.name)}".encode())
+        for o in sorted(model.opset_import, key=lambda o: o.domain):
+            h.update(f"opset {o.domain} {o.version}".encode())
+        self.digest = h.hexdigest()
+        self._ids = ids
+
+    def tensor_id(self, name: str) -> str:
+        return self._ids.get(name, name)
+
+
+def _value_type(v: onnx.ValueInfoProto) -> bytes:
+    t = onnx.TypeProto()
+    t.CopyFrom(v.type)
+    return t.SerializeToString(deterministic=True)
+
+
 def model_hash(model: onnx.ModelProto) -> str:
-    """A content hash of a model's computation: graph and weights, not metadata, names of nodes or doc strings."""
-    m = onnx.ModelProto()
-    m.CopyFrom(model)
-    del m.metadata_props[:]
-    m.doc_string = m.producer_name = m.producer_version = ""
-    for node in m.graph.node:
-        node.name = ""
-        node.doc_string = ""
-    return hashlib.sha256(m.SerializeToString(deterministic=True)).hexdigest()
+    """A content hash of a model's computation: graph and weights, not metadata or names (see Fingerprint)."""
+    return Fingerprint(model).digest
 
 
 # --- merging ----------------------------------------------------------------------------------------------------

@@ -7,11 +7,12 @@ head ONNX at the backbone's opset -> merged model -> check (merged == backbone +
 from __future__ import annotations
 
 import contextlib
+import importlib
 import os
 import sys
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -36,8 +37,8 @@ class FinetuneOptions:
 
     epochs: int = 100  # upper bound: early stopping on the validation loss decides
     batch_size: int = 32
-    lr: float = 1e-2
-    weight_decay: float = 1e-4
+    lr: float | None = None  # None: linear -> L-BFGS probe; mlp -> chosen from a small grid. Given: AdamW at this lr
+    weight_decay: float | None = None  # linear probe: the L2 strength; AdamW's weight decay (None: chosen)
     head: str = "linear"  # linear | mlp
     hidden: int = 256  # mlp hidden units
     dropout: float | None = None  # default 0.0 for linear, 0.2 for mlp
@@ -45,7 +46,7 @@ class FinetuneOptions:
     val_split: float = 0.2
     balance: bool = False  # class weights for imbalanced data
     seed: int = 0
-    cut: str | None = None  # tensor to attach the head to (default: detected)
+    cut: str | None = None  # auto (default) | backbone | search | a tensor name (see porter.graph.cuts.plan_cuts)
     image_size: tuple[int, int] | None = None  # (H, W) for backbones without a fixed size
     preprocess: str | None = None  # raw | unit | tf | torch | caffe (default: the model's metadata)
     mean: tuple[float, ...] | None = None
@@ -81,8 +82,9 @@ class FinetuneOptions:
 
         need(isinstance(self.epochs, int) and self.epochs >= 1, f"--epochs must be a positive integer, got {self.epochs}")
         need(isinstance(self.batch_size, int) and self.batch_size >= 1, f"--batch-size must be a positive integer, got {self.batch_size}")
-        need(self.lr > 0, f"--lr must be positive, got {self.lr}")
-        need(self.weight_decay >= 0, f"--weight-decay must be 0 or more, got {self.weight_decay}")
+        need(self.lr is None or self.lr > 0, f"--lr must be positive, got {self.lr}")
+        need(self.weight_decay is None or self.weight_decay >= 0,
+             f"--weight-decay must be 0 or more, got {self.weight_decay}")
         need(self.head in HEADS, f"unknown head {self.head!r}; choose one of: {', '.join(HEADS)}")
         need(isinstance(self.hidden, int) and self.hidden >= 1, f"--hidden must be a positive integer, got {self.hidden}")
         need(self.dropout is None or 0.0 <= self.dropout < 1.0, f"--dropout must be in [0, 1), got {self.dropout}")
@@ -143,7 +145,15 @@ class FinetuneResult:
         lines = [f"fine-tuned {self.card.source} on {m['data']['source']}: {len(self.labels)} classes, "
                  f"{ex['train']} train / {ex['val']} val examples{where} in {self.seconds:.1f} s"]
         cut = m["cut"]
-        lines.append(f"  cut: {cut['tensor']} {cut['shape']} ({cut['reason']}), {cut['features']} features")
+        pooled = ", average-pooled" if cut["pooled"] else ""
+        lines.append(f"  cut: {cut['tensor']} {cut['shape']}{pooled}, {cut['features']} features ({cut['reason']})")
+        if m["cut_search"]:
+            lines.append(f"  cut {cut['choice']} (linear probe; another cut replaces the backbone only if its "
+                         f"validation loss is lower by more than one standard error):")
+            for row in m["cut_search"]:
+                mark = "  <- chosen" if row["chosen"] else ""
+                lines.append(f"    {row['kind']:<10} {row['features']:>6}  val_loss {row['val_loss']:.4f}  "
+                             f"val_acc {row['val_accuracy']:.4f}  {row['tensor']}{mark}")
         f = m["features"]
         if f["cached"]:
             lines.append(f"  features: from cache ({f['cache']})")
@@ -151,9 +161,20 @@ class FinetuneResult:
             lines.append(f"  features: {f['examples']} examples in {f['seconds']:.2f} s "
                          f"({f['per_second']:,.0f}/s, {f['device']})")
         t = m["training"]
-        stop = "early stop" if t["stopped_early"] else "all epochs"
-        lines.append(f"  head: {t['head']}, best epoch {t['best_epoch']}/{t['epochs_run']} ({stop}), "
-                     f"val_loss {m['final']['val_loss']:.4f}, val_acc {m['final']['val_accuracy']:.4f}")
+        final = m["final"]
+        scores = f"val_loss {final['val_loss']:.4f}, val_acc {final['val_accuracy']:.4f}"
+        if t["method"] == "lbfgs":
+            grid = m["regularization"]
+            how = "given" if t["weight_decay"] is not None else f"chosen on validation over {len(grid)} strengths"
+            refit = ", refit on train + validation" if t["refit_on_train_and_val"] else ""
+            lines.append(f"  head: linear probe (L-BFGS logistic regression), L2 {t['chosen']['l2']:.3g} {how}"
+                         f"{refit}; {scores}")
+        else:
+            stop = "early stop" if t["stopped_early"] else "all epochs"
+            tried = f" (best of {len(m['grid'])} settings)" if len(m["grid"]) > 1 else ""
+            lines.append(f"  head: {t['head']}, AdamW lr {t['chosen']['lr']:g} weight decay "
+                         f"{t['chosen']['weight_decay']:g}{tried}, best epoch {t['best_epoch']}/{t['epochs_run']} "
+                         f"({stop}); {scores}")
         c = m["check"]
         lines.append(f"  check: merged model == backbone + head (max |diff| {c['max_abs_diff']:.2g} on "
                      f"{c['examples']} examples, labels agree)")
@@ -177,11 +198,12 @@ def finetune(source: Any, data: Any, output: str | os.PathLike | None = None, **
     :class:`FinetuneOptions`. Raises a PorterError on any user mistake; nothing is written unless all succeeded.
     """
     from ..graph.inspect import opset_of
-    from ..graph.surgery import choose_cut, extract_backbone, feature_dim, format_shape, merge_head, model_hash
+    from ..graph.cuts import Cut, format_shape, plan_cuts
+    from ..graph.surgery import extract_backbone, merge_head
     from ..outputs import check_output
     from .heads import head_to_onnx
     from .report import classification_metrics, report_paths
-    from .train import TrainConfig, stratified_split, train_head
+    from .train import TrainConfig, pick_by_validation, stratified_split, train_head
 
     start = time.perf_counter()
     timings: dict[str, float] = {}
@@ -191,8 +213,8 @@ def finetune(source: Any, data: Any, output: str | os.PathLike | None = None, **
     if output is not None:
         for p in [Path(output), *paths.values()]:
             check_output(p, opts.force)  # before any work
-        _prefetch_matplotlib()  # its import (~0.6 s) overlaps with feature extraction and training
 
+    _prefetch_imports(report=output is not None)
     t = time.perf_counter()
     dataset = load_data(data, label_column=opts.label_column, preprocessed=opts.preprocessed)
     timings["data"] = time.perf_counter() - t
@@ -205,39 +227,67 @@ def finetune(source: Any, data: Any, output: str | os.PathLike | None = None, **
     if note:
         notes.append(note)
 
-    cut = choose_cut(model, opts.cut)
-    if cut.note and opts.cut is None:
-        notes.append(cut.note)
-    backbone = extract_backbone(model, cut)
-    bhash = model_hash(backbone)
+    cuts = plan_cuts(model, opts.cut)
+    notes += [c.note for c in cuts if c.note and c.kind != "user"]
 
     t = time.perf_counter()
     if opts.progress:
-        log(f"porter: {len(dataset)} examples in {len(dataset.classes)} classes from {dataset.source}; cut at "
-            f"{cut.name!r} {format_shape(cut.shape)}")
-    feats = compute_features(backbone, dataset, geometry, spec, cut=cut.name, backbone_hash=bhash,
-                             batch_size=opts.feature_batch_size, device=opts.device, cache=opts.cache,
-                             cache_dir=opts.cache_dir, progress=opts.progress, workers=opts.workers)
+        where = (f"cut at {cuts[0].describe()}" if len(cuts) == 1 else
+                 f"choosing the cut on validation among {len(cuts)} candidates: " + ", ".join(c.name for c in cuts))
+        log(f"porter: {len(dataset)} examples in {len(dataset.classes)} classes from {dataset.source}; {where}")
+    by_cut = compute_features(model, cuts, dataset, geometry, spec, batch_size=opts.feature_batch_size,
+                              device=opts.device, cache=opts.cache, cache_dir=opts.cache_dir,
+                              progress=opts.progress, workers=opts.workers)
     timings["features"] = time.perf_counter() - t
-    if feats.cached:
-        log(f"porter: features from cache ({feats.cache_path})")
-    if feats.skipped:
-        notes.append(f"skipped {len(feats.skipped)} unreadable file(s): "
-                     f"{', '.join(s[0] for s in feats.skipped[:3])}{' ...' if len(feats.skipped) > 3 else ''}")
-    dim = feature_dim(cut)
-    if dim is not None and feats.features.shape[1] != dim:
-        raise UsageError(f"the cut tensor gave {feats.features.shape[1]} features but its shape says {dim}")
+    first = by_cut[cuts[0].key]
+    if all(f.cached for f in by_cut.values()):
+        log(f"porter: features from cache ({first.cache_path})")
+    if first.skipped:
+        notes.append(f"skipped {len(first.skipped)} unreadable file(s): "
+                     f"{', '.join(s[0] for s in first.skipped[:3])}{' ...' if len(first.skipped) > 3 else ''}")
+    for c in cuts:
+        width = by_cut[c.key].features.shape[1]
+        if c.features is not None and width != c.features:
+            raise UsageError(f"the cut tensor {c.name!r} gave {width} features but its shape says {c.features}")
 
     t = time.perf_counter()
-    train_idx, val_idx = stratified_split(feats.labels, dataset.classes, opts.val_split, opts.seed)
+    train_idx, val_idx = stratified_split(first.labels, dataset.classes, opts.val_split, opts.seed)
     config = TrainConfig(epochs=opts.epochs, batch_size=opts.batch_size, lr=opts.lr, weight_decay=opts.weight_decay,
                          head=opts.head, hidden=opts.hidden, dropout=opts.head_dropout, patience=opts.patience,
                          balance=opts.balance, seed=opts.seed)
-    trained = train_head(feats.features[train_idx], feats.labels[train_idx], feats.features[val_idx],
-                         feats.labels[val_idx], len(dataset.classes), config, log=log if opts.progress else None)
+
+    def fit(c: Cut, cfg: TrainConfig, verbose: bool):
+        f = by_cut[c.key]
+        return train_head(f.features[train_idx], f.labels[train_idx], f.features[val_idx], f.labels[val_idx],
+                          len(dataset.classes), cfg, log=log if opts.progress and verbose else None)
+
+    search: list[dict[str, Any]] = []
+    trained = None
+    if len(cuts) > 1:
+        # every candidate gets the linear probe (deterministic, its penalty chosen on validation); lowest val loss wins
+        probe = replace(config, head="linear", lr=None) if config.method != "lbfgs" else config
+        fits = [fit(c, probe, False) for c in cuts]
+        best, errors = pick_by_validation(fits, first.labels[val_idx])
+        for i, (c, r) in enumerate(zip(cuts, fits)):
+            search.append({"tensor": c.name, "kind": c.kind, "features": int(by_cut[c.key].features.shape[1]),
+                           "pooled": bool(c.pool_axes), "val_loss": round(r.val_loss, 6),
+                           "val_loss_se_vs_first": round(errors[i], 6), "val_accuracy": round(r.val_accuracy, 6),
+                           "l2": r.chosen.get("l2"), "chosen": i == best})
+            if opts.progress:
+                log(f"porter: cut {c.name} ({c.kind}, {search[-1]['features']} features): val_loss {r.val_loss:.4f}, "
+                    f"val_acc {r.val_accuracy:.4f}{'  <- chosen' if i == best else ''}")
+        cut = cuts[best]
+        if config.method == "lbfgs":
+            trained = fits[best]
+    else:
+        cut = cuts[0]
+    if trained is None:
+        trained = fit(cut, config, True)
+    feats = by_cut[cut.key]
     timings["train"] = time.perf_counter() - t
 
     t = time.perf_counter()
+    backbone = extract_backbone(model, cut)
     batch_dim = _batch_dim(backbone)
     head_model = head_to_onnx(trained.head, opset=opset_of(backbone), ir_version=backbone.ir_version,
                               batch_dim=batch_dim)
@@ -248,10 +298,13 @@ def finetune(source: Any, data: Any, output: str | os.PathLike | None = None, **
     y_val = feats.labels[val_idx]
     val_pred = trained.val_probabilities.argmax(1)
     val_metrics = classification_metrics(y_val, val_pred, dataset.classes)
-    best = trained.best_epoch - 1
-    h = trained.history
-    final = {"epoch": trained.best_epoch, "loss": h["loss"][best], "accuracy": h["accuracy"][best],
-             "val_loss": h["val_loss"][best], "val_accuracy": val_metrics["accuracy"]}
+    final = {"loss": trained.loss, "accuracy": trained.accuracy, "val_loss": trained.val_loss,
+             "val_accuracy": val_metrics["accuracy"]}
+    if trained.best_epoch is not None:
+        final["epoch"] = trained.best_epoch
+    choice = ("--cut " + opts.cut if opts.cut not in (None, "auto") else
+              f"chosen on validation among {len(cuts)} candidates" if len(cuts) > 1 else
+              "the pooled backbone (the only candidate within the search budget)")
     metrics = {
         "porter_version": __version__,
         "source": card.source,
@@ -261,20 +314,27 @@ def finetune(source: Any, data: Any, output: str | os.PathLike | None = None, **
                  "ignored_files": dataset.ignored[:100], "ignored_count": len(dataset.ignored)},
         "labels": list(dataset.classes),
         "examples": {"train": int(len(train_idx)), "val": int(len(val_idx))},
-        "cut": {"tensor": cut.name, "shape": format_shape(cut.shape), "reason": cut.reason,
-                "features": int(feats.features.shape[1])},
+        "cut": {"tensor": cut.name, "shape": format_shape(cut.shape), "kind": cut.kind, "reason": cut.reason,
+                "pooled": list(cut.pool_axes) if cut.pool_axes else None,
+                "features": int(feats.features.shape[1]), "choice": choice},
+        "cut_search": search,
         "preprocess": spec.to_dict() if spec else None,
         "features": {"cached": feats.cached, "cache": feats.cache_path, "examples": int(len(feats.index)),
                      "seconds": round(feats.seconds, 4),
                      "per_second": round(feats.per_second, 1) if not feats.cached else None,
-                     "device": feats.device if not feats.cached else None, "providers": feats.providers},
-        "training": {"head": opts.head, "hidden": opts.hidden if opts.head == "mlp" else None,
+                     "device": feats.device if not feats.cached else None, "providers": feats.providers,
+                     "cuts_extracted": sum(1 for f in by_cut.values() if not f.cached)},
+        "training": {"head": opts.head, "method": trained.method, "chosen": trained.chosen,
+                     "refit_on_train_and_val": trained.refit,
+                     "hidden": opts.hidden if opts.head == "mlp" else None,
                      "dropout": opts.head_dropout, "epochs": opts.epochs, "epochs_run": trained.epochs_run,
                      "best_epoch": trained.best_epoch, "stopped_early": trained.stopped_early,
                      "patience": opts.patience, "batch_size": opts.batch_size, "lr": opts.lr,
                      "weight_decay": opts.weight_decay, "balance": opts.balance, "class_weights": trained.class_weights,
                      "val_split": opts.val_split, "seed": opts.seed, "seconds": round(trained.seconds, 4)},
-        "history": {k: [round(float(v), 6) for v in vals] for k, vals in h.items()},
+        "regularization": trained.curve if trained.method == "lbfgs" else [],
+        "grid": trained.curve if trained.method == "adamw" else [],
+        "history": {k: [round(float(v), 6) for v in vals] for k, vals in trained.history.items()},
         "final": final,
         "validation": val_metrics,
         "check": check,
@@ -296,16 +356,21 @@ def finetune(source: Any, data: Any, output: str | os.PathLike | None = None, **
 
 # --- steps ------------------------------------------------------------------------------------------------------
 
-def _prefetch_matplotlib() -> None:
-    def load() -> None:
-        try:
-            import matplotlib.backends.backend_agg  # noqa: F401
-            import matplotlib.figure  # noqa: F401
-        except Exception:  # noqa: BLE001 - the report step imports it again and reports a real failure
-            pass
+def _prefetch_imports(report: bool) -> None:
+    """Import in the background what training and the report need later, overlapping feature extraction:
+    torch.optim's first optimizer imports torch._dynamo (~1.3 s), the report matplotlib (~0.6 s)."""
+    modules = ["torch._dynamo"] + (["matplotlib.backends.backend_agg", "matplotlib.figure"] if report else [])
+    modules = [m for m in modules if m not in sys.modules]
 
-    if "matplotlib.figure" not in sys.modules:
-        threading.Thread(target=load, name="porter-import-matplotlib", daemon=True).start()
+    def load() -> None:
+        for name in modules:
+            try:
+                importlib.import_module(name)
+            except Exception:  # noqa: BLE001 - the real import later reports a real failure
+                pass
+
+    if modules:
+        threading.Thread(target=load, name="porter-prefetch-imports", daemon=True).start()
 
 
 def _logger(enabled: bool):
@@ -460,9 +525,10 @@ def _card(card: ModelCard, dataset: Dataset, spec, cut: str, metrics: dict, sour
     provenance["finetuned_from"] = str(source) if isinstance(source, (str, os.PathLike)) else card.source
     if card.labels:
         provenance["original_classes"] = str(len(card.labels))
+    t = metrics["training"]
     training = {
-        "head": metrics["training"]["head"], "best_epoch": metrics["training"]["best_epoch"],
-        "epochs_run": metrics["training"]["epochs_run"], "val_accuracy": metrics["final"]["val_accuracy"],
+        "head": t["head"], "method": t["method"], **{k: v for k, v in t["chosen"].items()},
+        "best_epoch": t["best_epoch"], "epochs_run": t["epochs_run"], "val_accuracy": metrics["final"]["val_accuracy"],
         "val_loss": round(metrics["final"]["val_loss"], 6), "train_accuracy": round(metrics["final"]["accuracy"], 6),
         "examples": metrics["examples"], "class_counts": metrics["data"]["class_counts"],
         "features": metrics["cut"]["features"], "seed": metrics["training"]["seed"],
@@ -482,12 +548,13 @@ def _card(card: ModelCard, dataset: Dataset, spec, cut: str, metrics: dict, sour
 def _write(model, output: Path, paths: dict[str, Path], metrics: dict, classes: Sequence[str], trained,
            force: bool) -> Path:
     from ..outputs import TWO_GB, atomic_path, save_onnx
-    from .report import confusion_png, curves_png, metrics_json
+    from .report import confusion_png, curves_png, metrics_json, regularization_png
 
     title = f"{output.name}: val acc {metrics['final']['val_accuracy']:.4f}"
     blobs = {
         paths["metrics"]: metrics_json(metrics),
-        paths["curves"]: curves_png(trained.history, trained.best_epoch, title),
+        paths["curves"]: (curves_png(trained.history, trained.best_epoch, title) if trained.method == "adamw" else
+                          regularization_png(trained.curve, trained.chosen["l2"], metrics["cut_search"], title)),
         paths["confusion"]: confusion_png(metrics["validation"]["confusion_matrix"], classes,
                                           f"validation confusion matrix ({metrics['examples']['val']} examples)"),
     }

@@ -3,9 +3,10 @@
 The backbone runs through ``porter.runtime.Predictor`` (CUDA where it works, else CPU): images go through the
 same pipeline as ``porter predict`` (decoding ahead in a thread pool, concurrent inference streams on the CPU),
 so a model is trained and served on identical pixels. Unreadable images are skipped, counted and named. Features
-are cached under ``<porter cache>/features/<key>.npz``, the key hashing the backbone (weights and graph), the cut,
-the data (paths, sizes, mtimes; or the array bytes) and the preprocessing, so a second run with other head settings
-skips extraction.
+are cached per cut under ``<porter cache>/features/<key>.npz``, the key hashing the model (a fingerprint of its graph
+and weights that ignores tensor names, which converters generate differently each time), the cut (the tensor's
+position and its pooling), the data (paths, sizes, mtimes; or the array bytes) and the preprocessing, so a second run
+with other head settings skips extraction. Several cuts are extracted in one backbone pass.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Sequence
 
 import numpy as np
 
@@ -29,9 +30,10 @@ from .data import Dataset
 if TYPE_CHECKING:
     import onnx
 
+    from ..graph.cuts import Cut
     from ..spec import PreprocessSpec
 
-CACHE_FORMAT = 1
+CACHE_FORMAT = 2  # 2: keyed by the model's name-blind fingerprint and the cut's position in it
 
 
 @dataclass(frozen=True)
@@ -113,9 +115,9 @@ def feature_cache_dir(override: str | os.PathLike | None = None) -> Path:
     return cache_dir("features")
 
 
-def cache_key(backbone_hash: str, cut: str, dataset: Dataset, spec: "PreprocessSpec | None",
+def cache_key(model_digest: str, cut_id: str, dataset: Dataset, spec: "PreprocessSpec | None",
               geometry: InputGeometry) -> str:
-    payload = {"format": CACHE_FORMAT, "backbone": backbone_hash, "cut": cut, "data": dataset.fingerprint,
+    payload = {"format": CACHE_FORMAT, "model": model_digest, "cut": cut_id, "data": dataset.fingerprint,
                "preprocess": spec.to_dict() if spec is not None and geometry.kind == "image" else None,
                "size": geometry.size, "channels": geometry.channels, "layout": geometry.layout}
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:32]
@@ -148,28 +150,51 @@ def _save_cached(path: Path, f: Features) -> None:
 
 # --- extraction -------------------------------------------------------------------------------------------------
 
-def compute_features(backbone: "onnx.ModelProto", dataset: Dataset, geometry: InputGeometry,
-                     spec: "PreprocessSpec | None", *, cut: str, backbone_hash: str, batch_size: int = 64,
-                     device: str = "auto", cache: bool = True, cache_dir: str | os.PathLike | None = None,
-                     progress: bool = True, workers: int | None = None) -> Features:
-    """Features for every readable example of ``dataset`` (from the cache when it has them)."""
-    path = feature_cache_dir(cache_dir) / f"{cache_key(backbone_hash, cut, dataset, spec, geometry)}.npz"
-    if cache and path.is_file():
-        hit = _load_cached(path, dataset)
-        if hit is not None:
-            _check_classes(dataset, hit)
-            return hit
-    start = time.perf_counter()
-    _check_vectors(dataset, geometry)
-    predictor = backbone_predictor(backbone, geometry, spec, device=device, batch_size=batch_size, workers=workers)
-    feats, index, skipped = _run(predictor, dataset, geometry, progress)
-    result = Features(feats, dataset.labels[index], index, skipped, time.perf_counter() - start,
-                      device=predictor.device, providers=list(predictor.providers))
-    _check_classes(dataset, result)
+def compute_features(model: "onnx.ModelProto", cuts: "Sequence[Cut]", dataset: Dataset, geometry: InputGeometry,
+                     spec: "PreprocessSpec | None", *, batch_size: int = 64, device: str = "auto", cache: bool = True,
+                     cache_dir: str | os.PathLike | None = None, progress: bool = True,
+                     workers: int | None = None) -> dict[str, Features]:
+    """Features at every cut (``Cut.key`` -> Features) for every readable example of ``dataset``.
+
+    Cuts found in the cache are read from it; the others are computed together, in one pass of a backbone with
+    one output per cut. The cache key is the model's name-blind fingerprint, so the same source converted again
+    (other generated tensor names) still hits.
+    """
+    from ..graph.surgery import Fingerprint, extract_backbone
+
+    fingerprint = Fingerprint(model)
+    paths = {c.key: feature_cache_dir(cache_dir) / (
+        cache_key(fingerprint.digest, _cut_id(fingerprint, c), dataset, spec, geometry) + ".npz") for c in cuts}
+    found: dict[str, Features] = {}
     if cache:
-        _save_cached(path, result)
-        result.cache_path = str(path)
-    return result
+        for c in cuts:
+            if paths[c.key].is_file():
+                hit = _load_cached(paths[c.key], dataset)
+                if hit is not None:
+                    _check_classes(dataset, hit)
+                    found[c.key] = hit
+    missing = [c for c in cuts if c.key not in found]
+    if missing:
+        start = time.perf_counter()
+        _check_vectors(dataset, geometry)
+        backbone = extract_backbone(model, missing)
+        predictor = backbone_predictor(backbone, geometry, spec, device=device, batch_size=batch_size,
+                                       workers=workers)
+        outputs, index, skipped = _run(predictor, dataset, geometry, progress)
+        seconds = time.perf_counter() - start
+        for c, feats in zip(missing, outputs):
+            result = Features(feats, dataset.labels[index], index, skipped, seconds, device=predictor.device,
+                              providers=list(predictor.providers))
+            _check_classes(dataset, result)
+            if cache:
+                _save_cached(paths[c.key], result)
+                result.cache_path = str(paths[c.key])
+            found[c.key] = result
+    return {c.key: found[c.key] for c in cuts}
+
+
+def _cut_id(fingerprint, cut: "Cut") -> str:
+    return fingerprint.tensor_id(cut.name) + cut.key[len(cut.name):]  # the tensor by position, then its pooling
 
 
 def backbone_predictor(backbone: "onnx.ModelProto", g: InputGeometry, spec: "PreprocessSpec | None", *,
@@ -224,14 +249,17 @@ def _run(predictor, dataset: Dataset, g: InputGeometry, progress: bool):
     rows: list[np.ndarray] = []
     index: list[int] = []
     skipped: list[tuple[str, str]] = []
-    output = predictor.output_names[0]
+    names = predictor.output_names
 
-    def features(out: dict[str, np.ndarray]) -> np.ndarray:
-        y = np.asarray(out[output])
-        if y.ndim != 2:
-            raise DataError(f"the cut tensor has shape {list(y.shape)} at run time, not batch x features; "
-                            f"choose another --cut")
-        return y.astype(np.float32, copy=False)
+    def features(out: dict[str, np.ndarray]) -> list[tuple[np.ndarray, ...]]:
+        ys = []
+        for name in names:
+            y = np.asarray(out[name])
+            if y.ndim != 2:
+                raise DataError(f"the cut tensor has shape {list(y.shape)} at run time, not batch x features; "
+                                f"choose another --cut")
+            ys.append(y.astype(np.float32, copy=False))
+        return list(zip(*ys))  # one tuple of per-cut rows per example
 
     if dataset.kind == "vectors":
         for i in range(0, n, batch_size):
@@ -269,9 +297,10 @@ def _run(predictor, dataset: Dataset, g: InputGeometry, progress: bool):
     if not rows:
         first = skipped[0][1] if skipped else "no examples"
         raise DataError(f"none of the {n} images could be read (e.g. {first})")
-    feats = np.stack(rows)
-    if not np.isfinite(feats).all():
-        bad = int((~np.isfinite(feats)).any(axis=1).sum())
-        raise DataError(f"the backbone produced NaN or inf features for {bad} of {len(feats)} examples; check the "
-                        f"preprocessing (--preprocess, --mean, --std)")
-    return feats, np.asarray(index, np.int64), skipped
+    outputs = [np.stack([r[k] for r in rows]) for k in range(len(names))]
+    for feats in outputs:
+        if not np.isfinite(feats).all():
+            bad = int((~np.isfinite(feats)).any(axis=1).sum())
+            raise DataError(f"the backbone produced NaN or inf features for {bad} of {len(feats)} examples; check "
+                            f"the preprocessing (--preprocess, --mean, --std)")
+    return outputs, np.asarray(index, np.int64), skipped

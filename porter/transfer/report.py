@@ -65,6 +65,41 @@ def curves_png(history: dict[str, list[float]], best_epoch: int, title: str = ""
     return _png(fig)
 
 
+def regularization_png(curve: Sequence[dict], chosen: float, search: Sequence[dict] = (), title: str = "") -> bytes:
+    """The linear probe's regularization curve: train and validation loss and accuracy per L2 strength; with a cut
+    search, a third panel with each candidate cut's validation loss."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    panels = 3 if search else 2
+    fig = Figure(figsize=(4.5 * panels, 3.6), dpi=100)
+    FigureCanvasAgg(fig)
+    axes = fig.subplots(1, panels)
+    l2 = [p["l2"] for p in curve]
+    for ax, key, name in ((axes[0], "loss", "loss"), (axes[1], "accuracy", "accuracy")):
+        ax.plot(l2, [p[key] for p in curve], marker="o", markersize=3, label="train")
+        ax.plot(l2, [p["val_" + key] for p in curve], marker="o", markersize=3, label="validation")
+        ax.axvline(chosen, color="grey", linestyle="--", linewidth=1, label=f"chosen ({chosen:.3g})")
+        ax.set_xscale("log")
+        ax.set_xlabel("L2 strength")
+        ax.set_title(name)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    if search:
+        ax = axes[2]
+        names = [f"{r['kind']} {r['features']}" for r in search]
+        ax.barh(range(len(search)), [r["val_loss"] for r in search],
+                color=["tab:green" if r["chosen"] else "tab:grey" for r in search])
+        ax.set_yticks(range(len(search)), names, fontsize=8)
+        ax.invert_yaxis()
+        ax.set_xlabel("validation loss")
+        ax.set_title("cut candidates")
+    if title:
+        fig.suptitle(title, fontsize=10)
+    fig.subplots_adjust(left=0.07, right=0.98, bottom=0.14, top=0.86, wspace=0.35)
+    return _png(fig)
+
+
 def confusion_png(cm: Sequence[Sequence[int]], classes: Sequence[str], title: str = "") -> bytes:
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure

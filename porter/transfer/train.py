@@ -1,4 +1,5 @@
-"""Train a head on cached features: AdamW, ReduceLROnPlateau, early stopping with restore-best, seeded.
+"""Train a head on cached features: the linear probe (``probe.py``), or AdamW + ReduceLROnPlateau with early
+stopping and restore-best, seeded, its learning rate and weight decay chosen on validation.
 
 Everything random (the split, weight init, shuffling, dropout) derives from one seed, inside
 ``torch.random.fork_rng`` so the caller's global RNG state is left as it was. Same seed + same features ->
@@ -11,7 +12,7 @@ import copy
 import math
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Callable, Sequence
 
 import numpy as np
@@ -20,12 +21,16 @@ from ..errors import DataError
 from .heads import make_head, standardization
 
 
+MLP_LR_GRID = (1e-3, 3e-3)
+MLP_WEIGHT_DECAY_GRID = (1e-4, 1e-2)
+
+
 @dataclass(frozen=True)
 class TrainConfig:
     epochs: int = 100
     batch_size: int = 32
-    lr: float = 1e-2
-    weight_decay: float = 1e-4
+    lr: float | None = None  # None: linear -> the L-BFGS probe; mlp -> chosen on validation from MLP_LR_GRID
+    weight_decay: float | None = None  # linear probe: the L2 strength (None: chosen); AdamW's decay otherwise
     head: str = "linear"
     hidden: int = 256
     dropout: float = 0.0
@@ -34,16 +39,29 @@ class TrainConfig:
     balance: bool = False
     seed: int = 0
 
+    @property
+    def method(self) -> str:
+        """``lbfgs`` (the linear probe solved to its optimum) or ``adamw`` (stochastic, early-stopped)."""
+        return "lbfgs" if self.head == "linear" and self.lr is None else "adamw"
+
 
 @dataclass
 class TrainResult:
-    head: object  # torch.nn.Module with the best epoch's weights, in eval mode
-    history: dict[str, list[float]]  # loss, accuracy, val_loss, val_accuracy, lr per epoch
-    best_epoch: int  # 1-based
-    epochs_run: int
-    stopped_early: bool
+    head: object  # torch.nn.Module with the chosen weights, in eval mode
+    method: str  # lbfgs | adamw
+    loss: float  # train loss of the chosen model (before a refit)
+    accuracy: float
+    val_loss: float
+    val_accuracy: float
+    chosen: dict  # the settings chosen on validation: {"l2": ...} or {"lr": ..., "weight_decay": ...}
+    curve: list[dict]  # lbfgs: per L2 strength; adamw: per (lr, weight decay) tried
     class_weights: list[float] | None
     seconds: float
+    history: dict[str, list[float]] = field(default_factory=dict)  # adamw: per epoch of the chosen run
+    best_epoch: int | None = None  # adamw, 1-based
+    epochs_run: int | None = None
+    stopped_early: bool | None = None
+    refit: bool = False  # lbfgs: refit on train + validation at the chosen strength
     val_probabilities: np.ndarray = field(repr=False, default=None)
 
 
@@ -75,31 +93,56 @@ def class_weights(labels: np.ndarray, n_classes: int) -> np.ndarray:
 
 def train_head(x_train: np.ndarray, y_train: np.ndarray, x_val: np.ndarray, y_val: np.ndarray, n_classes: int,
                config: TrainConfig, log: Callable[[str], None] | None = None) -> TrainResult:
-    """Fit a head; stop when the validation loss hasn't improved for ``patience`` epochs; keep the best."""
-    import torch
-    from torch import nn
-
+    """Fit a head: the linear probe by L-BFGS with its L2 strength chosen on validation, or AdamW with early
+    stopping (an MLP, or any head given ``lr``) with learning rate and weight decay chosen from a small grid."""
     start = time.perf_counter()
     x_train = np.ascontiguousarray(x_train, dtype=np.float32)
     x_val = np.ascontiguousarray(x_val, dtype=np.float32)
     if not np.isfinite(x_train).all() or not np.isfinite(x_val).all():
         raise DataError("the backbone produced non-finite features (NaN or inf); check the preprocessing "
                         "(--preprocess, --mean, --std) and the cut")
-    mean, std = standardization(x_train)
     weights = class_weights(y_train, n_classes) if config.balance else None
+    if config.method == "lbfgs":
+        from .probe import fit_probe
+
+        r = fit_probe(x_train, y_train, x_val, y_val, n_classes, l2=config.weight_decay, class_weights=weights,
+                      log=log)
+        best = r.best
+        return TrainResult(r.head, "lbfgs", best["loss"], best["accuracy"], best["val_loss"], best["val_accuracy"],
+                           {"l2": r.l2}, r.curve, weights.tolist() if weights is not None else None,
+                           time.perf_counter() - start, refit=r.refit, val_probabilities=r.val_probabilities)
+    import torch
+
+    lrs = (config.lr,) if config.lr is not None else MLP_LR_GRID
+    decays = (config.weight_decay,) if config.weight_decay is not None else MLP_WEIGHT_DECAY_GRID
+    mean, std = standardization(x_train)
     width = config.hidden if config.head == "mlp" else n_classes
     small = config.batch_size * x_train.shape[1] * width < 4_000_000
     threads = torch.get_num_threads()
     if small:  # tiny matmuls: one thread is fastest (and a cold thread pool costs seconds on a busy machine)
         torch.set_num_threads(1)
     try:
-        return _train(torch, nn, x_train, y_train, x_val, y_val, n_classes, config, log, mean, std, weights, start)
+        runs = []
+        for lr in lrs:
+            for wd in decays:
+                run = _train(torch, torch.nn, x_train, y_train, x_val, y_val, n_classes,
+                             replace(config, lr=lr, weight_decay=wd), log if len(lrs) * len(decays) == 1 else None,
+                             mean, std, weights)
+                runs.append(run)
+                if log and len(lrs) * len(decays) > 1:
+                    log(f"adamw lr {lr:g} weight_decay {wd:g}: best epoch {run.best_epoch}/{run.epochs_run}, "
+                        f"val_loss {run.val_loss:.4f}, val_acc {run.val_accuracy:.4f}")
     finally:
         if small:
             torch.set_num_threads(threads)
+    best = min(runs, key=lambda r: r.val_loss)
+    best.curve = [{"lr": r.chosen["lr"], "weight_decay": r.chosen["weight_decay"], "val_loss": r.val_loss,
+                   "val_accuracy": r.val_accuracy, "best_epoch": r.best_epoch} for r in runs]
+    best.seconds = time.perf_counter() - start
+    return best
 
 
-def _train(torch, nn, x_train, y_train, x_val, y_val, n_classes, config, log, mean, std, weights, start):
+def _train(torch, nn, x_train, y_train, x_val, y_val, n_classes, config, log, mean, std, weights):
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(config.seed)
         # trained on features standardized once (cheaper per step); the buffers are set to the real mean/std after
@@ -108,8 +151,9 @@ def _train(torch, nn, x_train, y_train, x_val, y_val, n_classes, config, log, me
         xv = torch.from_numpy((x_val - mean) / std)
         yt, yv = torch.from_numpy(y_train.astype(np.int64)), torch.from_numpy(y_val.astype(np.int64))
         loss_fn = nn.CrossEntropyLoss(weight=torch.from_numpy(weights) if weights is not None else None)
-        opt = AdamW(list(head.parameters()), lr=config.lr, weight_decay=config.weight_decay)
-        sched = Plateau(opt, factor=0.5, patience=config.lr_patience, min_lr=config.lr * 1e-3)
+        opt = torch.optim.AdamW(head.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+        sched = torch.optim.lr_scheduler.ReduceLROnPlateau(opt, factor=0.5, patience=config.lr_patience,
+                                                           min_lr=config.lr * 1e-3)
         gen = torch.Generator().manual_seed(config.seed)
         history: dict[str, list[float]] = {"loss": [], "accuracy": [], "val_loss": [], "val_accuracy": [], "lr": []}
         best_loss, best_epoch, best_state, since_best = math.inf, 0, None, 0
@@ -132,7 +176,7 @@ def _train(torch, nn, x_train, y_train, x_val, y_val, n_classes, config, log, me
                 va_loss = float(loss_fn(va_logits, yv))
                 tr_acc = float((tr_logits.argmax(1) == yt).float().mean())
                 va_acc = float((va_logits.argmax(1) == yv).float().mean())
-            lr = opt.lr
+            lr = opt.param_groups[0]["lr"]
             for k, v in (("loss", tr_loss), ("accuracy", tr_acc), ("val_loss", va_loss), ("val_accuracy", va_acc),
                          ("lr", lr)):
                 history[k].append(v)
@@ -160,68 +204,38 @@ def _train(torch, nn, x_train, y_train, x_val, y_val, n_classes, config, log, me
     if log and stopped:
         log(f"early stop: no better val_loss for {config.patience} epochs; restored epoch {best_epoch} "
             f"(val_loss {best_loss:.4f}, val_acc {history['val_accuracy'][best_epoch - 1]:.4f})")
-    return TrainResult(head=head, history=history, best_epoch=best_epoch, epochs_run=epoch, stopped_early=stopped,
-                       class_weights=weights.tolist() if weights is not None else None,
-                       seconds=time.perf_counter() - start, val_probabilities=val_prob)
+    i = best_epoch - 1
+    return TrainResult(head, "adamw", history["loss"][i], history["accuracy"][i], history["val_loss"][i],
+                       history["val_accuracy"][i], {"lr": config.lr, "weight_decay": config.weight_decay}, [],
+                       weights.tolist() if weights is not None else None, 0.0, history=history,
+                       best_epoch=best_epoch, epochs_run=epoch, stopped_early=stopped, val_probabilities=val_prob)
 
 
-class AdamW:
-    """``torch.optim.AdamW``'s update in plain tensor ops: decoupled weight decay, bias-corrected moments.
+def pick_by_validation(results: Sequence[TrainResult], y_val: np.ndarray) -> tuple[int, list[float]]:
+    """Index of the result to keep, preferring the first (the default) unless another beats it clearly.
 
-    Numerically the same as torch.optim.AdamW (amsgrad off; tested against it). torch.optim imports
-    ``torch._dynamo`` on first use, about a second of start-up that a head's two to four tensors don't need.
+    The lowest validation loss wins only if it is lower than the first's by more than one standard error of the
+    per-example loss difference (the one-standard-error rule): on a few hundred validation examples, picking the
+    raw minimum among several cuts chases noise. Returns (index, the standard error for each result vs the first).
     """
+    y = np.asarray(y_val, np.int64)
 
-    def __init__(self, params, lr: float, weight_decay: float = 1e-2, betas=(0.9, 0.999), eps: float = 1e-8):
-        import torch
+    def per_example(r: TrainResult) -> np.ndarray:
+        p = np.clip(r.val_probabilities[np.arange(len(y)), y].astype(np.float64), 1e-12, 1.0)
+        return -np.log(p)
 
-        self.params = list(params)
-        self.lr, self.weight_decay, self.betas, self.eps = lr, weight_decay, betas, eps
-        self.exp_avg = [torch.zeros_like(p) for p in self.params]
-        self.exp_avg_sq = [torch.zeros_like(p) for p in self.params]
-        self.steps = 0
-
-    def zero_grad(self) -> None:
-        for p in self.params:
-            p.grad = None
-
-    def step(self) -> None:
-        import torch
-
-        self.steps += 1
-        b1, b2 = self.betas
-        bias1 = 1 - b1 ** self.steps
-        bias2_sqrt = math.sqrt(1 - b2 ** self.steps)
-        with torch.no_grad():
-            for p, m, v in zip(self.params, self.exp_avg, self.exp_avg_sq):
-                if p.grad is None:
-                    continue
-                g = p.grad
-                p.mul_(1 - self.lr * self.weight_decay)
-                m.lerp_(g, 1 - b1)
-                v.mul_(b2).addcmul_(g, g, value=1 - b2)
-                denom = (v.sqrt() / bias2_sqrt).add_(self.eps)
-                p.addcdiv_(m, denom, value=-self.lr / bias1)
-
-
-class Plateau:
-    """``torch.optim.lr_scheduler.ReduceLROnPlateau(mode="min", threshold=1e-4, threshold_mode="rel")``."""
-
-    def __init__(self, opt: AdamW, factor: float = 0.5, patience: int = 5, min_lr: float = 0.0,
-                 threshold: float = 1e-4):
-        self.opt, self.factor, self.patience, self.min_lr, self.threshold = opt, factor, patience, min_lr, threshold
-        self.best, self.bad_epochs = math.inf, 0
-
-    def step(self, metric: float) -> None:
-        if metric < self.best * (1 - self.threshold):
-            self.best, self.bad_epochs = metric, 0
-        else:
-            self.bad_epochs += 1
-        if self.bad_epochs > self.patience:
-            new = max(self.opt.lr * self.factor, self.min_lr)
-            if self.opt.lr - new > 1e-8:
-                self.opt.lr = new
-            self.bad_epochs = 0
+    base = per_example(results[0])
+    errors = [0.0]
+    margins = [0.0]
+    for r in results[1:]:
+        d = per_example(r) - base
+        se = float(d.std(ddof=1) / np.sqrt(len(d))) if len(d) > 1 else 0.0
+        errors.append(se)
+        margins.append(float(d.mean()) + se)  # < 0: better than the first by more than one standard error
+    best = min(range(len(results)), key=lambda i: (results[i].val_loss, i))
+    if best != 0 and margins[best] >= 0:
+        best = 0
+    return best, errors
 
 
 def stderr_log(line: str) -> None:
