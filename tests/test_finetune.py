@@ -79,28 +79,31 @@ def test_image_folder_end_to_end(tmp_path):
     card = ModelCard.from_onnx(model)
     assert card.labels == ("blue", "green", "red")
     assert card.preprocess.mode == "unit" and card.preprocess.layout == "NCHW" and card.preprocess.size == (8, 8)
-    assert card.cut == "flat"
+    assert card.cut == "pool"  # the model's own global pooling, the old Gemm cut off
     assert card.source == "test:gemm" and card.provenance["finetuned_from"] == str(src)
     assert card.training["head"] == "linear" and card.training["examples"] == {"train": 30, "val": 6}  # round(12 * 0.2) per class
     assert card.parity["passed"] and card.parity["outputs"]["probabilities"]["max_abs"] < 1e-4
     metrics = json.loads(report_files(out)[1].read_text())
     assert metrics["labels"] == ["blue", "green", "red"]
-    assert len(metrics["history"]["val_loss"]) == metrics["training"]["epochs_run"]
+    assert metrics["training"]["method"] == "lbfgs" and metrics["history"] == {}
+    curve = metrics["regularization"]
+    assert len(curve) >= 7 and metrics["training"]["chosen"]["l2"] in [p["l2"] for p in curve]
+    assert metrics["final"]["val_loss"] == min(p["val_loss"] for p in curve)
     assert set(metrics["validation"]["per_class"]) == {"blue", "green", "red"}
     assert np.array(metrics["validation"]["confusion_matrix"]).sum() == 6
     assert metrics["final"]["val_accuracy"] == r.val_accuracy >= 0.85
     assert Image.open(report_files(out)[2]).size[0] > 300
     # the merged model equals backbone + head computed separately, on every training image
     from porter.graph.surgery import extract_backbone
-    from porter.transfer.heads import folded_layers
+    from porter.transfer.heads import head_layers
     from porter.imaging import preprocess
 
     files = sorted(data.glob("*/*.png"))
     x = preprocess(files, card.preprocess, channels=3)
     prob, label = run(model, x)
     (feats,) = run(extract_backbone(onnx.load(src)), x)
-    (w, b), = folded_layers(r.head)
-    logits = feats @ w.T + b
+    mean, std, [(w, b)] = head_layers(r.head)
+    logits = ((feats.reshape(len(feats), -1) - mean) / std) @ w.T + b
     want = np.exp(logits - logits.max(1, keepdims=True))
     want /= want.sum(1, keepdims=True)
     np.testing.assert_allclose(prob, want, atol=1e-5)
@@ -119,12 +122,12 @@ def test_other_classifier_endings_and_nhwc(tmp_path, kind):
     assert not list(tmp_path.glob("*.json"))
 
 
-def test_classmaps_fallback_is_noted(tmp_path):
+def test_classmaps_head_is_cut_off_and_the_feature_map_pooled(tmp_path):
     data = make_folder(tmp_path / "data", n=6)
     r = finetune(save(build("classmaps"), tmp_path / "m.onnx"), data, epochs=3, progress=False)
-    assert any("no final classifier found" in n for n in r.notes)
-    assert r.metrics["cut"]["tensor"] == "pool" and r.metrics["cut"]["features"] == 5
-    assert "no final classifier found" in r.summary()
+    cut = r.metrics["cut"]
+    assert cut["tensor"] == "relu" and cut["pooled"] == [2, 3] and cut["features"] == 4  # not the 5 old class scores
+    assert "class-map head" in cut["reason"] and "average-pooled" in r.summary()
 
 
 def test_mlp_head_balance_and_options_land_in_metrics(tmp_path):
@@ -177,7 +180,7 @@ def test_features_are_cached_and_the_key_follows_the_inputs(tmp_path):
     again = finetune(src, data, epochs=3, head="mlp", progress=False)  # other head settings: cache hit
     assert again.features_cached
     assert finetune(src, data, epochs=2, preprocess="tf", progress=False).features_cached is False
-    assert finetune(src, data, epochs=2, cut="pool", progress=False).features_cached is False
+    assert finetune(src, data, epochs=2, cut="relu", progress=False).features_cached is False
     f = data / "red" / "000.png"
     os.utime(f, ns=(time.time_ns(), time.time_ns() + 10**9))
     assert finetune(src, data, epochs=2, progress=False).features_cached is False
@@ -261,7 +264,7 @@ def test_progress_goes_to_stderr(tmp_path, capsys):
     finetune(save(build("gemm"), tmp_path / "m.onnx"), data, epochs=2, progress=True)
     err = capsys.readouterr().err
     assert "features [" in err and "18/18" in err
-    assert "epoch   1/2  loss" in err and "val_loss" in err and "val_acc" in err
+    assert "probe l2 " in err and "val_loss" in err and "val_acc" in err
 
 
 def test_unknown_preprocessing_defaults_to_raw_with_a_note(tmp_path):
@@ -320,7 +323,8 @@ def test_features_come_from_the_predict_pipeline_with_streams(tmp_path, monkeypa
     """Feature extraction is porter predict's pipeline: concurrent streams on the CPU, same numbers as by hand."""
     import porter.runtime.session as S
     import porter.transfer.features as F
-    from porter.graph.surgery import choose_cut, extract_backbone
+    from porter.graph.cuts import choose_cut
+    from porter.graph.surgery import extract_backbone
     from porter.imaging import preprocess
     from porter.transfer.data import load_data
 
@@ -329,14 +333,15 @@ def test_features_come_from_the_predict_pipeline_with_streams(tmp_path, monkeypa
     (data / "red" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n not really")
     model = onnx.load(save(build("gemm"), tmp_path / "m.onnx"))
     card = ModelCard.from_onnx(model)
-    backbone = extract_backbone(model, choose_cut(model, None))
+    cut = choose_cut(model, None)
+    backbone = extract_backbone(model, cut)
     made = []
     real = F.backbone_predictor
     monkeypatch.setattr(F, "backbone_predictor", lambda *a, **kw: made.append(real(*a, **kw)) or made[-1])
     dataset = load_data(data)
     g = F.InputGeometry("image", "image", "NCHW", (8, 8), 3, dims=("batch", 3, 8, 8))
-    got = F.compute_features(backbone, dataset, g, card.preprocess, cut="flat", backbone_hash="h", batch_size=2,
-                             device="cpu", cache=False, progress=False)
+    got = F.compute_features(model, [cut], dataset, g, card.preprocess, batch_size=2, device="cpu", cache=False,
+                             progress=False)[cut.key]
     assert made[0].last_stats.streams == 2 and made[0].last_stats.images == 37  # 19 batches of 2: two streams
     [(name, why)] = got.skipped
     assert name == str(Path("red") / "broken.png") and why.startswith(f"{name}: not an image Pillow can decode")

@@ -39,7 +39,7 @@ def test_cli_finetune_writes_model_and_report(tmp_path, monkeypatch):
     assert r.returncode == 0, r.stderr
     assert r.stdout.startswith(f"fine-tuned test:gemm on {data}: 3 classes, 15 train / 3 val examples -> {out}")
     assert "check: merged model == backbone + head" in r.stdout
-    assert "features [" in r.stderr and "epoch   3/3" in r.stderr
+    assert "features [" in r.stderr and "probe l2 " in r.stderr
     assert all(p.is_file() for p in report_files(out))
     assert json.loads(report_files(out)[1].read_text())["training"]["seed"] == 1
     again = run_porter("finetune", src, data, "-o", out, "--epochs", "3")

@@ -108,15 +108,17 @@ def test_fewer_examples_than_the_validation_split_needs(src, out, tmp_path):
 
 def test_cut_that_does_not_exist_lists_candidates(src, out, tmp_path):
     data = make_folder(tmp_path / "data", n=4)
-    msg = fails(UsageError, r"--cut 'fc7' is not a tensor of this model; candidates: flat \[batch, 4\]", src, data, out,
-                cut="fc7")
-    assert "pool [batch, 4, 1, 1]" in msg
+    msg = fails(UsageError, r"--cut 'fc7' is not a tensor of this model; candidates: pool \[batch, 4, 1, 1\]", src,
+                data, out, cut="fc7")
+    assert "the backbone's pooled output" in msg
 
 
-def test_cut_that_is_not_batch_by_features_says_its_shape(src, out, tmp_path):
+def test_cut_that_is_not_batch_by_features_says_its_shape(out, tmp_path):
     data = make_folder(tmp_path / "data", n=4)
-    fails(UsageError, r"cut tensor 'relu' has shape \[batch, 4, 8, 8\], not batch x features after pooling", src, data,
-          out, cut="relu")
+    src = tmp_path / "seq.onnx"
+    onnx.save(build("sequence"), src)
+    fails(UsageError, r"cut tensor 'tokens' has shape \[\?, 4, 64\], not batch x features and not a rank-4 "
+          r"feature map porter can pool", src, data, out, cut="tokens")
 
 
 def csv_file(tmp_path, rows) -> Path:

@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 
 from porter.errors import DataError
-from porter.transfer.heads import folded_layers, make_head, standardization
-from porter.transfer.train import AdamW, Plateau, TrainConfig, class_weights, stratified_split, train_head
+from porter.transfer.heads import make_head, standardization
+from porter.transfer.train import TrainConfig, TrainResult, class_weights, pick_by_validation, stratified_split, train_head
 
 
 def test_stratified_split_keeps_class_proportions_and_is_seeded():
@@ -32,63 +32,119 @@ def test_class_weights_are_inverse_frequency():
     np.testing.assert_allclose(w, [40 / 60, 40 / 20])
 
 
-def test_adamw_matches_torch():
+def test_onnx_head_matches_the_torch_head_even_on_tiny_feature_spreads():
+    """Standardization stays explicit in the ONNX head: folded into the weights, a nearly constant feature
+    (std 3e-4) with a weight of 25 made float32 miss the probabilities by 6e-4."""
+    import onnxruntime as ort
     import torch
 
-    torch.manual_seed(0)
-    a = [torch.randn(3, 4, requires_grad=True), torch.randn(3, requires_grad=True)]
-    b = [t.detach().clone().requires_grad_(True) for t in a]
-    ours = AdamW(a, lr=0.01, weight_decay=0.1)
-    ref = torch.optim.AdamW(b, lr=0.01, weight_decay=0.1)
-    for step in range(25):
-        grads = [torch.randn_like(t) for t in a]
-        for p, g in zip(a, grads):
-            p.grad = g.clone()
-        for p, g in zip(b, grads):
-            p.grad = g.clone()
-        ours.step()
-        ref.step()
-    for p, q in zip(a, b):
-        torch.testing.assert_close(p, q, atol=1e-6, rtol=1e-5)
-
-
-def test_plateau_matches_torch():
-    import torch
-
-    losses = [1.0, 0.9, 0.95, 0.91, 0.92, 0.9, 0.93, 0.94, 0.8, 0.85, 0.86, 0.87, 0.88, 0.81, 0.9, 0.9, 0.9]
-    opt = AdamW([torch.zeros(1)], lr=0.1)
-    ours = Plateau(opt, factor=0.5, patience=2, min_lr=0.02)
-    ref_opt = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=0.1)
-    ref = torch.optim.lr_scheduler.ReduceLROnPlateau(ref_opt, factor=0.5, patience=2, min_lr=0.02)
-    for loss in losses:
-        ours.step(loss)
-        ref.step(loss)
-        assert opt.lr == pytest.approx(ref_opt.param_groups[0]["lr"])
-    assert opt.lr == pytest.approx(0.02)  # floored at min_lr
-
-
-def test_standardization_is_folded_exactly():
-    import torch
+    from porter.transfer.heads import head_to_onnx, predict_proba
 
     rng = np.random.default_rng(0)
-    x = (rng.standard_normal((50, 6)) * [1, 10, 0.1, 5, 1, 1] + [3, -2, 0, 100, 1, 7]).astype(np.float32)
-    x[:, 4] = 2.5  # a constant feature: std 1, nothing to scale
+    x = rng.standard_normal((64, 6)).astype(np.float32)
+    x[:, 1] = 0.3 + 3e-4 * rng.standard_normal(64)  # nearly constant
+    x[:, 4] = 2.5  # constant: std 1, nothing to scale
     mean, std = standardization(x)
     assert std[4] == 1.0
-    torch.manual_seed(0)
-    head = make_head("mlp", 6, 3, hidden=5, mean=mean, std=std).eval()
-    (w1, b1), (w2, b2) = folded_layers(head)
-    folded = np.maximum(x @ w1.T + b1, 0) @ w2.T + b2
-    with torch.no_grad():
-        np.testing.assert_allclose(folded, head(torch.from_numpy(x)).numpy(), atol=1e-4, rtol=1e-4)
+    for kind in ("linear", "mlp"):
+        torch.manual_seed(0)
+        head = make_head(kind, 6, 3, hidden=5, mean=mean, std=std).eval()
+        with torch.no_grad():
+            head.net[0].weight[:, 1] = 25.0
+        sess = ort.InferenceSession(head_to_onnx(head, opset=17, ir_version=8).SerializeToString(),
+                                    providers=["CPUExecutionProvider"])
+        prob, label = sess.run(None, {sess.get_inputs()[0].name: x})
+        want = predict_proba(head, x)
+        np.testing.assert_allclose(prob, want, atol=1e-5)  # folded: 6e-4
+        np.testing.assert_array_equal(label, want.argmax(1))
 
 
 def test_training_learns_and_restores_the_best_epoch():
     rng = np.random.default_rng(0)
     y = rng.integers(0, 3, 300)
     x = (rng.standard_normal((300, 30)) + np.eye(3, 30)[y] * 2).astype(np.float32)  # overlapping: val loss has a minimum
-    r = train_head(x[:240], y[:240], x[240:], y[240:], 3, TrainConfig(epochs=200, patience=5, seed=1))
+    r = train_head(x[:240], y[:240], x[240:], y[240:], 3, TrainConfig(epochs=200, patience=5, seed=1, lr=1e-2,
+                                                                       weight_decay=1e-4))
+    assert r.method == "adamw" and r.chosen == {"lr": 1e-2, "weight_decay": 1e-4}
     assert r.history["val_accuracy"][r.best_epoch - 1] > 0.75
     assert r.stopped_early and r.epochs_run == r.best_epoch + 5
     assert min(r.history["val_loss"]) == r.history["val_loss"][r.best_epoch - 1]
     assert r.val_probabilities.shape == (60, 3)
+
+
+def overlapping(n=400, d=30, k=3, seed=0):
+    rng = np.random.default_rng(seed)
+    y = rng.integers(0, k, n)
+    x = (rng.standard_normal((n, d)) * np.linspace(0.5, 3, d) + np.eye(k, d)[y] * 1.5 + 4).astype(np.float32)
+    return x, y
+
+
+def test_probe_solves_the_same_problem_as_sklearn():
+    """At a given L2 strength the probe's solution is scikit-learn's LogisticRegression(C = 1 / (n * l2))."""
+    import torch
+    from sklearn.linear_model import LogisticRegression
+
+    from porter.transfer.heads import standardization
+    from porter.transfer.probe import solve
+
+    x, y = overlapping()
+    mean, std = standardization(x)
+    xs = ((x - mean) / std).astype(np.float64)
+    for l2, weights in ((1e-2, None), (1e-3, class_weights(y, 3))):
+        w, b, _ = solve(xs, y, 3, l2, weights=weights, tolerance_grad=1e-10, max_iter=5000)
+        sk = LogisticRegression(C=1.0 / (len(x) * l2), tol=1e-12, max_iter=10000,
+                                class_weight=None if weights is None else dict(enumerate(weights))).fit(xs, y)
+        np.testing.assert_allclose(w.numpy(), sk.coef_, atol=2e-5 * np.abs(sk.coef_).max())
+        np.testing.assert_allclose(b.numpy() - b.numpy().mean(), sk.intercept_ - sk.intercept_.mean(), atol=1e-4)
+        probs = torch.softmax(torch.as_tensor(xs) @ w.T + b, 1).numpy()
+        np.testing.assert_allclose(probs, sk.predict_proba(xs), atol=1e-5)
+
+
+def test_probe_chooses_the_l2_strength_on_validation_and_refits():
+    from porter.transfer.heads import predict_proba
+
+    x, y = overlapping(n=300, d=200)  # few examples, many features: unregularized overfits
+    r = train_head(x[:200], y[:200], x[200:], y[200:], 3, TrainConfig())
+    assert r.method == "lbfgs" and r.refit
+    curve = {p["l2"]: p for p in r.curve}
+    assert len(curve) >= 9  # 7 decades + 2 half decades around the best
+    assert r.chosen["l2"] == min(curve.values(), key=lambda p: p["val_loss"])["l2"]
+    assert r.val_loss == curve[r.chosen["l2"]]["val_loss"]
+    assert curve[min(curve)]["val_loss"] > r.val_loss and curve[max(curve)]["val_loss"] > r.val_loss  # an interior optimum
+    assert r.val_accuracy > 0.6
+    # deterministic: the same features give the same head, bit for bit
+    again = train_head(x[:200], y[:200], x[200:], y[200:], 3, TrainConfig(seed=5))
+    np.testing.assert_array_equal(predict_proba(r.head, x), predict_proba(again.head, x))
+    # a given strength is used as is
+    fixed = train_head(x[:200], y[:200], x[200:], y[200:], 3, TrainConfig(weight_decay=0.5))
+    assert fixed.chosen == {"l2": 0.5} and [p["l2"] for p in fixed.curve] == [0.5]
+
+
+def test_mlp_chooses_lr_and_weight_decay_from_a_grid():
+    from porter.transfer.train import MLP_LR_GRID, MLP_WEIGHT_DECAY_GRID
+
+    x, y = overlapping(n=300, d=20)
+    r = train_head(x[:240], y[:240], x[240:], y[240:], 3, TrainConfig(head="mlp", hidden=16, epochs=40, patience=5))
+    assert r.method == "adamw" and len(r.curve) == len(MLP_LR_GRID) * len(MLP_WEIGHT_DECAY_GRID)
+    assert r.val_loss == min(p["val_loss"] for p in r.curve)
+    assert {r.chosen["lr"]} <= set(MLP_LR_GRID) and r.val_accuracy > 0.6
+    one = train_head(x[:240], y[:240], x[240:], y[240:], 3, TrainConfig(head="mlp", hidden=16, epochs=5, lr=1e-3))
+    assert len(one.curve) == len(MLP_WEIGHT_DECAY_GRID) and {p["lr"] for p in one.curve} == {1e-3}
+
+
+def _result(probs, val_loss):
+    return TrainResult(None, "lbfgs", 0.0, 1.0, val_loss, 1.0, {}, [], None, 0.0, val_probabilities=np.asarray(probs))
+
+
+def test_pick_by_validation_needs_more_than_one_standard_error():
+    y = np.zeros(200, np.int64)
+    base = np.tile([0.8, 0.2], (200, 1))  # per-example loss 0.223
+    mixed = np.where(np.arange(200)[:, None] % 2 == 0, [0.9, 0.1], [0.72, 0.28])  # mean 0.217: lower, within noise
+    sharp = np.tile([0.95, 0.05], (200, 1))  # 0.051: clearly lower
+    nll = lambda p: float(-np.log(p[:, 0]).mean())  # noqa: E731
+    results = [_result(p, nll(p)) for p in (base, mixed, sharp)]
+    assert nll(mixed) < nll(base)
+    best, errors = pick_by_validation(results[:2], y)
+    assert best == 0 and errors[0] == 0.0 and nll(base) - nll(mixed) < errors[1]
+    best, _ = pick_by_validation(results, y)
+    assert best == 2

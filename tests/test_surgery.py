@@ -64,8 +64,14 @@ def build(kind: str, opset: int = 17) -> onnx.ModelProto:
                   helper.make_node("Gemm", ["flat", "fc_w", "fc_b"], ["logits"], transB=1),
                   helper.make_node("Softmax", ["logits"], ["prob"], axis=1)]
         inits.append(numpy_helper.from_array(np.array([-1, 4], np.int64), "shape"))
-    elif kind == "noclassifier":
+    elif kind == "noclassifier":  # include_top=False: the feature map itself, flattened
         nodes += [helper.make_node("Flatten", ["relu"], ["prob"], axis=1)]
+    elif kind == "sequence":  # positions as a sequence: [batch, 4, 64] -> mean over positions -> Gemm
+        inits += [numpy_helper.from_array(np.array([-1, 4, 64], np.int64), "seq_shape"), _w("fc_w", 5, 4), _w("fc_b", 5)]
+        nodes += [helper.make_node("Reshape", ["relu", "seq_shape"], ["tokens"]),
+                  helper.make_node("ReduceMean", ["tokens"], ["pool"], axes=[2], keepdims=0),
+                  helper.make_node("Gemm", ["pool", "fc_w", "fc_b"], ["logits"], transB=1),
+                  helper.make_node("Softmax", ["logits"], ["prob"], axis=1)]
     else:
         raise ValueError(kind)
     out = helper.make_tensor_value_info("prob", TensorProto.FLOAT, ["batch", None])
@@ -86,47 +92,58 @@ def image_for(model, n=3):
 
 
 @pytest.mark.parametrize("kind, name, shape, reason", [
-    ("gemm", "flat", ("batch", 4), "Gemm"),
-    ("matmul_add", "pool", ("batch", 4), "MatMul + Add"),
-    ("conv1x1", "pool", ("batch", 4, 1, 1), "1x1 Conv"),
-    ("reducemean", "flat", (None, 4), "Gemm"),
+    ("gemm", "pool", ("batch", 4, 1, 1), "GlobalAveragePool 'gap'"),
+    ("matmul_add", "pool", ("batch", 4), "ReduceMean over the spatial axes"),
+    ("conv1x1", "pool", ("batch", 4, 1, 1), "1x1 Conv 'classifier' on pooled features"),
+    ("reducemean", "pool", (None, 1, 1, 4), "Gemm"),
 ])
-def test_detects_final_classifier_input(kind, name, shape, reason):
+def test_cut_lands_on_the_pooled_backbone_past_the_old_head(kind, name, shape, reason):
     model = build(kind)
     cands = cut_candidates(model)
-    assert cands[0].name == name
+    assert cands[0].name == name and cands[0].kind == "backbone" and cands[0].pool_axes is None
     assert tuple(cands[0].shape)[1:] == shape[1:]
-    assert reason in cands[0].reason
+    assert reason in cands[0].reason and "is cut off" in cands[0].reason
     cut = choose_cut(model)
-    assert cut.name == name and cut.note is None
+    assert cut.name == name and cut.features == 4 and cut.note is None
 
 
-def test_candidates_also_list_global_pooling():
-    cands = cut_candidates(build("gemm"))
-    assert [c.name for c in cands] == ["flat", "pool"]
-    assert "GlobalAveragePool" in cands[1].reason
-    cands = cut_candidates(build("reducemean"))
-    assert [c.name for c in cands] == ["flat", "pool"]
-    assert "ReduceMean" in cands[1].reason
+def test_classmap_head_is_cut_off_and_the_feature_map_pooled():
+    cut = choose_cut(build("classmaps"))
+    assert cut.name == "relu" and cut.pool_axes == (2, 3) and cut.feature_shape == ("batch", 4)
+    assert "class-map head" in cut.reason and "'classmaps'" in cut.reason
+    assert [c.name for c in cut_candidates(build("classmaps"))] == ["relu"]  # the pooled class scores are no candidate
 
 
-def test_classmaps_falls_back_to_last_global_pooling_and_says_so():
-    model = build("classmaps")
+def test_a_model_without_head_is_cut_at_its_output_and_pooled():
+    cut = choose_cut(build("noclassifier"))
+    assert cut.name == "relu" and cut.pool_axes == (2, 3) and cut.features == 4  # after the ReLU, before the Flatten
+
+
+def test_nhwc_feature_map_is_pooled_over_its_own_spatial_axes():
+    g = helper.make_graph([helper.make_node("Relu", ["image"], ["act"]), helper.make_node("Identity", ["act"], ["out"])],
+                          "nhwc", [helper.make_tensor_value_info("image", TensorProto.FLOAT, ["batch", 8, 8, 3])],
+                          [helper.make_tensor_value_info("out", TensorProto.FLOAT, ["batch", 8, 8, 3])])
+    model = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
     cut = choose_cut(model)
-    assert cut.name == "pool"
-    assert cut.note and "no final classifier found" in cut.note and "'pool'" in cut.note
+    assert cut.name == "act" and cut.pool_axes == (1, 2)
+    x = RNG.standard_normal((2, 8, 8, 3)).astype(np.float32)
+    (got,) = run(extract_backbone(model, cut), x)
+    np.testing.assert_allclose(got, np.maximum(x, 0).mean(axis=(1, 2)), rtol=1e-6)
 
 
 def test_no_candidate_is_an_error():
+    g = helper.make_graph([helper.make_node("Identity", ["x"], ["y"])], "id",
+                          [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 4])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", 4])])
     with pytest.raises(UsageError, match="no cut found.*--cut"):
-        choose_cut(build("noclassifier"))
+        choose_cut(helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)], ir_version=8))
 
 
 def test_unknown_cut_lists_candidates():
     with pytest.raises(UsageError) as e:
         choose_cut(build("gemm"), "nope")
     msg = str(e.value)
-    assert "'nope' is not a tensor" in msg and "flat [batch, 4]" in msg and "pool [batch, 4, 1, 1]" in msg
+    assert "'nope' is not a tensor" in msg and "pool [batch, 4, 1, 1]" in msg
     assert "\n" not in msg
 
 
@@ -135,9 +152,11 @@ def test_weight_as_cut_is_refused():
         choose_cut(build("gemm"), "fc_w")
 
 
-def test_spatial_cut_says_its_shape():
-    with pytest.raises(UsageError, match=r"'relu' has shape \[batch, 4, 8, 8\], not batch x features"):
-        choose_cut(build("gemm"), "relu")
+def test_user_cut_at_a_feature_map_is_pooled_and_a_sequence_is_refused():
+    cut = choose_cut(build("gemm"), "relu")
+    assert cut.kind == "user" and cut.pool_axes == (2, 3) and cut.features == 4
+    with pytest.raises(UsageError, match=r"'tokens' has shape \[\?, 4, 64\], not batch x features"):
+        choose_cut(build("sequence"), "tokens")
 
 
 @pytest.mark.parametrize("kind", ["gemm", "matmul_add", "conv1x1", "classmaps", "reducemean"])
@@ -149,15 +168,31 @@ def test_extracted_backbone_computes_the_cut_tensor(kind):
     assert [i.name for i in backbone.graph.input] == [model.graph.input[0].name]
     assert backbone.opset_import == model.opset_import and backbone.ir_version == model.ir_version
     assert not any(n.op_type in ("Softmax", "Gemm", "MatMul") for n in backbone.graph.node)
-    # reference: the full model with the cut tensor exposed as an extra output
+    assert not any(n.name == "classmaps" for n in backbone.graph.node)
+    # reference: the full model with the cut tensor exposed as an extra output, pooled by hand when porter pools it
     probe = onnx.ModelProto()
     probe.CopyFrom(model)
     probe.graph.output.append(helper.make_tensor_value_info(cut.name, TensorProto.FLOAT, None))
     x = image_for(model)
-    want = run(probe, x)[-1].reshape(3, -1)
+    want = run(probe, x)[-1]
+    want = want.mean(axis=cut.pool_axes) if cut.pool_axes else want.reshape(3, -1)
     (got,) = run(backbone, x)
-    assert got.shape == (3, 5 if kind == "classmaps" else 4)
-    np.testing.assert_array_equal(got, want)
+    assert got.shape == (3, 4)
+    np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-7)
+
+
+def test_several_cuts_come_out_of_one_backbone():
+    from porter.graph.cuts import plan_cuts
+
+    model = build("gemm")
+    cuts = plan_cuts(model, "search") + [choose_cut(model, "relu")]
+    backbone = extract_backbone(model, cuts)
+    assert [o.name for o in backbone.graph.output] == [f"{FEATURES}/{i}" for i in range(len(cuts))]
+    x = image_for(model, 2)
+    outs = run(backbone, x)
+    for cut, got in zip(cuts, outs):
+        (alone,) = run(extract_backbone(model, cut), x)
+        np.testing.assert_array_equal(got, alone)
 
 
 def test_user_cut_at_pooling_is_flattened():
@@ -202,6 +237,20 @@ def test_merge_renames_clashing_backbone_tensors():
     merged = merge_head(backbone, head_to_onnx(make_head("linear", 4, 2), opset=17, ir_version=8))
     prob, label = run(merged, image_for(model, 2))
     assert prob.shape == (2, 2)
+
+
+def test_fingerprint_ignores_generated_tensor_names():
+    from porter.graph.normalize import rename_tensor
+    from porter.graph.surgery import Fingerprint
+
+    a = build("gemm")
+    b = onnx.ModelProto()
+    b.CopyFrom(a)
+    rename_tensor(b, "relu", "const_fold_opt__57")  # what a second conversion calls the same tensor
+    fa, fb = Fingerprint(a), Fingerprint(b)
+    assert fa.digest == fb.digest and fa.tensor_id("relu") == fb.tensor_id("const_fold_opt__57")
+    b.graph.initializer[0].raw_data = np.zeros(4 * 3 * 3 * 3, np.float32).tobytes()
+    assert Fingerprint(b).digest != fa.digest
 
 
 def test_model_hash_ignores_names_and_metadata_but_not_weights():

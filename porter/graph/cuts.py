@@ -45,7 +45,8 @@ Shape = tuple[int | str | None, ...]
 def format_shape(shape: Sequence[int | str | None] | None) -> str:
     if shape is None:
         return "[unknown shape]"
-    return "[" + ", ".join("?" if d is None else str(d) for d in shape) + "]"
+    # converters name unknown dims unk__0, unk__1, ...: to a reader they are just unknown
+    return "[" + ", ".join("?" if d is None or str(d).startswith("unk__") else str(d) for d in shape) + "]"
 
 
 @dataclass(frozen=True)

@@ -1,10 +1,11 @@
 """Classification heads trained on backbone features, and their export to ONNX.
 
 A head standardizes its input with the training features' mean and std, then applies a linear layer (``linear``)
-or Linear-ReLU-Dropout-Linear (``mlp``). For export the standardization is folded into the first layer:
-``W((x - mu) / sigma) + b = (W / sigma) x + (b - W (mu / sigma))``, so the ONNX head is plain ``Gemm`` nodes
-followed by ``Softmax`` (``probabilities``) and ``ArgMax`` (``label``). The head is built with ``onnx.helper``
-at the backbone's opset and IR version -- no exporter in between.
+or Linear-ReLU-Dropout-Linear (``mlp``). The ONNX head computes the same: ``Sub`` mean, ``Div`` std, ``Gemm``
+nodes, then ``Softmax`` (``probabilities``) and ``ArgMax`` (``label``). The standardization is not folded into the
+first layer: for a feature with a tiny spread (a nearly dead ReLU channel) ``W / sigma`` and ``b - W mu / sigma``
+grow to 1e4 and cancel, and float32 then misses the trained head's probabilities by 1e-3. The head is built with
+``onnx.helper`` at the backbone's opset and IR version -- no exporter in between.
 """
 
 from __future__ import annotations
@@ -60,17 +61,13 @@ def standardization(features: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return mean.astype(np.float32), std.astype(np.float32)
 
 
-def folded_layers(head: "torch.nn.Module") -> list[tuple[np.ndarray, np.ndarray]]:
-    """The head's linear layers as (W [out x in], b) with the standardization folded into the first."""
+def head_layers(head: "torch.nn.Module") -> tuple[np.ndarray, np.ndarray, list[tuple[np.ndarray, np.ndarray]]]:
+    """(mean, std, [(W [out x in], b), ...]): the head's standardization and its linear layers, float32."""
     from torch import nn
 
     linears = [m for m in head.net if isinstance(m, nn.Linear)]
-    layers = [(m.weight.detach().double().numpy(), m.bias.detach().double().numpy()) for m in linears]
-    mean = head.mean.double().numpy()
-    std = head.std.double().numpy()
-    w, b = layers[0]
-    layers[0] = (w / std[None, :], b - (w / std[None, :]) @ mean)
-    return [(w.astype(np.float32), b.astype(np.float32)) for w, b in layers]
+    layers = [(m.weight.detach().float().numpy().copy(), m.bias.detach().float().numpy().copy()) for m in linears]
+    return head.mean.float().numpy().copy(), head.std.float().numpy().copy(), layers
 
 
 def predict_proba(head: "torch.nn.Module", features: np.ndarray, batch: int = 4096) -> np.ndarray:
@@ -92,9 +89,12 @@ def head_to_onnx(head: "torch.nn.Module", *, opset: int, ir_version: int, batch_
     import onnx
     from onnx import TensorProto, helper, numpy_helper
 
-    layers = folded_layers(head)
-    nodes, inits = [], []
-    x = input_name
+    mean, std, layers = head_layers(head)
+    inits = [numpy_helper.from_array(mean, "porter/head/mean"), numpy_helper.from_array(std, "porter/head/std")]
+    nodes = [helper.make_node("Sub", [input_name, "porter/head/mean"], ["porter/head/centred"], name="porter/head/sub"),
+             helper.make_node("Div", ["porter/head/centred", "porter/head/std"], ["porter/head/standardized"],
+                              name="porter/head/div")]
+    x = "porter/head/standardized"
     for i, (w, b) in enumerate(layers):
         wn, bn, y = f"porter/head/W{i}", f"porter/head/b{i}", f"porter/head/dense{i}"
         inits += [numpy_helper.from_array(w, wn), numpy_helper.from_array(b, bn)]

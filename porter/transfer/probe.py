@@ -23,7 +23,9 @@ import numpy as np
 from ..errors import DataError
 from .heads import make_head, standardization
 
-L2_GRID = tuple(10.0 ** e for e in range(-6, 2))  # coarse: one per decade; refined to half decades around the best
+# coarse: one per decade, refined to half decades around the best. Below 1e-5 a separable training set drives the
+# weights so large that float32 inference of the merged model drifts from the head it was checked against.
+L2_GRID = tuple(10.0 ** e for e in range(-5, 2))
 TOLERANCE_GRAD = 1e-5  # L-BFGS stops when the largest gradient entry is below this (scikit-learn: 1e-4)
 MAX_ITER = 500
 
@@ -130,7 +132,7 @@ def fit_probe(x_train: np.ndarray, y_train: np.ndarray, x_val: np.ndarray, y_val
         if l2 is None:  # refine to half decades around the best
             best = min(curve.values(), key=lambda p: (p["val_loss"], -p["l2"]))["l2"]
             for lam in (best * math.sqrt(10), best / math.sqrt(10)):
-                if lam not in curve:
+                if lam not in curve and L2_GRID[0] <= lam <= L2_GRID[-1]:
                     nearest = min(solutions, key=lambda k: abs(math.log(k / lam)))
                     evaluate(lam, solutions[nearest])
         chosen = min(curve.values(), key=lambda p: (p["val_loss"], -p["l2"]))["l2"]
@@ -149,7 +151,8 @@ def fit_probe(x_train: np.ndarray, y_train: np.ndarray, x_val: np.ndarray, y_val
                             weights=class_weights, init=(w0, b0), torch=torch)
     finally:
         torch.set_num_threads(threads)
-    head = make_head("linear", x_train.shape[1], n_classes, mean=head_mean, std=head_std)
+    with torch.random.fork_rng(devices=[]):  # the layer's random init is overwritten; the caller's RNG is left alone
+        head = make_head("linear", x_train.shape[1], n_classes, mean=head_mean, std=head_std)
     with torch.no_grad():
         layer = head.net[-1]
         layer.weight.copy_(w.float())
