@@ -69,13 +69,16 @@ class InspectReport:
         for k, v in sorted(self.other_metadata.items()):
             lines.append(f"  {k}: {v}")
         if self.cuts is not None:
-            lines.append("  cut candidates (best first):" if self.cuts else "  cut candidates: none found")
-            lines += [f"    {cut.describe()}" for cut in self.cuts]
+            lines.append("  cut candidates (best first; porter finetune --cut auto searches those within 2x the "
+                         "backbone's width, --cut search all):" if self.cuts else "  cut candidates: none found")
+            lines += [f"    {cut.kind:<10} {cut.describe()}" for cut in self.cuts]
         return "\n".join(lines)
 
 
 def _cut_dict(cut: Any) -> dict[str, Any]:
-    return {"tensor": cut.name, "shape": list(cut.shape) if cut.shape is not None else None, "reason": cut.reason}
+    return {"tensor": cut.name, "shape": list(cut.shape) if cut.shape is not None else None, "kind": cut.kind,
+            "pooled_axes": list(cut.pool_axes) if cut.pool_axes else None, "features": cut.features,
+            "reason": cut.reason}
 
 
 def inspect_model(path: str | Path, cuts: bool = False) -> InspectReport:
@@ -89,7 +92,7 @@ def inspect_model(path: str | Path, cuts: bool = False) -> InspectReport:
     props = {p.key: p.value for p in model.metadata_props}
     cut_list = None
     if cuts:
-        from .graph.surgery import cut_candidates
+        from .graph.cuts import cut_candidates
 
         cut_list = list(cut_candidates(model))
     return InspectReport(
