@@ -26,7 +26,7 @@ from .heads import make_head, standardization
 # coarse: one per decade, refined to half decades around the best. Below 1e-5 a separable training set drives the
 # weights so large that float32 inference of the merged model drifts from the head it was checked against.
 L2_GRID = tuple(10.0 ** e for e in range(-5, 2))
-TOLERANCE_GRAD = 1e-5  # L-BFGS stops when the largest gradient entry is below this (scikit-learn: 1e-4)
+TOLERANCE_GRAD = 1e-4  # L-BFGS stops when the largest gradient entry is below this (scikit-learn's default tol)
 MAX_ITER = 500
 
 
@@ -60,7 +60,7 @@ def solve(x: "np.ndarray", y: "np.ndarray", n_classes: int, l2: float, *, weight
     onehot = torch.nn.functional.one_hot(yt, n_classes).to(torch.float64)
     scale = (sample_w / n)[:, None] if sample_w is not None else torch.full((n, 1), 1.0 / n, dtype=torch.float64)
     opt = torch.optim.LBFGS([w, b], lr=1, max_iter=max_iter, tolerance_grad=tolerance_grad,
-                            tolerance_change=1e-12, history_size=20, line_search_fn="strong_wolfe")
+                            tolerance_change=1e-10, history_size=20, line_search_fn="strong_wolfe")
 
     def closure():
         # loss and gradient by hand: a few matmuls instead of autograd's graph (the solve is overhead-bound)
