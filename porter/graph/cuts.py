@@ -466,7 +466,7 @@ def plan_cuts(model: onnx.ModelProto, cut: str | None = None) -> list[Cut]:
     """
     g = ModelGraph(model)
     candidates = _candidates(g)
-    listing = "; ".join(c.describe() for c in candidates[:6]) or "none detected"
+    listing = "; ".join(f"{c.name} {format_shape(c.shape)} ({c.kind})" for c in candidates[:6]) or "none detected"
     if cut not in (None, *CUT_MODES):
         return [_user_cut(g, cut, candidates, listing)]
     if not candidates:

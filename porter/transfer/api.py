@@ -302,9 +302,12 @@ def finetune(source: Any, data: Any, output: str | os.PathLike | None = None, **
              "val_accuracy": val_metrics["accuracy"]}
     if trained.best_epoch is not None:
         final["epoch"] = trained.best_epoch
-    choice = ("--cut " + opts.cut if opts.cut not in (None, "auto") else
-              f"chosen on validation among {len(cuts)} candidates" if len(cuts) > 1 else
-              "the pooled backbone (the only candidate within the search budget)")
+    if len(cuts) > 1:
+        choice = f"chosen on validation among {len(cuts)} candidates" + (" (--cut search)" if opts.cut == "search" else "")
+    elif opts.cut not in (None, "auto"):
+        choice = f"--cut {opts.cut}"
+    else:
+        choice = "the pooled backbone (the only candidate within the search budget)"
     metrics = {
         "porter_version": __version__,
         "source": card.source,
