@@ -445,7 +445,9 @@ def _blocks_before(g: ModelGraph, feature_map: str) -> list[str]:
         stage = node.op_type in ("MaxPool", "AveragePool") or any(
             c.op_type in ("Conv", "MaxPool", "AveragePool") and any(s > 1 for s in (attr(c, "strides", []) or []))
             for c in g.consumers.get(name, []))
-        if (merge or stage) and g.layout(name) is not None:
+        if stage and node.op_type == "Pad" and node.input[0] in g.producer:
+            name = node.input[0]  # the map before a strided conv's explicit padding: pooling zeros would skew it
+        if (merge or stage) and g.layout(name) is not None and name not in blocks:
             blocks.append(name)
     blocks.sort(key=lambda n: g.order[n], reverse=True)
     # a stage end is often both a pooling output and a strided conv's input: keep distinct tensors only
