@@ -45,12 +45,10 @@ class ProbeResult:
 
 
 def solve(x: "np.ndarray", y: "np.ndarray", n_classes: int, l2: float, *, weights: np.ndarray | None = None,
-          init: tuple | None = None, torch=None, tolerance_grad: float = TOLERANCE_GRAD,
+          init: tuple | None = None, tolerance_grad: float = TOLERANCE_GRAD,
           max_iter: int = MAX_ITER) -> tuple[object, object, int]:
     """(W [classes x features], b, iterations) minimizing the objective above on standardized ``x`` (float64)."""
-    import torch as _torch
-
-    torch = torch or _torch
+    import torch
     xt = torch.as_tensor(x, dtype=torch.float64)
     yt = torch.as_tensor(y, dtype=torch.int64)
     n, d = xt.shape
@@ -60,7 +58,7 @@ def solve(x: "np.ndarray", y: "np.ndarray", n_classes: int, l2: float, *, weight
     onehot = torch.nn.functional.one_hot(yt, n_classes).to(torch.float64)
     scale = (sample_w / n)[:, None] if sample_w is not None else torch.full((n, 1), 1.0 / n, dtype=torch.float64)
     opt = torch.optim.LBFGS([w, b], lr=1, max_iter=max_iter, tolerance_grad=tolerance_grad,
-                            tolerance_change=1e-10, history_size=20, line_search_fn="strong_wolfe")
+                            tolerance_change=1e-6 * tolerance_grad, history_size=20, line_search_fn="strong_wolfe")
 
     def closure():
         # loss and gradient by hand: a few matmuls instead of autograd's graph (the solve is overhead-bound)
@@ -103,7 +101,7 @@ def fit_probe(x_train: np.ndarray, y_train: np.ndarray, x_val: np.ndarray, y_val
     solutions: dict[float, tuple] = {}
 
     def evaluate(lam: float, init) -> tuple:
-        w, b, iters = solve(xs, y_train, n_classes, lam, weights=class_weights, init=init, torch=torch)
+        w, b, iters = solve(xs, y_train, n_classes, lam, weights=class_weights, init=init)
         with torch.no_grad():
             val_logits = xv @ w.T + b
             val_loss = float(_loss(torch, val_logits, yv, wv))
@@ -148,7 +146,7 @@ def fit_probe(x_train: np.ndarray, y_train: np.ndarray, x_val: np.ndarray, y_val
             w0 = w * torch.as_tensor(head_std / std, dtype=torch.float64)[None, :]
             b0 = b + (w * torch.as_tensor((head_mean - mean) / std, dtype=torch.float64)[None, :]).sum(1)
             w, b, _ = solve((x_all.astype(np.float64) - head_mean) / head_std, y_all, n_classes, chosen,
-                            weights=class_weights, init=(w0, b0), torch=torch)
+                            weights=class_weights, init=(w0, b0))
     finally:
         torch.set_num_threads(threads)
     with torch.random.fork_rng(devices=[]):  # the layer's random init is overwritten; the caller's RNG is left alone
