@@ -351,8 +351,15 @@ def run_bench(args: argparse.Namespace) -> int:
 PARSER_BUILDERS = [add_convert_parser, add_finetune_parser, add_predict_parser, add_bench_parser, add_inspect_parser]
 
 
+class OneLineParser(argparse.ArgumentParser):
+    """argparse, but a usage mistake is one line naming the mistake and where help is (not the usage block)."""
+
+    def error(self, message: str):  # noqa: D102 - argparse's hook
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = OneLineParser(
         prog="porter",
         description="Port pretrained models (Keras, PyTorch Hub, TF.js) to ONNX with proven parity, fine-tune a new "
                     "head on your data, and run them fast with ONNX Runtime.")

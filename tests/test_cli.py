@@ -93,3 +93,17 @@ def test_inspect_does_not_import_tensorflow_or_torch(fixtures_dir, tmp_path):
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
     assert r.stdout.strip() == "[]"
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["finetune", "m.onnx", "data", "-o", "x.onnx", "--cut"],
+     "porter finetune: error: argument --cut: expected one argument (see porter finetune --help)"),
+    (["convert"], "porter convert: error: the following arguments are required: source, -o/--output "
+                  "(see porter convert --help)"),
+    (["finetune", "m.onnx", "data", "-o", "x.onnx", "--lr", "fast"],
+     "porter finetune: error: argument --lr: invalid float value: 'fast' (see porter finetune --help)"),
+])
+def test_argparse_mistakes_are_one_line(argv, message):
+    r = run_porter(*argv)
+    assert r.returncode == 2 and r.stdout == ""
+    assert r.stderr.strip().splitlines() == [message]
