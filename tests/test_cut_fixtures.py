@@ -164,6 +164,20 @@ def test_search_picks_the_cut_that_has_the_answer():
     assert (label == y[120:]).mean() < 0.8  # what the backbone's own output allows
 
 
+def test_search_for_an_mlp_head_chooses_its_own_l2_and_leaves_the_adamw_settings_to_the_mlp():
+    model = known_answer_model()
+    rng = np.random.default_rng(2)
+    y = rng.integers(0, 2, 80)
+    pixels = rng.integers(0, 256, (80, 8, 8, 3)).astype(np.uint8)
+    r = finetune(model, (pixels, y), preprocess="unit", head="mlp", hidden=8, epochs=3, weight_decay=0.3,
+                 cache=False, progress=False)
+    from porter.transfer.probe import L2_GRID
+
+    assert len(r.metrics["cut_search"]) >= 2
+    assert all(row["l2"] != 0.3 and min(L2_GRID) <= row["l2"] <= max(L2_GRID) for row in r.metrics["cut_search"])
+    assert r.metrics["training"]["method"] == "adamw" and r.metrics["training"]["chosen"]["weight_decay"] == 0.3
+
+
 @pytest.mark.parametrize("source", [str(HEADS / "dense1.keras"),
                                     "tfjs:" + str(ROOT / "fixtures" / "tfjs" / "layers_sequential" / "model.json")])
 def test_second_finetune_from_a_converted_source_reads_the_cache(source, tmp_path):

@@ -203,7 +203,7 @@ def finetune(source: Any, data: Any, output: str | os.PathLike | None = None, **
     from ..outputs import check_output
     from .heads import head_to_onnx
     from .report import classification_metrics, report_paths
-    from .train import TrainConfig, pick_by_validation, stratified_split, train_head
+    from .train import TrainConfig, stratified_split, train_head
 
     start = time.perf_counter()
     timings: dict[str, float] = {}
@@ -261,26 +261,7 @@ def finetune(source: Any, data: Any, output: str | os.PathLike | None = None, **
         return train_head(f.features[train_idx], f.labels[train_idx], f.features[val_idx], f.labels[val_idx],
                           len(dataset.classes), cfg, log=log if opts.progress and verbose else None)
 
-    search: list[dict[str, Any]] = []
-    trained = None
-    if len(cuts) > 1:
-        # every candidate gets the linear probe (deterministic, its penalty chosen on validation); lowest val loss wins
-        probe = replace(config, head="linear", lr=None) if config.method != "lbfgs" else config
-        fits = [fit(c, probe, False) for c in cuts]
-        best, errors = pick_by_validation(fits, first.labels[val_idx])
-        for i, (c, r) in enumerate(zip(cuts, fits)):
-            search.append({"tensor": c.name, "kind": c.kind, "features": int(by_cut[c.key].features.shape[1]),
-                           "pooled": bool(c.pool_axes), "val_loss": round(r.val_loss, 6),
-                           "val_loss_se_vs_first": round(errors[i], 6), "val_accuracy": round(r.val_accuracy, 6),
-                           "l2": r.chosen.get("l2"), "chosen": i == best})
-            if opts.progress:
-                log(f"porter: cut {c.name} ({c.kind}, {search[-1]['features']} features): val_loss {r.val_loss:.4f}, "
-                    f"val_acc {r.val_accuracy:.4f}{'  <- chosen' if i == best else ''}")
-        cut = cuts[best]
-        if config.method == "lbfgs":
-            trained = fits[best]
-    else:
-        cut = cuts[0]
+    cut, trained, search = _search_cuts(cuts, fit, config, first.labels[val_idx], log if opts.progress else None)
     if trained is None:
         trained = fit(cut, config, True)
     feats = by_cut[cut.key]
@@ -374,6 +355,32 @@ def _prefetch_imports(report: bool) -> None:
 
     if modules:
         threading.Thread(target=load, name="porter-prefetch-imports", daemon=True).start()
+
+
+def _search_cuts(cuts, fit, config, y_val, log) -> tuple[Any, Any, list[dict[str, Any]]]:
+    """(chosen cut, its trained head when the probe is the final head too, the search table).
+
+    Every candidate gets the linear probe (deterministic, its L2 chosen on validation); the backbone (the first)
+    is kept unless another cut is better by more than one standard error (``pick_by_validation``).
+    """
+    if len(cuts) == 1:
+        return cuts[0], None, []
+    from .train import pick_by_validation
+
+    # an AdamW config's lr and weight decay mean nothing to the probe: it chooses its own L2
+    probe = config if config.method == "lbfgs" else replace(config, head="linear", lr=None, weight_decay=None)
+    fits = [fit(c, probe, False) for c in cuts]
+    best, errors = pick_by_validation(fits, y_val)
+    table = []
+    for i, (c, r) in enumerate(zip(cuts, fits)):
+        width = int(r.head.mean.shape[0])
+        table.append({"tensor": c.name, "kind": c.kind, "features": width, "pooled": bool(c.pool_axes),
+                      "val_loss": round(r.val_loss, 6), "val_loss_se_vs_first": round(errors[i], 6),
+                      "val_accuracy": round(r.val_accuracy, 6), "l2": r.chosen.get("l2"), "chosen": i == best})
+        if log:
+            log(f"porter: cut {c.name} ({c.kind}, {width} features): val_loss {r.val_loss:.4f}, "
+                f"val_acc {r.val_accuracy:.4f}{'  <- chosen' if i == best else ''}")
+    return cuts[best], fits[best] if probe is config else None, table
 
 
 def _logger(enabled: bool):
