@@ -87,9 +87,14 @@ class Cut:
         return (self.shape[0], big[0] if big else 1)
 
     @property
+    def pooling(self) -> str:
+        """How the tensor becomes features, as a key suffix: ``|mean[2, 3]`` or nothing."""
+        return f"|mean{list(self.pool_axes)}" if self.pool_axes else ""
+
+    @property
     def key(self) -> str:
         """What identifies the features this cut yields (with the model): tensor and pooling."""
-        return self.name + (f"|mean{list(self.pool_axes)}" if self.pool_axes else "")
+        return self.name + self.pooling
 
     def describe(self) -> str:
         pooled = f" -> pooled {format_shape(self.feature_shape)}" if self.pool_axes else ""

@@ -15,7 +15,7 @@ import onnx
 from onnx import helper, numpy_helper
 
 from ..errors import UsageError
-from .cuts import Cut, ModelGraph, choose_cut, format_shape  # noqa: F401 - format_shape re-exported for callers
+from .cuts import Cut, ModelGraph, choose_cut
 
 FEATURES = "porter/features"  # the backbone's output: batch x features (with several cuts: porter/features/0, ...)
 
@@ -63,12 +63,8 @@ def extract_backbone(model: onnx.ModelProto, cuts: Cut | str | Sequence[Cut] | N
     nodes = [n for n, k in zip(g.nodes, keep) if k]
     inputs = [v for v in src.input if v.name in needed and v.name not in g.consts]
     for c in cuts:
-        if c.name in g.inputs:
-            continue
-        if not _depends_on_input(g, c.name):
+        if c.name not in g.inputs and not _depends_on_input(g, c.name):
             raise UsageError(f"cut tensor {c.name!r} does not depend on any model input; choose another --cut")
-    if not inputs:
-        raise UsageError(f"cut tensor {cuts[0].name!r} does not depend on any model input; choose another --cut")
     inits = [t for t in src.initializer if t.name in needed]
     sparse = [t for t in src.sparse_initializer if t.values.name in needed]
     cut_names = {c.name for c in cuts}
@@ -191,11 +187,6 @@ def _value_type(v: onnx.ValueInfoProto) -> bytes:
     t = onnx.TypeProto()
     t.CopyFrom(v.type)
     return t.SerializeToString(deterministic=True)
-
-
-def model_hash(model: onnx.ModelProto) -> str:
-    """A content hash of a model's computation: graph and weights, not metadata or names (see Fingerprint)."""
-    return Fingerprint(model).digest
 
 
 # --- merging ----------------------------------------------------------------------------------------------------

@@ -194,7 +194,7 @@ def compute_features(model: "onnx.ModelProto", cuts: "Sequence[Cut]", dataset: D
 
 
 def _cut_id(fingerprint, cut: "Cut") -> str:
-    return fingerprint.tensor_id(cut.name) + cut.key[len(cut.name):]  # the tensor by position, then its pooling
+    return fingerprint.tensor_id(cut.name) + cut.pooling  # the tensor by position, then its pooling
 
 
 def backbone_predictor(backbone: "onnx.ModelProto", g: InputGeometry, spec: "PreprocessSpec | None", *,
