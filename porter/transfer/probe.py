@@ -20,8 +20,8 @@ from typing import Callable, Sequence
 
 import numpy as np
 
-from ..errors import DataError
 from .heads import make_head, standardization
+from .train import few_threads
 
 # coarse: one per decade, refined to half decades around the best. Below 1e-5 a separable training set drives the
 # weights so large that float32 inference of the merged model drifts from the head it was checked against.
@@ -89,9 +89,6 @@ def fit_probe(x_train: np.ndarray, y_train: np.ndarray, x_val: np.ndarray, y_val
     import torch
 
     start = time.perf_counter()
-    if not np.isfinite(x_train).all() or not np.isfinite(x_val).all():
-        raise DataError("the backbone produced non-finite features (NaN or inf); check the preprocessing "
-                        "(--preprocess, --mean, --std) and the cut")
     mean, std = standardization(x_train)
     xs = (x_train.astype(np.float64) - mean) / std
     xv = torch.as_tensor((x_val.astype(np.float64) - mean) / std)
@@ -119,21 +116,21 @@ def fit_probe(x_train: np.ndarray, y_train: np.ndarray, x_val: np.ndarray, y_val
                 f"({iters} iterations)")
         return w, b
 
-    threads = torch.get_num_threads()
-    if x_train.size * n_classes < 20_000_000:  # small matmuls: one thread is several times faster than two
-        torch.set_num_threads(1)
-    try:
+    def best_l2() -> float:  # the lowest validation loss; ties go to the stronger penalty
+        return min(curve.values(), key=lambda p: (p["val_loss"], -p["l2"]))["l2"]
+
+    with few_threads(x_train.size * n_classes < 20_000_000):
         grid = sorted({float(v) for v in ([l2] if isinstance(l2, (int, float)) else (l2 or L2_GRID))}, reverse=True)
         init = None
         for lam in grid:  # strong to weak: each solve starts from the smoother solution
             init = evaluate(lam, init)
         if l2 is None:  # refine to half decades around the best
-            best = min(curve.values(), key=lambda p: (p["val_loss"], -p["l2"]))["l2"]
+            best = best_l2()
             for lam in (best * math.sqrt(10), best / math.sqrt(10)):
                 if lam not in curve and L2_GRID[0] <= lam <= L2_GRID[-1]:
                     nearest = min(solutions, key=lambda k: abs(math.log(k / lam)))
                     evaluate(lam, solutions[nearest])
-        chosen = min(curve.values(), key=lambda p: (p["val_loss"], -p["l2"]))["l2"]
+        chosen = best_l2()
         w, b = solutions[chosen]
         with torch.no_grad():
             val_prob = torch.softmax(xv @ w.T + b, dim=1).numpy().astype(np.float32)
@@ -147,8 +144,6 @@ def fit_probe(x_train: np.ndarray, y_train: np.ndarray, x_val: np.ndarray, y_val
             b0 = b + (w * torch.as_tensor((head_mean - mean) / std, dtype=torch.float64)[None, :]).sum(1)
             w, b, _ = solve((x_all.astype(np.float64) - head_mean) / head_std, y_all, n_classes, chosen,
                             weights=class_weights, init=(w0, b0))
-    finally:
-        torch.set_num_threads(threads)
     with torch.random.fork_rng(devices=[]):  # the layer's random init is overwritten; the caller's RNG is left alone
         head = make_head("linear", x_train.shape[1], n_classes, mean=head_mean, std=head_std)
     with torch.no_grad():

@@ -8,6 +8,7 @@ bit-identical head on the same machine.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import math
 import sys
@@ -117,11 +118,7 @@ def train_head(x_train: np.ndarray, y_train: np.ndarray, x_val: np.ndarray, y_va
     decays = (config.weight_decay,) if config.weight_decay is not None else MLP_WEIGHT_DECAY_GRID
     mean, std = standardization(x_train)
     width = config.hidden if config.head == "mlp" else n_classes
-    small = config.batch_size * x_train.shape[1] * width < 4_000_000
-    threads = torch.get_num_threads()
-    if small:  # tiny matmuls: one thread is fastest (and a cold thread pool costs seconds on a busy machine)
-        torch.set_num_threads(1)
-    try:
+    with few_threads(config.batch_size * x_train.shape[1] * width < 4_000_000):
         runs = []
         for lr in lrs:
             for wd in decays:
@@ -132,14 +129,27 @@ def train_head(x_train: np.ndarray, y_train: np.ndarray, x_val: np.ndarray, y_va
                 if log and len(lrs) * len(decays) > 1:
                     log(f"adamw lr {lr:g} weight_decay {wd:g}: best epoch {run.best_epoch}/{run.epochs_run}, "
                         f"val_loss {run.val_loss:.4f}, val_acc {run.val_accuracy:.4f}")
-    finally:
-        if small:
-            torch.set_num_threads(threads)
     best = min(runs, key=lambda r: r.val_loss)
     best.curve = [{"lr": r.chosen["lr"], "weight_decay": r.chosen["weight_decay"], "val_loss": r.val_loss,
                    "val_accuracy": r.val_accuracy, "best_epoch": r.best_epoch} for r in runs]
     best.seconds = time.perf_counter() - start
     return best
+
+
+@contextlib.contextmanager
+def few_threads(small: bool):
+    """One torch thread while ``small``: tiny matmuls run several times faster on one thread than on two (and a
+    cold thread pool costs seconds on a busy machine); the caller's setting is restored."""
+    import torch
+
+    threads = torch.get_num_threads()
+    if small:
+        torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        if small:
+            torch.set_num_threads(threads)
 
 
 def _train(torch, nn, x_train, y_train, x_val, y_val, n_classes, config, log, mean, std, weights):
