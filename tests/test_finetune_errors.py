@@ -221,3 +221,18 @@ def test_model_with_two_inputs(out, tmp_path):
     onnx.save(helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)]), src)
     fails(UsageError, r"needs a model with one input; this one has 2 \(a, b\)", src,
           make_folder(tmp_path / "data", n=4), out)
+
+
+def test_integer_image_input_says_what_to_do(out, tmp_path):
+    """Published detectors and TF.js graph-models often take int32/uint8 pixels; say it isn't fed yet and how."""
+    model = build("gemm")
+    g = model.graph
+    g.input[0].type.tensor_type.elem_type = onnx.TensorProto.INT32
+    for node in g.node:
+        node.input[:] = ["image_f" if i == "image" else i for i in node.input]
+    g.node.insert(0, helper.make_node("Cast", ["image"], ["image_f"], to=onnx.TensorProto.FLOAT))
+    del g.value_info[:]
+    src = tmp_path / "int32.onnx"
+    onnx.save(model, src)
+    fails(UsageError, r"the model input image: int32\[batch, 3, 8, 8\] is int32; porter finetune feeds float32 images"
+          r".*re-export the model with a float32 image input", src, make_folder(tmp_path / "data", n=4), out)

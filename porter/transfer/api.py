@@ -433,10 +433,13 @@ def _geometry(model, opts: FinetuneOptions, card: ModelCard) -> InputGeometry:
         if opts.image_size is not None:
             raise UsageError(f"--image-size is for image models; this model's input {t.describe()} is not an image")
         if t.dtype not in ("float32", "unknown"):
-            raise UsageError(f"the model input {t.describe()} is {t.dtype}; porter finetune feeds float32")
+            raise UsageError(f"the model input {t.describe()} is {t.dtype}; porter finetune feeds float32 vectors: "
+                             f"give a model with a float32 input (re-export it, or cut the integer input off)")
         return InputGeometry(t.name, "vector", dims=t.shape)
     if t.dtype not in ("float32", "unknown"):
-        raise UsageError(f"the model input {t.describe()} is {t.dtype}; porter finetune feeds float32 images")
+        raise UsageError(f"the model input {t.describe()} is {t.dtype}; porter finetune feeds float32 images, not "
+                         f"{t.dtype} pixels yet: re-export the model with a float32 image input (its own Cast then "
+                         f"does nothing) and give --preprocess raw")
     layout, size, channels = geo
     if opts.image_size is not None:
         if size is not None and tuple(opts.image_size) != tuple(size):
