@@ -130,7 +130,9 @@ def run_task(name: str, work: Path, copies: int) -> dict:
     dataset = load_data(d / "train")
     card = porter.spec.ModelCard.from_onnx(onnx_model)
     geo = InputGeometry("image", "image", "NHWC", (32, 32), 1, dims=("batch", 32, 32, 1))
-    feats = compute_features(onnx_model, [cut], dataset, geo, card.preprocess, cache=False, progress=False)[cut.key]
+    # porter's run above cached them: the very features its probe saw (a cache miss would recompute the same)
+    feats = compute_features(onnx_model, [cut], dataset, geo, card.preprocess, cache_dir=cache, progress=False)[cut.key]
+    assert feats.cached
     backbone = extract_backbone(onnx_model, cut)
     import onnxruntime as ort
 
