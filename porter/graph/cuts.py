@@ -34,7 +34,7 @@ NCHW_OPS = {"Conv", "ConvTranspose", "MaxPool", "AveragePool", "LpPool", "BatchN
             "GlobalMaxPool", "InstanceNormalization", "LRN", "DepthToSpace", "SpaceToDepth", "QLinearConv"}
 # ops that keep their first rank-4 input's layout
 LAYOUT_KEEPING = ACTIVATIONS | {"Add", "Sub", "Mul", "Div", "Max", "Min", "Sum", "Mean", "Concat", "Pad", "Identity",
-                                "Dropout", "Cast", "Relu6", "Neg", "Abs", "Sqrt", "Exp", "Erf", "Pow", "Resize",
+                                "Dropout", "Cast", "Neg", "Abs", "Sqrt", "Exp", "Erf", "Pow", "Resize",
                                 "Upsample", "Where", "Softmax"}
 SPATIAL_AXES = {"NCHW": (2, 3), "NHWC": (1, 2)}
 BLOCK_CANDIDATES = 3  # pooled outputs of this many blocks before the backbone output are offered
