@@ -23,6 +23,7 @@ class ConvertResult:
     seconds: float
     notes: list[str] = field(default_factory=list)
     source: str = ""  # the reference as the user wrote it (the card records it canonically)
+    batch: Any = None  # graph.batch.BatchPlan
 
     @property
     def metadata(self) -> dict[str, str]:
@@ -41,6 +42,8 @@ class ConvertResult:
         lines.append(f"  preprocess: {pre}")
         if self.card.labels:
             lines.append(f"  labels: {len(self.card.labels)} ({', '.join(self.card.labels[:3])}{', ...' if len(self.card.labels) > 3 else ''})")
+        if self.batch is not None:
+            lines.append(f"  {self.batch.describe()}")
         lines.append("  " + (self.parity.summary() if self.parity else "parity: not checked (--no-validate)"))
         lines += [f"  note: {n}" for n in self.notes]
         return "\n".join(lines)
@@ -82,26 +85,59 @@ def convert(source: Any, output: str | Path | None = None, **options: Any) -> Co
         raise UsageError(f"{ref} is already an ONNX model; use porter inspect, finetune, predict or bench on it")
 
     from .graph.normalize import normalize
-    from .graph.validate import validate
 
     imported = get_importer(ref.importer)(ref, opts)
     model = normalize(imported.onnx_model, imported.input_names, imported.output_names)
     preprocess = resolve_preprocess(imported.preprocess, opts, model)
-    report = None
-    if opts.validate:
-        report = validate(model, imported.run_source, atol=opts.atol, rtol=opts.rtol,
-                          batch_sizes=opts.validation_batch_sizes, seed=opts.seed, preprocess=preprocess)
+    model, report, plan = settle_batch(model, imported.run_source, opts, preprocess)
     labels = opts.labels if opts.labels is not None else imported.labels
     card = ModelCard(
         source=ref.canonical(), framework=imported.framework, porter_version=__version__,
         framework_versions=imported.framework_versions, preprocess=preprocess,
         labels=tuple(labels) if labels is not None else None,
-        parity=report.to_dict() if report else None, provenance=dict(imported.provenance))
+        parity=report.to_dict() if report else None, provenance=dict(imported.provenance), batch=plan.to_dict())
     _check_labels(card, model)
     card.apply_to(model)
     model.producer_name, model.producer_version = "porter", __version__
     path = save_onnx(model, output, opts.force) if output is not None else None
-    return ConvertResult(model, path, report, card, time.perf_counter() - start, list(imported.notes), str(ref))
+    return ConvertResult(model, path, report, card, time.perf_counter() - start, list(imported.notes), str(ref),
+                         plan)
+
+
+def settle_batch(model, run_source, opts: ConvertOptions, preprocess):
+    """Validate, and decide how the model takes batches (``graph.batch``): (model, parity report, BatchPlan).
+
+    A model exported at a fixed batch B is freed only when the rewritten graph, at B and 3B, matches the source run
+    B at a time on every output; otherwise it stays fixed and is validated at B. Without validation nothing is
+    proven, so a fixed batch stays fixed."""
+    from .errors import ValidationError
+    from .graph.batch import BatchPlan, fixed_batch, free_batch, name_output_axes, run_in_chunks
+    from .graph.inspect import graph_outputs
+    from .graph.validate import validate
+
+    check = dict(atol=opts.atol, rtol=opts.rtol, seed=opts.seed, preprocess=preprocess)
+    size = fixed_batch(model)
+    if size is None:
+        plan = BatchPlan("dynamic")
+        if not opts.validate:
+            return model, None, plan
+        report = validate(model, run_source, batch_sizes=opts.validation_batch_sizes, **check)
+    else:
+        if not opts.validate:
+            return model, None, BatchPlan("fixed", size, reason="not proven: validation is off")
+        freed, rewrites = free_batch(model, size)
+        batch_major = [o.name for o in graph_outputs(model) if o.shape and o.shape[0] == size]
+        sizes = sorted({size * b for b in opts.validation_batch_sizes} | {size, 3 * size})
+        try:
+            report = validate(freed, run_in_chunks(run_source, size), batch_sizes=sizes,
+                              must_follow_batch=batch_major, **check)
+            model, plan = freed, BatchPlan("freed", size, rewrites)
+        except ValidationError as e:
+            reason = f"the graph does not run at other batch sizes: {str(e)[:160]}"
+            plan = BatchPlan("fixed", size, reason=reason)
+            report = validate(model, run_source, batch_sizes=(size,), **check)
+    name_output_axes(model, report.follows_batch(), report.varies())
+    return model, report, plan
 
 
 def _check_labels(card: ModelCard, model) -> None:

@@ -140,6 +140,7 @@ class ModelCard:
     provenance: dict[str, str] = field(default_factory=dict)
     cut: str | None = None
     training: dict[str, Any] | None = None
+    batch: dict[str, Any] | None = None  # graph.batch.BatchPlan.to_dict(): dynamic / freed / fixed at a size
 
     def with_(self, **changes: Any) -> "ModelCard":
         return replace(self, **changes)
@@ -162,6 +163,8 @@ class ModelCard:
             m["porter.cut"] = self.cut
         if self.training is not None:
             m["porter.training"] = json.dumps(self.training, sort_keys=True)
+        if self.batch is not None:
+            m["porter.batch"] = json.dumps(self.batch, sort_keys=True)
         return m
 
     @classmethod
@@ -180,6 +183,7 @@ class ModelCard:
             provenance=json.loads(props.get("porter.provenance", "{}")),
             cut=props.get("porter.cut"),
             training=json.loads(props["porter.training"]) if "porter.training" in props else None,
+            batch=json.loads(props["porter.batch"]) if "porter.batch" in props else None,
         )
 
     @classmethod

@@ -1,4 +1,8 @@
-"""Make every exported graph look the same: source I/O names, one dynamic ``batch`` axis, checked and inferred."""
+"""Make every exported graph look the same: source I/O names, one symbolic ``batch`` axis, checked and inferred.
+
+An input the exporter gave a fixed leading dim keeps it: whether that batch can be freed is ``batch.py``'s question,
+answered by proof, not by renaming the axis.
+"""
 
 from __future__ import annotations
 
@@ -7,8 +11,7 @@ from typing import Sequence
 import onnx
 
 from ..errors import ConversionError, UnsupportedError
-
-BATCH = "batch"
+from .batch import BATCH
 
 
 def rename_tensor(model: onnx.ModelProto, old: str, new: str) -> None:
@@ -45,7 +48,10 @@ def _unique_names(names: Sequence[str], taken: set[str]) -> list[str]:
 
 def normalize(model: onnx.ModelProto, input_names: Sequence[str] | None = None,
               output_names: Sequence[str] | None = None) -> onnx.ModelProto:
-    """Rename I/O, make the leading axis of every input and output the symbolic ``batch``, check the graph."""
+    """Rename I/O, call every dynamic leading axis of the inputs and outputs ``batch``, check the graph.
+
+    Outputs whose leading axis is really something else (an NMS selection) are renamed from validation's
+    evidence afterwards (``batch.name_output_axes``)."""
     g = model.graph
     inits = {i.name for i in g.initializer}
     inputs = [v for v in g.input if v.name not in inits]
@@ -68,7 +74,7 @@ def normalize(model: onnx.ModelProto, input_names: Sequence[str] | None = None,
             d0 = shape.dim[0]
             if d0.HasField("dim_param"):
                 batch_symbols.add(d0.dim_param)
-            if not d0.HasField("dim_value") or v in inputs:
+            if not d0.HasField("dim_value"):
                 d0.Clear()
                 d0.dim_param = BATCH
     for v in g.value_info:

@@ -46,6 +46,15 @@ class ParityReport:
     batch_sizes: tuple[int, ...]
     seed: int
     failures: tuple[OutputParity, ...] = field(default=())
+    leading: dict[str, tuple[int | None, ...]] = field(default_factory=dict)  # output -> its dim 0 at each batch size
+
+    def follows_batch(self) -> dict[str, bool]:
+        """Per output: did its leading axis equal the batch size at every batch size validated?"""
+        return {name: all(d == b for d, b in zip(dims, self.batch_sizes)) for name, dims in self.leading.items()}
+
+    def varies(self) -> dict[str, bool]:
+        """Per output: did its leading axis change between batch sizes (without following them)?"""
+        return {name: len(set(dims)) > 1 for name, dims in self.leading.items()}
 
     @property
     def passed(self) -> bool:
@@ -117,7 +126,10 @@ def make_inputs(inputs: Sequence[TensorInfo], batch: int, rng: np.random.Generat
             else:
                 arrays.append(rng.standard_normal(shape).astype(dtype))
         elif dtype.kind in "iu":
-            arrays.append(rng.integers(0, 10, size=shape).astype(dtype))
+            # integer images (uint8 / int32 pixels, rank 4) get the 0..255 a camera gives; other integer inputs
+            # (token ids, indices) small values every vocabulary has
+            high = 256 if len(shape) == 4 or dtype == np.uint8 else 10
+            arrays.append(rng.integers(0, high, size=shape).astype(dtype))
         elif dtype.kind == "b":
             arrays.append(rng.random(shape) > 0.5)
         else:
@@ -146,37 +158,64 @@ def compare(name: str, batch: int, got: np.ndarray, ref: np.ndarray, atol: float
     top1 = None
     if r.ndim == 2 and r.shape[1] > 1 and got.dtype.kind == "f":
         top1 = float(np.mean(np.argmax(g, axis=1) == np.argmax(r, axis=1)))
-    ok = bool(np.all(diff <= atol + rtol * rabs))
+    if got.dtype.kind in "iub" or ref.dtype.kind in "iub":  # indices, counts, masks: exactly
+        ok = max_abs == 0.0
+    else:
+        ok = bool(np.all(diff <= atol + rtol * rabs))
     return OutputParity(name, batch, max_abs, max_rel, scaled, top1, ok)
+
+
+def _shapes(inputs: Sequence[TensorInfo], feed: Sequence[np.ndarray]) -> str:
+    return ", ".join(f"{i.name} {a.dtype}{list(a.shape)}" for i, a in zip(inputs, feed))
 
 
 def validate(model: onnx.ModelProto, run_source: Callable[[Sequence[np.ndarray]], Sequence[np.ndarray]], *,
              atol: float, rtol: float, batch_sizes: Sequence[int] = (1, 3), seed: int = 0,
-             preprocess: PreprocessSpec | None = None, raise_on_failure: bool = True) -> ParityReport:
+             preprocess: PreprocessSpec | None = None, raise_on_failure: bool = True,
+             must_follow_batch: Sequence[str] = ()) -> ParityReport:
+    """Run seeded inputs through ONNX Runtime and the source at each batch size and compare every output.
+
+    Any failure to run (onnxruntime or the source refusing a shape, an op, a dtype) is one ValidationError naming
+    the input shapes, the batch size and the runtime's own words. ``must_follow_batch``: outputs whose leading
+    axis has to be the batch size (checked when proving a freed batch)."""
     import onnxruntime as ort
 
     opts = ort.SessionOptions()
     opts.log_severity_level = 3
-    session = ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
+    try:
+        session = ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
+    except Exception as e:  # onnxruntime raises its own exception types (Fail, InvalidGraph, NotImplemented ...)
+        raise ValidationError(f"onnxruntime can't load the converted model: {_ort_words(e)}") from None
     inputs = graph_inputs(model)
     outputs = [o.name for o in graph_outputs(model)]
     rng = np.random.default_rng(seed)
     results: list[OutputParity] = []
+    leading: dict[str, list[int | None]] = {name: [] for name in outputs}
     for batch in batch_sizes:
         feed = make_inputs(inputs, batch, rng, preprocess)
-        got = session.run(outputs, {i.name: a for i, a in zip(inputs, feed)})
-        ref = list(run_source(feed))
+        try:
+            got = session.run(outputs, {i.name: a for i, a in zip(inputs, feed)})
+        except Exception as e:
+            raise ValidationError(f"onnxruntime failed on the converted model at batch {batch} (inputs "
+                                  f"{_shapes(inputs, feed)}): {_ort_words(e)}") from None
+        try:
+            ref = list(run_source(feed))
+        except Exception as e:  # TensorFlow / torch / Keras errors: the source refused these inputs
+            raise ValidationError(f"the source model failed at batch {batch} (inputs {_shapes(inputs, feed)}): "
+                                  f"{_ort_words(e)}") from None
         if len(ref) != len(got):
             raise ValidationError(f"the source model returned {len(ref)} outputs but the ONNX model has {len(got)} "
                                   f"({', '.join(outputs)})")
         for name, g, r in zip(outputs, got, ref):
             res = compare(name, batch, g, r, atol, rtol)
-            if res.ok and g.ndim >= 1 and g.shape[0] != batch:
+            leading[name].append(int(g.shape[0]) if g.ndim else None)
+            if res.ok and name in must_follow_batch and (g.ndim == 0 or g.shape[0] != batch):
                 res = OutputParity(name, batch, res.max_abs, res.max_rel, res.scaled, res.top1_agreement, False,
-                                   f"leading axis is {g.shape[0]}, not the batch size {batch}")
+                                   f"leading axis is {g.shape[0] if g.ndim else 'absent'}, not the batch size {batch}")
             results.append(res)
     failures = tuple(r for r in results if not r.ok)
-    report = ParityReport(tuple(results), atol, rtol, tuple(batch_sizes), seed, failures)
+    report = ParityReport(tuple(results), atol, rtol, tuple(batch_sizes), seed, failures,
+                          {k: tuple(v) for k, v in leading.items()})
     if failures and raise_on_failure:
         raise ValidationError(
             f"ONNX output differs from the source for {len(failures)} check(s): "
@@ -184,3 +223,14 @@ def validate(model: onnx.ModelProto, run_source: Callable[[Sequence[np.ndarray]]
             + f" (atol {atol:g}, rtol {rtol:g}); loosen --atol/--rtol if this is expected, or report the model",
             report=report)
     return report
+
+
+def _ort_words(e: BaseException) -> str:
+    """The runtime's own message, one line, without onnxruntime's '[ONNXRuntimeError] : 2 : FAIL :' prefix and
+    source paths."""
+    import re
+
+    text = " ".join(str(e).split()) or type(e).__name__
+    text = re.sub(r"^\[ONNXRuntimeError\] : \d+ : \w+ : ", "", text)
+    text = re.sub(r"/onnxruntime_src/\S+ [^()]*\([^()]*\) ", "", text)  # the C++ file:line and function
+    return text[:400]

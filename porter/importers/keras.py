@@ -216,8 +216,31 @@ def _output_names(model) -> list[str]:
 def convert_tf_function(fn, specs: Sequence[Any], opts: ConvertOptions):
     """Run tf2onnx on a tf.function."""
     tf2onnx = heavy_import("tf2onnx")
-    return run_tf2onnx(lambda: tf2onnx.convert.from_function(fn, input_signature=list(specs), opset=opts.opset)[0],
-                       opts.opset)
+    model = run_tf2onnx(lambda: tf2onnx.convert.from_function(fn, input_signature=list(specs), opset=opts.opset)[0],
+                        opts.opset)
+    _captures_to_initializers(model, fn.get_concrete_function(*specs), len(specs))
+    return model
+
+
+def _captures_to_initializers(model, concrete, n_args: int) -> None:
+    """tf2onnx turns a function's captured constants (a loaded SavedModel's tf.constant members) into graph
+    inputs beside the real ones; they are values, so they become initializers holding the captured tensors."""
+    from onnx import numpy_helper
+
+    tf = _tf()
+    captured = {t.name: v for t, v in zip(concrete.inputs[n_args:], concrete.captured_inputs)
+                if t.dtype != tf.dtypes.resource}
+    if not captured:
+        return
+    g = model.graph
+    keep = []
+    for v in g.input:
+        if v.name in captured:
+            g.initializer.append(numpy_helper.from_array(np.asarray(captured[v.name].numpy()), v.name))
+        else:
+            keep.append(v)
+    del g.input[:]
+    g.input.extend(keep)
 
 
 def run_tf2onnx(convert: Callable[[], Any], opset: int, what: str = ""):
@@ -315,7 +338,8 @@ def import_savedmodel(ref: SourceRef, opts: ConvertOptions) -> ImportedModel:
                 raise UsageError(f"SavedModel input {name!r} has unknown dims {s.shape}; give --input-shape "
                                  f"{name}:" + ",".join("N" if d is None else str(d) for d in dims))
             dims = list(given)
-        specs.append(tf.TensorSpec((None, *dims), s.dtype, name=name))
+        # a declared batch stays: whether it can be freed is proven after conversion (graph.batch)
+        specs.append(tf.TensorSpec((s.shape[0], *dims), s.dtype, name=name))
     out_names = sorted(sig.structured_outputs)
 
     def call(*xs):

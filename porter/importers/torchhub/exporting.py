@@ -21,8 +21,8 @@ from dataclasses import dataclass, field
 from typing import Any, Iterator, Sequence
 
 from ...errors import ConversionError, UnsupportedError, UsageError
+from ...graph.batch import BATCH
 
-BATCH = "batch"
 TRACE_BATCH = 2  # >= 2, so neither exporter can bake a batch of 1 into the graph
 DYNAMO_MIN_OPSET = 18  # the dynamo exporter writes opset 18 or later; porter converts down from there
 
