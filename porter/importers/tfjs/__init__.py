@@ -148,12 +148,15 @@ def _import_layers(mj: ModelJSON, source, opts: ConvertOptions) -> ImportedModel
 
 
 def _import_graph(mj: ModelJSON, source, opts: ConvertOptions) -> ImportedModel:
-    from . import graph
+    from . import control_flow, graph
 
     gd, inputs, outputs = graph.prepare_graph(mj.topology, mj.signature, opts, source.label)
     weights = load_weights(mj, source)
     notes = graph.fill_constants(gd, weights, source.label)
-    run = graph.make_runner(gd, inputs, outputs)
+    run = graph.make_runner(gd, inputs, outputs)  # the graph as TF.js runs it: parity proves what follows
+    loops = control_flow.raise_while_loops(gd)
+    if loops:
+        notes.append(f"{loops} lowered while loop{'s' if loops > 1 else ''} raised to While for tf2onnx")
     onnx_model = graph.to_onnx(gd, inputs, outputs, opts.opset)
     return ImportedModel(onnx_model=onnx_model, run_source=run, framework="tfjs",
                          input_names=[e.name for e in inputs], output_names=[e.name for e in outputs], notes=notes)

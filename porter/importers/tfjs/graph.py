@@ -30,6 +30,8 @@ _UNARY_ACTIVATIONS = {"relu": "Relu", "relu6": "Relu6", "elu": "Elu", "selu": "S
                       "tanh": "Tanh", "leakyrelu": "LeakyRelu"}
 # TF.js's own op names that are not TensorFlow ops and that porter rewrites
 TFJS_ONLY_OPS = ("_FusedConv2D", "FusedDepthwiseConv2dNative", "_FusedMatMul", "Prelu")
+# lowered control flow: while loops porter raises to While (control_flow.py), conds tf2onnx's rewriter converts
+LOWERED_CONTROL_FLOW = ("Enter", "Exit", "LoopCond", "NextIteration", "Switch", "Merge")
 
 
 def _tf():
@@ -123,9 +125,16 @@ class _Rewriter:
         return self.tf.compat.v1.AttrValue(**kw)
 
     def rewrite(self) -> None:
+        self.by_name = {n.name: n for n in self.gd.node}
         for node in self.gd.node:
             if node.op in FUSED_BASE:
                 self._fused(node)
+            elif node.op == "BiasAdd" and not self._vector_const(node.input[1]):
+                # TF.js's BiasAdd is a broadcasting add (its converter also fuses AddV2(x, scalar) into one);
+                # TensorFlow's wants a rank-1 bias
+                node.op = "AddV2"
+                node.attr.pop("data_format", None)
+                self.out_nodes.append(node)
             elif node.op == "Prelu":
                 data = [i for i in node.input if not i.startswith("^")]
                 ctrl = [i for i in node.input if i.startswith("^")]
@@ -134,6 +143,13 @@ class _Rewriter:
                 self.out_nodes.append(node)
         del self.gd.node[:]
         self.gd.node.extend(self.out_nodes)
+
+    def _vector_const(self, name: str) -> bool:
+        node = self.by_name.get(name.split(":")[0])
+        if node is None or node.op != "Const" or "value" not in node.attr:
+            return False
+        shape = node.attr["value"].tensor.tensor_shape
+        return not shape.unknown_rank and len(shape.dim) == 1
 
     def _t(self, node):
         if "T" in node.attr:
@@ -251,6 +267,8 @@ def check_ops(gd, opset: int) -> None:
             known |= set(handlers)
     bad: dict[str, list[str]] = defaultdict(list)
     for node in gd.node:
+        if node.op in LOWERED_CONTROL_FLOW:
+            continue
         if op_def_registry.get(node.op) is None or node.op not in known:
             bad[node.op].append(node.name)
     for fn in gd.library.function:
