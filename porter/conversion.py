@@ -133,10 +133,11 @@ def settle_batch(model, run_source, opts: ConvertOptions, preprocess):
                               must_follow_batch=batch_major, **check)
             model, plan = freed, BatchPlan("freed", size, rewrites)
         except ValidationError as e:
-            reason = f"the graph does not run at other batch sizes: {str(e)[:160]}"
-            plan = BatchPlan("fixed", size, reason=reason)
+            text = str(e)
+            plan = BatchPlan("fixed", size, reason="a dynamic batch failed the parity proof: "
+                             + (text if len(text) <= 200 else text[:200].rsplit(" ", 1)[0] + " ..."))
             report = validate(model, run_source, batch_sizes=(size,), **check)
-    name_output_axes(model, report.follows_batch(), report.varies())
+    name_output_axes(model, report.follows_batch(), report.varies(), size if plan.mode == "fixed" else None)
     return model, report, plan
 
 

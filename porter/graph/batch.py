@@ -143,17 +143,28 @@ def run_in_chunks(run_source: Callable[[Sequence[np.ndarray]], Sequence[np.ndarr
     return run
 
 
-def name_output_axes(model: onnx.ModelProto, follows_batch: dict[str, bool], varies: dict[str, bool]) -> None:
-    """Declare each output's leading axis from what validation saw: ``batch`` where it followed the batch size,
-    ``<output>_len`` where its length changed with the data, the exporter's declaration otherwise."""
+def name_output_axes(model: onnx.ModelProto, follows_batch: dict[str, bool], varies: dict[str, bool],
+                     fixed: int | None = None) -> None:
+    """Declare the outputs' axes from what validation saw. Leading axis: ``batch`` where it followed the batch
+    size (the fixed size itself for a fixed-batch model), ``<output>_len`` where its length changed with the data
+    or is unknown. Other dims the exporter left symbolic (tf2onnx's ``unk__12``) are data-dependent lengths:
+    ``<output>_len`` (``<output>_len<i>`` when there are several)."""
     for v in model.graph.output:
         dims = v.type.tensor_type.shape.dim
-        if not dims or v.name not in follows_batch:
+        if not dims:
             continue
         d0 = dims[0]
-        if follows_batch[v.name]:
-            d0.Clear()
-            d0.dim_param = BATCH
-        elif varies.get(v.name) or not d0.HasField("dim_value"):
-            d0.Clear()
-            d0.dim_param = f"{v.name}_len"
+        if v.name in follows_batch:
+            if follows_batch[v.name] and fixed is None:
+                d0.Clear()
+                d0.dim_param = BATCH
+            elif follows_batch[v.name]:
+                d0.Clear()
+                d0.dim_value = fixed
+            elif varies.get(v.name) or not d0.HasField("dim_value"):
+                d0.Clear()
+                d0.dim_param = "?"  # named below
+        free = [d for d in dims if d.HasField("dim_param") and d.dim_param != BATCH]
+        for i, d in enumerate(free):
+            d.Clear()
+            d.dim_param = f"{v.name}_len" if len(free) == 1 else f"{v.name}_len{i}"

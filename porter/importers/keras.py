@@ -18,7 +18,8 @@ from typing import Any, Callable, Sequence
 import numpy as np
 
 from ..logging_setup import heavy_import
-from ..errors import ConversionError, ModelLoadError, NetworkError, SourceError, UnsafeModelError, UsageError
+from ..errors import (ConversionError, ModelLoadError, NetworkError, SourceError, UnsafeModelError, UnsupportedError,
+                      UsageError)
 from ..options import ConvertOptions
 from ..sources import SourceRef
 from ..spec import PreprocessSpec
@@ -321,7 +322,9 @@ def import_savedmodel(ref: SourceRef, opts: ConvertOptions) -> ImportedModel:
         raise ModelLoadError(f"SavedModel {ref.location} has no serving signatures; export it with a signature "
                              f"(model.export() or tf.saved_model.save(..., signatures=...))")
     sig = sigs.get("serving_default") or sigs[sorted(sigs)[0]]
-    risky = _unsafe_tf_ops(sig.graph.as_graph_def())
+    graph_def = sig.graph.as_graph_def()
+    refuse_soft_nms(graph_def, f"SavedModel {ref.location}")
+    risky = _unsafe_tf_ops(graph_def)
     if risky and not opts.unsafe:
         raise UnsafeModelError(f"SavedModel {ref.location} uses ops that touch files or run Python "
                                f"({', '.join(sorted(risky))}); porter runs the model to check parity and refuses "
@@ -356,6 +359,27 @@ def import_savedmodel(ref: SourceRef, opts: ConvertOptions) -> ImportedModel:
     return ImportedModel(onnx_model=onnx_model, run_source=run_source, framework="tensorflow",
                          framework_versions=framework_versions(), input_names=names, output_names=out_names,
                          provenance={"exporter": "tf2onnx", "signature": "serving_default" if "serving_default" in sigs else sorted(sigs)[0]})
+
+
+def refuse_soft_nms(graph_def, where: str) -> None:
+    """ONNX's NonMaxSuppression is hard NMS; a NonMaxSuppressionV5 with soft_nms_sigma > 0 (soft-NMS, which
+    rescores instead of dropping) has no ONNX equivalent. tf2onnx truncates the sigma to int before checking it is 0,
+    so sigma 0.5 would pass and convert to plain NMS: refuse it here, naming the node."""
+    from tensorflow.python.framework import tensor_util
+
+    scopes = [list(graph_def.node)] + [list(f.node_def) for f in graph_def.library.function]
+    for nodes in scopes:
+        consts = {n.name: n for n in nodes if n.op == "Const"}
+        for n in nodes:
+            if n.op != "NonMaxSuppressionV5" or len(n.input) < 6:
+                continue
+            src = consts.get(n.input[5].lstrip("^").split(":")[0])
+            sigma = float(tensor_util.MakeNdarray(src.attr["value"].tensor)) if src is not None else None
+            if sigma is None or sigma != 0.0:
+                shown = "computed at run time" if sigma is None else f"{sigma:g}"
+                raise UnsupportedError(f"{where}: node {n.name!r} is soft-NMS (NonMaxSuppressionV5 with "
+                                       f"soft_nms_sigma {shown}); ONNX's NonMaxSuppression is hard NMS only. "
+                                       f"Export the model with soft_nms_sigma=0 (tf.image.non_max_suppression)")
 
 
 def _unsafe_tf_ops(graph_def) -> set[str]:

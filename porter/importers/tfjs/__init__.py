@@ -148,11 +148,13 @@ def _import_layers(mj: ModelJSON, source, opts: ConvertOptions) -> ImportedModel
 
 
 def _import_graph(mj: ModelJSON, source, opts: ConvertOptions) -> ImportedModel:
+    from ..keras import refuse_soft_nms
     from . import control_flow, graph
 
     gd, inputs, outputs = graph.prepare_graph(mj.topology, mj.signature, opts, source.label)
     weights = load_weights(mj, source)
     notes = graph.fill_constants(gd, weights, source.label)
+    refuse_soft_nms(gd, source.label)
     run = graph.make_runner(gd, inputs, outputs)  # the graph as TF.js runs it: parity proves what follows
     loops = control_flow.raise_while_loops(gd)
     if loops:

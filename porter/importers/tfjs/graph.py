@@ -197,7 +197,9 @@ class _Rewriter:
         prev = names[0]
         fmt = node.attr["data_format"] if "data_format" in node.attr else None
         for (kind, payload), name in zip(steps, names[1:]):
-            if kind == "BiasAdd":
+            if kind == "BiasAdd" and not self._vector_const(payload):  # TF.js fuses any add (see rewrite)
+                self.new_node("AddV2", name, [prev, payload], t)
+            elif kind == "BiasAdd":
                 extra = {"data_format": fmt} if fmt is not None and base != "MatMul" else {}
                 self.new_node("BiasAdd", name, [prev, payload], t, **extra)
             elif kind == "FusedBatchNorm":
