@@ -105,6 +105,11 @@ def free_batch(model: onnx.ModelProto, batch: int) -> tuple[onnx.ModelProto, int
         g.initializer.append(numpy_helper.from_array(new, name))
         node.input[1] = name
         rewrites += 1
+    if rewrites:  # the replaced shape constants, unless something else (a loop body too) still reads them
+        used = _all_inputs(g)
+        keep = [i for i in g.initializer if i.name in used]
+        del g.initializer[:]
+        g.initializer.extend(keep)
     inits = {i.name for i in g.initializer}
     for v in g.input:
         if v.name in inits or not v.type.tensor_type.shape.dim:
@@ -119,6 +124,16 @@ def free_batch(model: onnx.ModelProto, batch: int) -> tuple[onnx.ModelProto, int
             dims[0].dim_param = BATCH
     del g.value_info[:]  # shapes inferred at the fixed batch are stale
     return out, rewrites
+
+
+def _all_inputs(graph: onnx.GraphProto) -> set[str]:
+    names: set[str] = {o.name for o in graph.output}
+    for node in graph.node:
+        names.update(node.input)
+        for a in node.attribute:
+            for sub in ([a.g] if a.type == onnx.AttributeProto.GRAPH else list(a.graphs)):
+                names |= _all_inputs(sub)
+    return names
 
 
 def run_in_chunks(run_source: Callable[[Sequence[np.ndarray]], Sequence[np.ndarray]],

@@ -221,10 +221,22 @@ class Predictor:
             isinstance(d, int) and d > 0 for d in dims) else None
 
     def _image_input(self) -> TensorInfo | None:
-        floats = [t for t in self.inputs if t.dtype.startswith("float")]
-        if len(self.inputs) == 1 and floats and image_geometry(floats[0].shape):
-            return floats[0]
+        """The one image input: float (normalized by the preprocessing) or integer (uint8 / int32 pixels, which
+        a TF.js or TFLite-style model scales itself)."""
+        images = [t for t in self.inputs if t.dtype.startswith(("float", "int", "uint"))]
+        if len(self.inputs) == 1 and images and image_geometry(images[0].shape):
+            return images[0]
         return None
+
+    def _integer_pixels(self) -> bool:
+        image = self._image_input()
+        return image is not None and np.dtype(image.dtype).kind in "iu"
+
+    def _as_input_dtype(self, batch: np.ndarray) -> np.ndarray:
+        """The decoded batch (float32 0..255 for an integer input, which gets raw pixels) in the input's dtype."""
+        if self._integer_pixels():
+            return np.rint(batch).astype(self._image_input().dtype)
+        return batch
 
     def _resolve_preprocess(self, override: PreprocessSpec | str | None) -> PreprocessSpec | None:
         image = self._image_input()
@@ -238,6 +250,13 @@ class Predictor:
             spec = PreprocessSpec.preset(override, layout=layout, size=size, channels=channels)
         else:
             spec = override if override is not None else (self.card.preprocess if self.card else None)
+        if self._integer_pixels():
+            layout, size, channels = geometry
+            raw = PreprocessSpec.preset("raw", layout=layout, size=size, channels=channels)
+            if spec is not None and (spec.scale != 1.0 or any(spec.mean) or any(v != 1.0 for v in spec.std)):
+                raise UsageError(f"{self.name} takes {image.dtype} pixels ({image.describe()}) and scales them "
+                                 f"itself; porter feeds it raw 0..255 pixels, so drop --preprocess {spec.mode}")
+            spec = raw.with_(size=spec.size) if spec is not None and spec.size else raw
         if spec is not None and spec.size is None and geometry and geometry[1]:
             spec = spec.with_(size=geometry[1])
         if spec is not None and geometry and geometry[0] != spec.layout:
@@ -328,7 +347,7 @@ class Predictor:
                 from ..imaging import resize
 
                 images = [resize(c, (h, w)) for c in coarse]
-                feeds[t.name] = to_tensor(images, self.preprocess, _channels(t, self.preprocess))
+                feeds[t.name] = self._as_input_dtype(to_tensor(images, self.preprocess, _channels(t, self.preprocess)))
             elif t.dtype.startswith("float"):
                 feeds[t.name] = rng.standard_normal(shape).astype(t.dtype)
             elif t.dtype == "bool":
@@ -592,7 +611,7 @@ class Predictor:
 
         def run(batch: np.ndarray, indices: list[int], failed: dict[int, DataError]) -> dict[int, Any]:
             try:
-                out = self._run_padded({self.input_names[0]: batch}, len(indices), runner)
+                out = self._run_padded({self.input_names[0]: self._as_input_dtype(batch)}, len(indices), runner)
             except InferenceError as e:  # the whole batch: each of its inputs reports it
                 if errors == "raise":
                     raise InferenceError(f"{label(indices[0])} (in a batch of {len(indices)}): {e}") from None
