@@ -178,3 +178,22 @@ def test_graph_detector_fixture_has_the_ops_zoo_detectors_use():
     assert {"TensorListReserve", "TensorListSetItem", "TensorListStack", "Fill", "Enter", "Switch", "Merge"} <= ops
     sig = json.loads((FIXTURES / "graph_batch1" / "model.json").read_text())["signature"]
     assert [d["size"] for d in sig["inputs"]["image"]["tensorShape"]["dim"]] == ["1", "48", "48", "1"]
+
+
+def test_int32_image_input_keeps_its_dtype_and_gets_raw_pixels(tmp_path):
+    """predict feeds an int32-pixel model unscaled 0..255 pixels; bench's example inputs are pixels too."""
+    out = tmp_path / "int32.onnx"
+    porter.convert(str(FIXTURES / "graph_int32" / "model.json"), out)
+    sess = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
+    assert sess.get_inputs()[0].type == "tensor(int32)"
+    images = np.random.default_rng(4).integers(0, 256, (3, 16, 16, 3), dtype=np.uint8)
+    want = sess.run(None, {"pixels": images.astype(np.int32)})[0]
+    predictor = porter.load(out, device="cpu")
+    assert predictor.preprocess.mode == "raw" and predictor.preprocess.scale == 1.0
+    got = predictor.predict(list(images))  # raw uint8 arrays, decoded and fed as the model's int32
+    assert [p.index for p in got] == list(np.argmax(want, 1))
+    np.testing.assert_array_equal(predictor.run_batched(images.astype(np.int32))["logits"], want)
+    example = predictor.example_inputs(4)["pixels"]
+    assert example.dtype == np.int32 and example.max() > 100 and example.min() >= 0
+    with pytest.raises(porter.UsageError, match="scales them itself"):
+        porter.load(out, device="cpu", preprocess="tf")
