@@ -114,3 +114,53 @@ def test_keras_model_with_a_while_loop(tmp_path):
     r = porter.convert(model, tmp_path / "m.onnx")
     assert r.parity.passed and r.batch.mode == "dynamic"
     assert "Loop" in {n.op_type for n in r.model.graph.node}
+
+
+class JoinsAConstant(tf.Module):
+    """Batch-major, but it concatenates a [1, 4] constant to its pooled features: it runs only at batch 1."""
+
+    def __init__(self):
+        self.k = tf.constant(RNG.normal(0, 0.3, (3, 3, 3, 16)).astype("float32"))
+        self.extra = tf.constant(RNG.normal(0, 0.3, (1, 4)).astype("float32"))
+        self.w = tf.constant(RNG.normal(0, 0.3, (20, 5)).astype("float32"))
+
+    @tf.function(input_signature=[tf.TensorSpec([1, 8, 8, 3], tf.float32, name="image")])
+    def __call__(self, x):
+        y = tf.reduce_mean(tf.nn.relu(tf.nn.conv2d(x, self.k, 1, "SAME")), [1, 2])
+        return {"probs": tf.nn.softmax(tf.concat([y, self.extra], 1) @ self.w)}
+
+
+class SqueezesTheBatch(tf.Module):
+    def __init__(self):
+        self.k = tf.constant(RNG.normal(0, 0.3, (3, 3, 3, 16)).astype("float32"))
+        self.w = tf.constant(RNG.normal(0, 0.3, (16, 5)).astype("float32"))
+
+    @tf.function(input_signature=[tf.TensorSpec([1, 8, 8, 3], tf.float32, name="image")])
+    def __call__(self, x):
+        y = tf.squeeze(tf.nn.relu(tf.nn.conv2d(x, self.k, 1, "SAME")), 0)  # H x W x C from here on
+        y = tf.reduce_mean(y, [0, 1], keepdims=True)[0]
+        return {"probs": tf.nn.softmax(y @ self.w)}
+
+
+def test_finetune_and_predict_a_model_fixed_at_batch_1(tmp_path):
+    from test_finetune import make_folder
+
+    r = porter.convert(save(JoinsAConstant(), tmp_path / "sm"), tmp_path / "m.onnx", preprocess="unit")
+    assert r.batch.mode == "fixed" and "Concat" in r.batch.reason
+    data = make_folder(tmp_path / "data", n=10)
+    ft = porter.finetune(tmp_path / "m.onnx", data, tmp_path / "ft.onnx", progress=False)
+    assert ft.model.graph.input[0].type.tensor_type.shape.dim[0].dim_value == 1  # still fixed
+    predictor = porter.load(tmp_path / "ft.onnx", device="cpu")
+    assert predictor.batch_size == 1
+    images = sorted((data / "red").glob("*.png")) + sorted((data / "blue").glob("*.png"))
+    labels = [p.label for p in predictor.predict([str(p) for p in images])]
+    assert np.mean([lab == p.parent.name for lab, p in zip(labels, images)]) > 0.9
+
+
+def test_finetune_refuses_a_model_without_a_batch_axis_inside(tmp_path):
+    from test_finetune import make_folder
+
+    r = porter.convert(save(SqueezesTheBatch(), tmp_path / "sm"), tmp_path / "m.onnx", preprocess="unit")
+    assert r.batch.mode == "fixed" and "Squeeze" in r.batch.reason
+    with pytest.raises(porter.UsageError, match="fixed batch of 1 and its tensors before the old head have no batch"):
+        porter.finetune(tmp_path / "m.onnx", make_folder(tmp_path / "data", n=4), progress=False)

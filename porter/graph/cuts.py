@@ -143,6 +143,16 @@ class ModelGraph:
                 self.shapes[v.name] = tuple(d.dim_value if d.HasField("dim_value") else (d.dim_param or None)
                                             for d in t.shape.dim)
         self._layouts: dict[str, str | None] = {}
+        first = self.shapes.get(self.inputs[0]) if self.inputs else None
+        self.batch_dim = first[0] if first else None  # 'batch', or the fixed batch the model runs at
+
+    def batch_major(self, name: str) -> bool:
+        """Whether ``name``'s leading axis can be the batch: a model that squeezes its fixed batch of 1 away has
+        tensors whose leading axis is a height or a channel count, and a head there would mix examples."""
+        shape = self.shapes.get(name)
+        if not shape or not isinstance(shape[0], int) or shape[0] <= 0:
+            return True  # symbolic or unknown: nothing says otherwise
+        return isinstance(self.batch_dim, int) and shape[0] == self.batch_dim
 
     def tensors(self) -> set[str]:
         return set(self.producer) | set(self.inputs)
@@ -400,7 +410,7 @@ def _candidates(g: ModelGraph) -> list[Cut]:
     keys: set[str] = set()
 
     def add(cut: Cut) -> None:
-        if cut.name not in keys and cut.name not in g.consts:
+        if cut.name not in keys and cut.name not in g.consts and g.batch_major(cut.name):
             keys.add(cut.name)
             found.append(cut)
 
@@ -476,6 +486,11 @@ def plan_cuts(model: onnx.ModelProto, cut: str | None = None) -> list[Cut]:
     listing = "; ".join(f"{c.name} {format_shape(c.shape)} ({c.kind})" for c in candidates[:6]) or "none detected"
     if cut not in (None, *CUT_MODES):
         return [_user_cut(g, cut, candidates, listing)]
+    if not candidates and isinstance(g.batch_dim, int):
+        raise UsageError(f"no cut found: this model runs at a fixed batch of {g.batch_dim} and its tensors before the "
+                         f"old head have no batch axis (the graph squeezes it away), so a new head would mix "
+                         f"examples; re-export the model with a batch axis, or give --cut TENSOR with a tensor "
+                         f"whose leading dim is {g.batch_dim} (porter inspect MODEL --cuts)")
     if not candidates:
         raise UsageError("no cut found: this model has no classifier head (Gemm, MatMul [+ Add], 1x1 Conv), no "
                          "global pooling and no spatial feature map to pool; choose the feature tensor with --cut "
@@ -506,6 +521,9 @@ def _user_cut(g: ModelGraph, cut: str, candidates: list[Cut], listing: str) -> C
     if cut not in g.tensors():
         raise UsageError(f"--cut {cut!r} is not a tensor of this model; candidates: {listing} "
                          f"(porter inspect MODEL --cuts lists them)")
+    if not g.batch_major(cut):
+        raise UsageError(f"--cut {cut!r} has shape {format_shape(g.shapes.get(cut))}: its leading axis is not the "
+                         f"batch ({format_shape((g.batch_dim,))} for this model), so a head there would mix examples")
     known = next((c for c in candidates if c.name == cut), None)
     if known is not None:
         chosen = replace(known, kind="user", note=f"cut at {cut!r} (--cut)")
