@@ -22,6 +22,8 @@ from porter.errors import ModelLoadError
 
 import tensorflow as tf  # noqa: E402
 
+FIXTURES = Path(__file__).resolve().parent.parent / "fixtures" / "tfjs"
+
 
 def b64(text: str) -> str:
     return base64.b64encode(text.encode()).decode()
@@ -117,3 +119,27 @@ def test_signature_naming_a_missing_node(tmp_path):
     with pytest.raises(ModelLoadError, match=r"the signature's output 'scores' names tensor 'nowhere:0', but the graph "
                                              r"has no node 'nowhere'"):
         porter.convert(str(tmp_path / "g" / "model.json"))
+
+
+def _mutated_while(tmp_path, mutate):
+    import json
+    import shutil
+
+    src = FIXTURES / "graph_while"
+    dst = tmp_path / "graph_while"
+    shutil.copytree(src, dst)
+    doc = json.loads((dst / "model.json").read_text())
+    mutate(doc["modelTopology"]["node"])
+    (dst / "model.json").write_text(json.dumps(doc))
+    return dst / "model.json"
+
+
+@pytest.mark.parametrize("op", ["LoopCond", "NextIteration", "Exit"])
+def test_malformed_while_loop_is_one_error_line(tmp_path, porter_cli, op):
+    def drop_first(nodes):
+        nodes.remove(next(n for n in nodes if n["op"] == op))
+
+    r = porter_cli("convert", _mutated_while(tmp_path, drop_first), "-o", tmp_path / "out.onnx")
+    assert r.returncode != 0 and "Traceback" not in r.stderr
+    assert r.stderr.startswith("porter: error: ") and len(r.stderr.strip().splitlines()) == 1, r.stderr
+    assert not (tmp_path / "out.onnx").exists()

@@ -177,12 +177,15 @@ def raise_while_loops(gd) -> int:
     used_names = {n.name for n in gd.node} | {f.signature.name for f in gd.library.function}
     while True:
         nodes = list(gd.node)
-        frame_of, parent = assign_frames(nodes)
-        frames = _frames(nodes, frame_of, parent)
-        if not frames:
-            break
-        frame = max(frames, key=lambda f: _depth(f.name, parent))
-        _raise_one(gd, frame, frame_of, used_names)
+        try:
+            frame_of, parent = assign_frames(nodes)
+            frames = _frames(nodes, frame_of, parent)
+            if not frames:
+                break
+            frame = max(frames, key=lambda f: _depth(f.name, parent))
+            _raise_one(gd, frame, frame_of, used_names)
+        except (KeyError, IndexError, AttributeError) as e:  # a loop whose parts don't fit together (untrusted JSON)
+            raise ConversionError(f"the graph-model's while loop is malformed: {type(e).__name__} {e}") from None
         raised += 1
     leftover = sorted({n.op for n in gd.node if n.op in LOWERED_LOOP_OPS})
     if leftover:
