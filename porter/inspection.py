@@ -59,6 +59,10 @@ class InspectReport:
                 worst = max((o.get("scaled", 0.0) for o in outs.values()), default=0.0)
                 lines.append(f"  parity: {'passed' if c.parity.get('passed') else 'FAILED'}, max scaled diff "
                              f"{worst:.2e} at batch sizes {c.parity.get('batch_sizes')}")
+            if c.batch:
+                from .graph.batch import BatchPlan
+
+                lines.append(f"  {BatchPlan.from_dict(c.batch).describe()}")
             if c.cut:
                 lines.append(f"  cut: {c.cut}")
             if c.training:

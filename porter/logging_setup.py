@@ -12,7 +12,6 @@ def quiet_frameworks(debug: bool = False) -> None:
     if debug:
         return
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
-    os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")
     os.environ.setdefault("ABSL_MIN_LOG_LEVEL", "3")
     os.environ.setdefault("GRPC_VERBOSITY", "ERROR")
     warnings.filterwarnings("ignore")
@@ -33,6 +32,10 @@ def heavy_import(name: str):
     import importlib
     import sys
 
+    # TensorFlow's oneDNN kernels crash (SIGSEGV) on some real graph-models on AVX-512/AMX CPUs (the blazeface
+    # model of @vladmandic/human, for one) and change results by round-off; porter runs TF only as the parity
+    # reference, so it asks for the plain kernels. Set TF_ENABLE_ONEDNN_OPTS=1 to override.
+    os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")
     if name in sys.modules or not _QUIET:
         return importlib.import_module(name)
     sys.stderr.flush()

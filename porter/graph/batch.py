@@ -52,6 +52,10 @@ class BatchPlan:
             d["reason"] = self.reason
         return d
 
+    @classmethod
+    def from_dict(cls, d: dict) -> "BatchPlan":
+        return cls(str(d.get("mode", "dynamic")), d.get("size"), int(d.get("rewrites", 0)), str(d.get("reason", "")))
+
     def describe(self) -> str:
         if self.mode == "dynamic":
             return "batch: dynamic"
@@ -87,6 +91,7 @@ def free_batch(model: onnx.ModelProto, batch: int) -> tuple[onnx.ModelProto, int
     out.CopyFrom(model)
     g = out.graph
     consts = _constant_values(out)
+    leading = _leading_dims(model)
     taken = {i.name for i in g.initializer} | {o for n in g.node for o in n.output}
     rewrites = 0
     for node in g.node:
@@ -95,6 +100,8 @@ def free_batch(model: onnx.ModelProto, batch: int) -> tuple[onnx.ModelProto, int
         shape = consts[node.input[1]].astype(np.int64).reshape(-1)
         if shape.size < 1 or shape[0] != batch:
             continue
+        if leading.get(node.input[0], batch) != batch:
+            continue  # the data has lost its batch axis (x[0] of a batch of 1): this leading 1 is an expand_dims
         new = shape.copy()
         new[0] = 0 if -1 in shape[1:] else -1
         name, k = f"{node.input[1]}/porter_batch", 0
@@ -134,6 +141,20 @@ def _all_inputs(graph: onnx.GraphProto) -> set[str]:
             for sub in ([a.g] if a.type == onnx.AttributeProto.GRAPH else list(a.graphs)):
                 names |= _all_inputs(sub)
     return names
+
+
+def _leading_dims(model: onnx.ModelProto) -> dict[str, int]:
+    """Tensor -> its leading dim where shape inference at the exported batch knows it."""
+    try:
+        inferred = onnx.shape_inference.infer_shapes(model)
+    except Exception:  # noqa: BLE001 - without shapes every candidate is tried (and proven)
+        return {}
+    dims = {}
+    for v in list(inferred.graph.input) + list(inferred.graph.value_info) + list(inferred.graph.output):
+        shape = v.type.tensor_type.shape.dim
+        if shape and shape[0].HasField("dim_value"):
+            dims[v.name] = shape[0].dim_value
+    return dims
 
 
 def run_in_chunks(run_source: Callable[[Sequence[np.ndarray]], Sequence[np.ndarray]],

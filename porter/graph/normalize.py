@@ -15,10 +15,14 @@ from .batch import BATCH
 
 
 def rename_tensor(model: onnx.ModelProto, old: str, new: str) -> None:
-    """Rename a tensor everywhere it appears (graph I/O, nodes, initializers, value_info)."""
+    """Rename a tensor everywhere it appears (graph I/O, nodes, initializers, value_info), loop and branch bodies
+    included: they read outer tensors by name (a detector's Loop reads the image input)."""
     if old == new:
         return
-    g = model.graph
+    _rename_in(model.graph, old, new)
+
+
+def _rename_in(g: onnx.GraphProto, old: str, new: str) -> None:
     for node in g.node:
         for i, name in enumerate(node.input):
             if name == old:
@@ -26,6 +30,12 @@ def rename_tensor(model: onnx.ModelProto, old: str, new: str) -> None:
         for i, name in enumerate(node.output):
             if name == old:
                 node.output[i] = new
+        for a in node.attribute:
+            for sub in ([a.g] if a.type == onnx.AttributeProto.GRAPH else list(a.graphs)):
+                local = {v.name for v in sub.input} | {t.name for t in sub.initializer} | {
+                    o for n in sub.node for o in n.output}
+                if old not in local:  # a body that defines the name itself shadows the outer tensor
+                    _rename_in(sub, old, new)
     for coll in (g.input, g.output, g.value_info):
         for v in coll:
             if v.name == old:
