@@ -172,7 +172,7 @@ def test_graph_detector_fixture_has_the_ops_zoo_detectors_use():
     topo = json.loads((FIXTURES / "graph_detector" / "model.json").read_text())["modelTopology"]
     ops = {n["op"] for n in topo["node"]}
     assert {"NonMaxSuppressionV3", "NonMaxSuppressionV4", "NonMaxSuppressionV5", "TopKV2", "Where", "SelectV2",
-            "GatherNd", "Range", "ResizeBilinear", "ArgMax", "Enter", "Exit", "LoopCond"} <= ops
+            "GatherNd", "Range", "ResizeBilinear", "ResizeNearestNeighbor", "ArgMax", "Enter", "Exit", "LoopCond"} <= ops
     topo = json.loads((FIXTURES / "graph_while" / "model.json").read_text())["modelTopology"]
     ops = {n["op"] for n in topo["node"]}
     assert {"TensorListReserve", "TensorListSetItem", "TensorListStack", "Fill", "Enter", "Switch", "Merge"} <= ops
