@@ -13,6 +13,7 @@ from typing import Callable, Sequence
 
 from . import __version__
 from .errors import PorterError, UsageError
+from .options import DEVICES
 
 COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {}
 
@@ -213,7 +214,7 @@ def add_finetune_parser(sub) -> None:
     g.add_argument("--image-size", metavar="H,W", help="image size for backbones without a fixed input size")
     add_preprocess_args(g)
     g.add_argument("--label-column", default="label", help="CSV label column (default label)")
-    g.add_argument("--device", choices=["auto", "cuda", "tensorrt", "cpu"], default="auto",
+    g.add_argument("--device", choices=DEVICES, default="auto",
                    help="where the backbone runs (default auto: CUDA if it works, else CPU)")
     g.add_argument("--feature-batch-size", type=int, default=64, help="images per backbone batch (default 64)")
     g.add_argument("--workers", type=int, default=None, help="image decoding threads (default: CPUs, at most 8)")
@@ -247,9 +248,6 @@ def run_finetune(args: argparse.Namespace) -> int:
 
 # --- predict and bench ------------------------------------------------------------------------------------------
 
-DEVICE_CHOICES = ["auto", "cuda", "tensorrt", "cpu"]
-
-
 def add_predict_parser(sub) -> None:
     p = sub.add_parser("predict", help="classify images (or run any image model) with ONNX Runtime",
                        description="Run an ONNX model on image files and directories (recursive), preprocessing them "
@@ -260,7 +258,7 @@ def add_predict_parser(sub) -> None:
     p.add_argument("inputs", nargs="+", metavar="INPUT", help="image files or directories")
     p.add_argument("--top-k", type=int, default=5, help="classes to report per image (default 5)")
     p.add_argument("--format", choices=["table", "csv", "json"], default="table", help="output format (default table)")
-    p.add_argument("--device", choices=DEVICE_CHOICES, default="auto", help="where to run (default auto: CUDA if it works, else CPU)")
+    p.add_argument("--device", choices=DEVICES, default="auto", help="where to run (default auto: CUDA if it works, else CPU)")
     p.add_argument("--batch-size", type=int, default=None, help="images per batch (default 32)")
     p.add_argument("--fp16", action="store_true", help="run in half precision (GPU), checked against fp32 first")
     p.add_argument("--preprocess", choices=["raw", "unit", "tf", "torch", "caffe"],
@@ -281,7 +279,7 @@ def add_bench_parser(sub) -> None:
                                    "--against-source also runs the original framework model on the same inputs.")
     p.add_argument("model", help="an ONNX file")
     p.add_argument("--batch-sizes", default="1,8,32", help="comma-separated batch sizes (default 1,8,32)")
-    p.add_argument("--device", choices=DEVICE_CHOICES, default="auto", help="where to run (default auto)")
+    p.add_argument("--device", choices=DEVICES, default="auto", help="where to run (default auto)")
     p.add_argument("--fp16", action="store_true", help="run in half precision (GPU), checked against fp32 first")
     p.add_argument("--against-source", action="store_true",
                    help="also time the source model (rebuilt from the metadata's source reference) and print ratios")
@@ -340,7 +338,13 @@ def run_bench(args: argparse.Namespace) -> int:
 
     sizes = parse_batch_sizes(args.batch_sizes)
     predictor = load(args.model, device=args.device, fp16=args.fp16, batch_size=max(sizes))
-    report = bench(predictor, sizes, warmup=args.warmup, min_seconds=args.seconds, against_source=args.against_source,
+    source = None
+    if args.against_source:
+        from .conversion import rebuild_source
+
+        def source():
+            return rebuild_source(predictor)
+    report = bench(predictor, sizes, warmup=args.warmup, min_seconds=args.seconds, source=source,
                    streams=args.streams)
     print(json.dumps(report.to_dict(), indent=2) if args.json else report.to_table())
     return 0

@@ -5,13 +5,16 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from . import __version__
-from .errors import UsageError
+from .errors import NetworkError, PorterError, SourceError, UsageError
 from .options import ConvertOptions
 from .sources import SourceRef, parse_source
 from .spec import ModelCard, PreprocessSpec
+
+if TYPE_CHECKING:
+    from .runtime.bench import SourceModel
 
 
 @dataclass
@@ -61,8 +64,8 @@ def resolve_preprocess(known: PreprocessSpec | None, opts: ConvertOptions, model
         raise UsageError("--preprocess/--mean/--std describe image inputs, but this model's input is not a single "
                          "rank-4 image tensor")
     layout, size, channels = geometry
-    mode = opts.preprocess or (known.mode if known and known.mode in ("raw", "unit", "tf", "torch", "caffe") else "raw")
-    return PreprocessSpec.preset(mode, layout=layout, size=size, channels=channels, mean=opts.mean, std=opts.std)
+    return PreprocessSpec.resolve(known, mode=opts.preprocess, mean=opts.mean, std=opts.std, layout=layout,
+                                  size=size, channels=channels)
 
 
 def convert(source: Any, output: str | Path | None = None, **options: Any) -> ConvertResult:
@@ -95,7 +98,8 @@ def convert(source: Any, output: str | Path | None = None, **options: Any) -> Co
         source=ref.canonical(), framework=imported.framework, porter_version=__version__,
         framework_versions=imported.framework_versions, preprocess=preprocess,
         labels=tuple(labels) if labels is not None else None,
-        parity=report.to_dict() if report else None, provenance=dict(imported.provenance), batch=plan.to_dict())
+        parity=report.to_dict() if report else None, provenance=dict(imported.provenance), batch=plan.to_dict(),
+        source_form=ref.form, weights=imported.weights)
     _check_labels(card, model)
     card.apply_to(model)
     model.producer_name, model.producer_version = "porter", __version__
@@ -150,3 +154,57 @@ def _check_labels(card: ModelCard, model) -> None:
     if classes and len(card.labels) not in classes:
         raise UsageError(f"{len(card.labels)} labels given but the model has {classes[0]} classes; "
                          f"the labels file needs one line per class")
+
+
+def rebuild_source(predictor) -> "SourceModel":
+    """The model ``predictor`` (a runtime.Predictor) was converted from, rebuilt from its card's source reference
+    through its importer, for ``porter bench --against-source``."""
+    card = predictor.card
+    if card is None:
+        raise SourceError(f"{predictor.name} has no porter metadata, so porter doesn't know its source model; "
+                          f"--against-source needs a model written by porter convert")
+    if card.cut is not None or card.training is not None:
+        raise SourceError(f"{predictor.name} was fine-tuned by porter (new head on {card.source}); its source "
+                          f"computes something else, so --against-source can't compare them")
+    from .importers import get_importer
+    from .runtime.bench import SourceModel
+
+    if card.in_memory:  # porter.convert(model_object): nothing on disk or on a hub to rebuild it from
+        raise SourceError(f"{predictor.name} was converted from an in-memory {card.framework} model "
+                          f"({card.source}), which porter can't rebuild; --against-source needs a model converted "
+                          f"from a file or a keras:/torchhub:/tfjs: reference")
+    try:
+        ref = parse_source(card.source)
+    except SourceError as e:
+        raise SourceError(f"--against-source: the source {card.source!r} recorded in {predictor.name} can't be "
+                          f"reached ({e}); put the source model back where it was converted from") from None
+    if ref.importer == "onnx":
+        raise SourceError(f"the source recorded in {predictor.name} is itself ONNX ({card.source}); nothing to compare")
+    try:
+        importer = get_importer(ref.importer)
+    except KeyError:
+        raise SourceError(f"no importer {ref.importer!r} for the source {card.source!r}") from None
+    shapes = {t.name: tuple(d for d in predictor.concrete_shape(t, 1)[1:]) for t in predictor.inputs}
+    if len(shapes) == 1:
+        shapes[None] = next(iter(shapes.values()))
+    weights = card.weights
+    kwargs: dict[str, Any] = dict(validate=False, input_shapes=shapes)
+    if weights:
+        kwargs["weights"] = weights
+    notes: list[str] = []
+    compare = True
+    try:
+        imported = importer(ref, ConvertOptions.from_kwargs(**kwargs))
+    except NetworkError as e:
+        if ref.importer == "keras" and ref.form == "application" and weights != "none":
+            kwargs["weights"] = "none"
+            imported = importer(ref, ConvertOptions.from_kwargs(**kwargs))
+            compare = False
+            notes.append(f"source weights unavailable ({e}); timing the same architecture with random weights, "
+                         f"outputs not compared")
+        else:
+            raise
+    except PorterError as e:
+        raise type(e)(f"--against-source: can't rebuild {card.source}: {e}") from None
+    name = f"{imported.framework}"
+    return SourceModel(name=name, run=imported.run_source, compare=compare, notes=notes)

@@ -7,6 +7,23 @@ traceback. Anything that is not a PorterError is a bug in porter.
 
 from __future__ import annotations
 
+import re
+
+
+def first_line(e: BaseException, limit: int = 300) -> str:
+    """A foreign exception's message fit for a PorterError: its first line (its type name when empty), cut."""
+    text = str(e).strip() or type(e).__name__
+    return text.splitlines()[0][:limit]
+
+
+def runtime_message(e: BaseException, limit: int = 400) -> str:
+    """onnxruntime's own words, one line, without its '[ONNXRuntimeError] : 1 : FAIL :' prefix and the C++ source
+    location and function signature it puts before the message."""
+    text = " ".join(str(e).split()) or type(e).__name__
+    text = re.sub(r"^\[ONNXRuntimeError\] : \d+ : \w+ : ", "", text)
+    text = re.sub(r"/onnxruntime_src/\S+ [^()]*\([^()]*\) ", "", text)
+    return text[:limit]
+
 
 class PorterError(Exception):
     """Base class: a user-facing failure with a one-line, actionable message."""

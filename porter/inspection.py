@@ -88,7 +88,7 @@ def _cut_dict(cut: Any) -> dict[str, Any]:
 def inspect_model(path: str | Path, cuts: bool = False) -> InspectReport:
     from .graph.inspect import graph_inputs, graph_outputs, opset_of, parameter_count
 
-    from .sources import load_onnx_file
+    from .files import load_onnx_file
 
     model = load_onnx_file(path)
     if not model.graph.node and not model.graph.input:

@@ -8,6 +8,8 @@ from typing import Any
 from .errors import UsageError
 
 DEFAULT_OPSET = 17  # supported by tf2onnx 1.16+ and torch.onnx, runs on every current ONNX Runtime
+# where inference (and finetune's backbone) runs: auto = CUDA when it works, else the CPU, saying why
+DEVICES = ("auto", "cuda", "tensorrt", "cpu")
 
 
 def reject_unknown(cls: type, kwargs: dict[str, Any], what: str) -> None:

@@ -14,22 +14,19 @@ An nn.Module or keras.Model passed to the Python API is wrapped as a SourceRef w
 
 from __future__ import annotations
 
-import gzip
-import json
 import os
-import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .errors import ModelLoadError, SourceError
+from .errors import SourceError
+from .files import sniff_file
 
 PREFIXES = ("keras", "torchhub", "tfjs", "onnx")
 # what a file's content says it is (sniff_file) -> (importer, form)
 FILE_KINDS = {"keras-zip": ("keras", "keras-file"), "hdf5": ("keras", "h5-file"),
               "torchscript": ("torchhub", "torchscript"), "torch-pickle": ("torchhub", "state-dict"),
               "tfjs-json": ("tfjs", "json-file"), "onnx": ("onnx", "onnx-file")}
-HDF5_MAGIC = b"\x89HDF\r\n\x1a\n"
 
 
 @dataclass(frozen=True)
@@ -191,95 +188,3 @@ def _detect_path(path: Path, text: str) -> SourceRef:
         raise SourceError(f"{path} is not {expected}: it is {found}; check that the file is complete and of the kind its name says")
     raise SourceError(f"{path}: unrecognised model file ({found}); porter reads .keras, .h5, SavedModel directories, "
                       f"TF.js model.json, TorchScript .pt and ONNX files")
-
-
-def sniff_file(path: Path) -> str:
-    """Name the kind of a model file from its first bytes, never from its name."""
-    try:
-        with open(path, "rb") as f:
-            head = f.read(8192)
-    except OSError as e:
-        raise SourceError(f"can't read {path}: {e.strerror}") from None
-    if not head:
-        return "empty"
-    if head.startswith(HDF5_MAGIC):
-        return "hdf5"
-    if head.startswith(b"PK"):
-        try:
-            with zipfile.ZipFile(path) as z:
-                names = z.namelist()
-        except (zipfile.BadZipFile, OSError):
-            return "damaged-zip"
-        if "config.json" in names and any(n.endswith(".weights.h5") or n == "metadata.json" for n in names):
-            return "keras-zip"
-        if any(n.endswith("/constants.pkl") or "/code/" in n for n in names):
-            return "torchscript"
-        if any(n.endswith("data.pkl") for n in names):
-            return "torch-pickle"
-        return "zip"
-    if head.startswith(b"\x1f\x8b"):
-        try:
-            with gzip.open(path, "rb") as f:
-                head = f.read(8192)
-        except (OSError, EOFError):
-            return "unknown"
-    stripped = head.lstrip()
-    if stripped.startswith(b"{"):
-        return "tfjs-json" if b'"modelTopology"' in head or b'"weightsManifest"' in head or _is_tfjs_json(path) else "json"
-    if _looks_like_onnx(path, head):
-        return "onnx"
-    return "unknown"
-
-
-def _is_tfjs_json(path: Path) -> bool:
-    try:
-        raw = path.read_bytes()
-        if raw[:2] == b"\x1f\x8b":
-            raw = gzip.decompress(raw)
-        data = json.loads(raw)
-    except (OSError, ValueError, EOFError):
-        return False
-    return isinstance(data, dict) and ("modelTopology" in data or "weightsManifest" in data)
-
-
-def _looks_like_onnx(path: Path, head: bytes) -> bool:
-    # ModelProto starts with ir_version (field 1, varint: 0x08) and usually producer_name (0x12) etc.
-    if not head or head[0] != 0x08:
-        return False
-    try:
-        import onnx
-
-        onnx.load_model(str(path), load_external_data=False)
-        return True
-    except Exception:  # noqa: BLE001 - any parse failure means "not ONNX"
-        return False
-
-
-NOT_ONNX_KINDS = {"keras-zip": "a Keras .keras model", "hdf5": "a Keras HDF5 model", "torchscript": "a TorchScript model",
-                  "torch-pickle": "a PyTorch checkpoint", "tfjs-json": "a TF.js model.json"}
-
-
-def load_onnx_file(path: str | os.PathLike, external_data: bool = True):
-    """Read an ONNX file (``onnx:`` prefix allowed), naming what the file is when it is not ONNX."""
-    import onnx
-
-    text = os.fspath(path)
-    if text.startswith("onnx:"):
-        text = text[5:]
-    p = Path(text).expanduser()
-    if not p.exists():
-        raise SourceError(f"model not found: {text} (no such file)")
-    if p.is_dir():
-        raise ModelLoadError(f"{text} is a directory, not an ONNX model; give the .onnx file")
-    kind = sniff_file(p)
-    if kind != "onnx":
-        what = NOT_ONNX_KINDS.get(kind)
-        if what:
-            raise ModelLoadError(f"{text} is {what}, not ONNX; convert it first: porter convert {text} -o model.onnx")
-        found = {"empty": "an empty file", "json": "a JSON file", "zip": "a zip archive",
-                 "damaged-zip": "a damaged zip archive"}.get(kind, "not a protobuf ONNX can read")
-        raise ModelLoadError(f"{text} is not an ONNX model ({found}); give a .onnx file written by porter convert or finetune")
-    try:
-        return onnx.load_model(str(p), load_external_data=external_data)
-    except Exception as e:  # noqa: BLE001 - protobuf DecodeError, missing external data ...
-        raise ModelLoadError(f"{text} is not a readable ONNX model: {' '.join(str(e).split())[:200]}") from None

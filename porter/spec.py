@@ -82,6 +82,25 @@ class PreprocessSpec:
     def with_(self, **changes: Any) -> "PreprocessSpec":
         return replace(self, **changes)
 
+    @classmethod
+    def resolve(cls, known: "PreprocessSpec | None", *, mode: str | None = None, mean: Sequence[float] | None = None,
+                std: Sequence[float] | None = None, layout: str = "NHWC", size: Sequence[int] | None = None,
+                channels: int | None = 3) -> "PreprocessSpec | None":
+        """The one rule for the preprocessing convert, finetune and predict use: what the model records
+        (``known``) unless ``--preprocess`` / ``--mean`` / ``--std`` override it, on the given input geometry.
+
+        No override: ``known`` (None when the model records none). A mode: that preset, ``mean``/``std``
+        replacing its own. Only ``mean``/``std``: they replace ``known``'s (a custom spec stays custom; no known
+        spec starts from ``raw``)."""
+        geo = dict(layout=layout, size=tuple(size) if size else None, channels=channels)
+        if mode is None and mean is None and std is None:
+            return known.with_(**geo) if known is not None else None
+        if mode is None and known is not None and known.mode not in PRESETS:
+            base = cls.preset("raw", channels=channels or 3, mean=mean or known.mean, std=std or known.std)
+            return known.with_(mode="custom", mean=base.mean, std=base.std, **geo)
+        mode = mode or (known.mode if known is not None and known.mode in PRESETS else "raw")
+        return cls.preset(mode, mean=mean, std=std, **geo)
+
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
         d["size"] = list(self.size) if self.size else None
@@ -141,6 +160,13 @@ class ModelCard:
     cut: str | None = None
     training: dict[str, Any] | None = None
     batch: dict[str, Any] | None = None  # graph.batch.BatchPlan.to_dict(): dynamic / freed / fixed at a size
+    source_form: str | None = None  # sources.SourceRef.form: "object" / "module" = an in-memory model
+    weights: str | None = None  # the named pretrained weights the source was built with (keras.applications)
+
+    @property
+    def in_memory(self) -> bool:
+        """Converted from a Python object (keras.Model, nn.Module): nothing on disk or a hub rebuilds it."""
+        return self.source_form in ("object", "module")
 
     def with_(self, **changes: Any) -> "ModelCard":
         return replace(self, **changes)
@@ -165,6 +191,10 @@ class ModelCard:
             m["porter.training"] = json.dumps(self.training, sort_keys=True)
         if self.batch is not None:
             m["porter.batch"] = json.dumps(self.batch, sort_keys=True)
+        if self.source_form is not None:
+            m["porter.source_form"] = self.source_form
+        if self.weights is not None:
+            m["porter.weights"] = self.weights
         return m
 
     @classmethod
@@ -184,6 +214,8 @@ class ModelCard:
             cut=props.get("porter.cut"),
             training=json.loads(props["porter.training"]) if "porter.training" in props else None,
             batch=json.loads(props["porter.batch"]) if "porter.batch" in props else None,
+            source_form=props.get("porter.source_form"),
+            weights=props.get("porter.weights"),
         )
 
     @classmethod

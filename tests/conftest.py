@@ -52,6 +52,15 @@ def pytest_collection_modifyitems(config, items):
 
 
 @pytest.fixture
+def isolated_cache(tmp_path, monkeypatch) -> Path:
+    """$PORTER_CACHE of this test alone (feature caches, optimized models), so no test sees another's entries.
+    Modules that need it say ``pytestmark = pytest.mark.usefixtures("isolated_cache")``."""
+    path = tmp_path / "cache"
+    monkeypatch.setenv("PORTER_CACHE", str(path))
+    return path
+
+
+@pytest.fixture
 def fixtures_dir() -> Path:
     return FIXTURES
 

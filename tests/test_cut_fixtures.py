@@ -181,7 +181,7 @@ def test_search_for_an_mlp_head_chooses_its_own_l2_and_leaves_the_adamw_settings
 @pytest.mark.parametrize("source", [str(HEADS / "dense1.keras"),
                                     "tfjs:" + str(ROOT / "fixtures" / "tfjs" / "layers_sequential" / "model.json")])
 def test_second_finetune_from_a_converted_source_reads_the_cache(source, tmp_path):
-    from test_finetune import make_folder
+    from model_builders import make_folder
 
     is_keras = source.endswith(".keras")
     data = make_folder(tmp_path / "data", n=8, size=32 if is_keras else 20, modes=("L",) if is_keras else ("RGB",))

@@ -9,60 +9,17 @@ from pathlib import Path
 
 import numpy as np
 import onnx
-import onnxruntime as ort
 import pytest
-from onnx import TensorProto, helper, numpy_helper
+from onnx import numpy_helper
 from PIL import Image
 
 import porter
 from porter.transfer import FinetuneOptions, finetune
 from porter.spec import ModelCard
 
-from test_surgery import build
+from model_builders import COLORS, blobs, build, make_folder, report_files, run, save, vector_model
 
-COLORS = {"blue": (40, 60, 200), "green": (40, 190, 60), "red": (210, 50, 40)}
-
-
-@pytest.fixture(autouse=True)
-def _cache(tmp_path, monkeypatch):
-    monkeypatch.setenv("PORTER_CACHE", str(tmp_path / "cache"))
-
-
-def make_folder(root: Path, n: int = 12, size: int = 8, classes=COLORS, modes=("RGB",), seed: int = 0) -> Path:
-    """One subfolder per colour; noisy images of that colour, saved in the given PIL modes (cycled)."""
-    rng = np.random.default_rng(seed)
-    for c, rgb in classes.items():
-        (root / c).mkdir(parents=True, exist_ok=True)
-        for i in range(n):
-            arr = np.clip(np.array(rgb) + rng.normal(0, 25, (size, size, 3)), 0, 255).astype(np.uint8)
-            img = Image.fromarray(arr).convert(modes[i % len(modes)])
-            img.save(root / c / f"{i:03d}.png")
-    return root
-
-
-def save(model: onnx.ModelProto, path: Path, preprocess: str | None = "unit") -> Path:
-    if preprocess:
-        from porter.spec import PreprocessSpec
-
-        dims = [d.dim_value for d in model.graph.input[0].type.tensor_type.shape.dim]
-        nhwc = dims[-1] in (1, 3)
-        spec = PreprocessSpec.preset(preprocess, layout="NHWC" if nhwc else "NCHW",
-                                     size=dims[1:3] if nhwc else dims[2:4], channels=dims[-1] if nhwc else dims[1])
-        ModelCard(source="test:" + model.graph.name, framework="onnx", porter_version="0", preprocess=spec).apply_to(model)
-    onnx.save(model, path)
-    return path
-
-
-def run(model, x):
-    sess = ort.InferenceSession(model.SerializeToString() if isinstance(model, onnx.ModelProto) else str(model),
-                                providers=["CPUExecutionProvider"])
-    return sess.run(None, {sess.get_inputs()[0].name: x})
-
-
-def report_files(out: Path) -> list[Path]:
-    stem = out.with_suffix("")
-    return [out, Path(f"{stem}.metrics.json"), Path(f"{stem}.training.png"), Path(f"{stem}.confusion.png")]
-
+pytestmark = pytest.mark.usefixtures("isolated_cache")
 
 def test_image_folder_end_to_end(tmp_path):
     data = make_folder(tmp_path / "data", modes=("RGB", "RGBA"))  # RGBA is composited over white
@@ -201,29 +158,6 @@ def test_stale_cache_is_caught_by_the_merge_check(tmp_path):
     with pytest.raises(porter.ValidationError, match="stale feature cache"):
         finetune(src, data, tmp_path / "out.onnx", epochs=2, progress=False)
     assert not (tmp_path / "out.onnx").exists()
-
-
-def vector_model(features: int = 4, classes: int = 3) -> onnx.ModelProto:
-    rng = np.random.default_rng(1)
-    w1 = numpy_helper.from_array(rng.standard_normal((16, features)).astype(np.float32), "w1")
-    b1 = numpy_helper.from_array(np.zeros(16, np.float32), "b1")
-    w2 = numpy_helper.from_array(rng.standard_normal((classes, 16)).astype(np.float32), "w2")
-    b2 = numpy_helper.from_array(np.zeros(classes, np.float32), "b2")
-    nodes = [helper.make_node("Gemm", ["x", "w1", "b1"], ["h"], transB=1),
-             helper.make_node("Tanh", ["h"], ["t"]),
-             helper.make_node("Gemm", ["t", "w2", "b2"], ["logits"], transB=1),
-             helper.make_node("Softmax", ["logits"], ["p"], axis=1)]
-    g = helper.make_graph(nodes, "mlp", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", features])],
-                          [helper.make_tensor_value_info("p", TensorProto.FLOAT, ["batch", classes])],
-                          initializer=[w1, b1, w2, b2])
-    return helper.make_model(g, opset_imports=[helper.make_opsetid("", 13)], ir_version=7)
-
-
-def blobs(n=60, seed=0):
-    rng = np.random.default_rng(seed)
-    y = rng.integers(0, 2, n)
-    x = rng.normal(0, 0.3, (n, 4)) + np.where(y[:, None] == 1, 1.0, -1.0)
-    return x.astype(np.float32), y
 
 
 def test_csv_for_a_vector_model(tmp_path):

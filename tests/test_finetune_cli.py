@@ -9,8 +9,7 @@ import pytest
 from porter.cli import build_parser, finetune_options
 
 from conftest import run_porter
-from test_finetune import make_folder, report_files, save
-from test_surgery import build
+from model_builders import build, make_folder, report_files, save
 
 
 def test_cli_builds_the_same_options_the_api_takes():

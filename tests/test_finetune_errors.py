@@ -14,13 +14,10 @@ from PIL import Image
 from porter.errors import DataError, OutputError, SourceError, UsageError
 from porter.transfer import finetune
 
-from test_finetune import COLORS, make_folder, report_files, save, vector_model
-from test_surgery import build
+from model_builders import COLORS, build, make_folder, report_files, save, vector_model
 
 
-@pytest.fixture(autouse=True)
-def _cache(tmp_path, monkeypatch):
-    monkeypatch.setenv("PORTER_CACHE", str(tmp_path / "cache"))
+pytestmark = pytest.mark.usefixtures("isolated_cache")
 
 
 @pytest.fixture

@@ -11,7 +11,7 @@ from porter.transfer import finetune
 from porter.spec import ModelCard
 
 from conftest import FIXTURES
-from test_finetune import make_folder
+from model_builders import make_folder
 
 SOURCES = {
     "keras-file": (f"{FIXTURES}/backbone/backbone.keras", {}),
@@ -23,9 +23,7 @@ SOURCES = {
 }
 
 
-@pytest.fixture(autouse=True)
-def _cache(tmp_path, monkeypatch):
-    monkeypatch.setenv("PORTER_CACHE", str(tmp_path / "cache"))
+pytestmark = pytest.mark.usefixtures("isolated_cache")
 
 
 @pytest.mark.slow

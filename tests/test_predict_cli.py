@@ -21,9 +21,7 @@ from runtime_models import classifier, feature_model, save, write_images
 LABELS = ["ant", "bee", "cow", "doe", "elk"]
 
 
-@pytest.fixture(autouse=True)
-def _cache(tmp_path, monkeypatch):
-    monkeypatch.setenv("PORTER_CACHE", str(tmp_path / "cache"))
+pytestmark = pytest.mark.usefixtures("isolated_cache")
 
 
 @pytest.fixture
@@ -139,7 +137,7 @@ def test_predict_bad_inputs(capsys, tmp_path, model_path, image_dir, case, needl
 def test_predict_fast_decode_and_decode_workers(capsys, monkeypatch, model_path, tmp_path):
     from PIL import Image
 
-    import porter.runtime.predictor as P
+    import porter.runtime.pipeline as P
 
     coarse = np.random.default_rng(4).integers(0, 256, size=(6, 8, 3), dtype=np.uint8)
     photo = tmp_path / "photo.jpg"  # 32x the model's 8x8 input: decoded at 1/8 scale with --fast-decode

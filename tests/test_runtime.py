@@ -16,9 +16,7 @@ from porter.spec import PreprocessSpec
 from runtime_models import classifier, feature_model, random_images, save, tabular_model, write_images
 
 
-@pytest.fixture(autouse=True)
-def _cache(tmp_path, monkeypatch):
-    monkeypatch.setenv("PORTER_CACHE", str(tmp_path / "cache"))
+pytestmark = pytest.mark.usefixtures("isolated_cache")
 
 
 def by_hand(model, images, spec: PreprocessSpec) -> np.ndarray:
@@ -165,7 +163,7 @@ def test_iter_predictions_reports_bad_files_and_goes_on(tmp_path):
 def test_pipeline_stats_say_whether_decoding_keeps_up(tmp_path, monkeypatch):
     import time
 
-    import porter.runtime.predictor as P
+    import porter.runtime.pipeline as P
 
     files = write_images(tmp_path, 6, size=(8, 8))
     p = load(classifier(), device="cpu", batch_size=2)
@@ -245,7 +243,7 @@ def test_a_consumer_that_stops_early_does_not_wait_for_queued_decoding(tmp_path,
     import threading
     import time
 
-    import porter.runtime.predictor as P
+    import porter.runtime.pipeline as P
 
     files = write_images(tmp_path, 12, size=(8, 8))
     decoded = []
@@ -529,12 +527,14 @@ def test_auto_falls_back_to_cpu_when_the_gpu_provider_does_not_start(monkeypatch
 def test_io_binding_path_on_cpu_with_numpy_ortvalue_and_dlpack_inputs():
     """The GPU code path (IO binding) also runs on the CPU provider: exercise it here with every input kind."""
     import torch
+
+    from porter.runtime.feeds import bind_and_run
     p = load(classifier(), device="cpu")
     x = p.example_inputs(3)["image"]
     ref = p.run({"image": x})["probabilities"]
     for value in (x, ort.OrtValue.ortvalue_from_numpy(x), torch.from_numpy(x)):
-        checked = p._check_feed("image", value)
-        out = p._run_bound({"image": checked}, "cpu")["probabilities"]
+        checked = p.check_feeds({"image": value})
+        out = bind_and_run(p.session, checked, p.output_names, "cpu")["probabilities"]
         np.testing.assert_allclose(out, ref, atol=1e-6)
     assert p.run({"image": torch.from_numpy(x)})["probabilities"].shape == (3, 5)  # torch on the plain path
     with pytest.raises(DataError, match=r"expects float32\[batch, 3, 8, 8\], received float64"):

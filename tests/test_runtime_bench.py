@@ -12,15 +12,13 @@ from porter.errors import SourceError, UsageError
 from porter.importers import ImportedModel
 from porter.runtime import load
 from porter.sources import SourceRef
-from porter.runtime.bench import (BenchReport, Timing, bench, load_source, measure, measure_streams, parse_batch_sizes,
-                                  summarize)
+from porter.conversion import rebuild_source as load_source
+from porter.runtime.bench import BenchReport, Timing, bench, measure, measure_streams, parse_batch_sizes, summarize
 
 from runtime_models import card_for, classifier, write_images
 
 
-@pytest.fixture(autouse=True)
-def _cache(tmp_path, monkeypatch):
-    monkeypatch.setenv("PORTER_CACHE", str(tmp_path / "cache"))
+pytestmark = pytest.mark.usefixtures("isolated_cache")
 
 
 def test_measure_and_summarize():
@@ -79,7 +77,7 @@ def test_against_source_runs_the_importer_on_the_same_inputs(tmp_path, monkeypat
     monkeypatch.setattr("porter.sources._detect_path",
                         lambda path, text: SourceRef("keras", "keras-file", str(path), text=text))
     p = load(model, device="cpu")
-    report = bench(p, "1,2", min_seconds=0.0, warmup=0, against_source=True)
+    report = bench(p, "1,2", min_seconds=0.0, warmup=0, source=lambda: load_source(p))
     assert seen["ref"].location == str(src) and seen["opts"].validate is False
     assert seen["opts"].input_shapes[None] == (3, 8, 8)
     assert report.source_engine == "fakeflow" and [r.batch_size for r in report.source_rows] == [1, 2]
@@ -94,11 +92,12 @@ def test_against_source_errors(tmp_path):
     tuned = classifier(card=card_for(None, source="keras:MobileNetV2", framework="keras", cut="pool"))
     with pytest.raises(SourceError, match="fine-tuned by porter"):
         load_source(load(tuned, device="cpu"))
-    in_memory = classifier(card=card_for(None, source="keras-object:mobilenetv2_1.00_224", framework="keras"))
+    in_memory = classifier(card=card_for(None, source="keras-object:mobilenetv2_1.00_224", framework="keras",
+                                            source_form="object"))
     with pytest.raises(SourceError, match=r"^model was converted from an in-memory keras model \(keras-object:"
                                           r"mobilenetv2_1\.00_224\), which porter can't rebuild; --against-source"):
         load_source(load(in_memory, device="cpu"))
-    module = classifier(card=card_for(None, source="module:SmallCNN", framework="torch"))
+    module = classifier(card=card_for(None, source="module:SmallCNN", framework="torch", source_form="module"))
     with pytest.raises(SourceError, match=r"in-memory torch model \(module:SmallCNN\), which porter can't rebuild"):
         load_source(load(module, device="cpu"))
     bare = classifier(preprocess=None)
@@ -173,10 +172,10 @@ def test_bench_with_streams(tmp_path, capsys):
     report = bench(p, "1,4", warmup=1, min_seconds=0.0, min_runs=6, streams=2)
     assert report.engine == "onnxruntime cpu, 2 concurrent streams of 2 threads"
     assert [r.batch_size for r in report.rows] == [1, 4] and all(r.runs >= 6 and r.throughput > 0 for r in report.rows)
-    assert p._stream_session[0] == 2  # the predict pipeline's own stream session
+    assert p.stream_session(2) is p.stream_session(2)  # the streams share one session, made once
     for kwargs, message in (({"streams": 0}, "streams must be a positive integer"),
                             ({"warmup": -1}, "can't be negative"), ({"min_seconds": -0.5}, "can't be negative"),
-                            ({"streams": 2, "against_source": True}, "--streams and --against-source")):
+                            ({"streams": 2, "source": lambda: load_source(p)}, "--streams and --against-source")):
         with pytest.raises(UsageError, match=message):
             bench(p, "1", **kwargs)
     p.device = "cuda"  # as if on a GPU: streams are refused before anything runs

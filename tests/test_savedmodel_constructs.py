@@ -143,7 +143,7 @@ class SqueezesTheBatch(tf.Module):
 
 
 def test_finetune_and_predict_a_model_fixed_at_batch_1(tmp_path):
-    from test_finetune import make_folder
+    from model_builders import make_folder
 
     r = porter.convert(save(JoinsAConstant(), tmp_path / "sm"), tmp_path / "m.onnx", preprocess="unit")
     assert r.batch.mode == "fixed" and "Concat" in r.batch.reason
@@ -158,7 +158,7 @@ def test_finetune_and_predict_a_model_fixed_at_batch_1(tmp_path):
 
 
 def test_finetune_refuses_a_model_without_a_batch_axis_inside(tmp_path):
-    from test_finetune import make_folder
+    from model_builders import make_folder
 
     r = porter.convert(save(SqueezesTheBatch(), tmp_path / "sm"), tmp_path / "m.onnx", preprocess="unit")
     assert r.batch.mode == "fixed" and "Squeeze" in r.batch.reason

@@ -6,79 +6,15 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
-from onnx import TensorProto, helper, numpy_helper
+from onnx import TensorProto, helper
 
 from porter.errors import UsageError
 from porter.graph.cuts import choose_cut, cut_candidates
 from porter.graph.surgery import FEATURES, Fingerprint, extract_backbone, merge_head
 
+from model_builders import build
+
 RNG = np.random.default_rng(0)
-
-
-def _w(name, *shape):
-    return numpy_helper.from_array(RNG.standard_normal(shape).astype(np.float32) * 0.3, name)
-
-
-def build(kind: str, opset: int = 17) -> onnx.ModelProto:
-    """Tiny image classifiers, one per way a classifier ends. NCHW input [batch, 3, 8, 8] unless said."""
-    nhwc = kind in ("matmul_add", "reducemean")
-    x = helper.make_tensor_value_info("image", TensorProto.FLOAT, ["batch", 8, 8, 3] if nhwc else ["batch", 3, 8, 8])
-    inits = [_w("conv_w", 4, 3, 3, 3), _w("conv_b", 4)]
-    nodes = []
-    src = "image"
-    if nhwc:
-        nodes.append(helper.make_node("Transpose", ["image"], ["nchw"], perm=[0, 3, 1, 2]))
-        src = "nchw"
-    nodes += [helper.make_node("Conv", [src, "conv_w", "conv_b"], ["conv"], pads=[1, 1, 1, 1], name="conv1"),
-              helper.make_node("Relu", ["conv"], ["relu"])]
-    if kind == "gemm":
-        inits += [_w("fc_w", 5, 4), _w("fc_b", 5)]
-        nodes += [helper.make_node("GlobalAveragePool", ["relu"], ["pool"], name="gap"),
-                  helper.make_node("Flatten", ["pool"], ["flat"], axis=1),
-                  helper.make_node("Gemm", ["flat", "fc_w", "fc_b"], ["logits"], transB=1, name="fc"),
-                  helper.make_node("Softmax", ["logits"], ["prob"], axis=1)]
-    elif kind == "matmul_add":
-        inits += [_w("fc_w", 4, 5), _w("fc_b", 5)]
-        nodes += [helper.make_node("ReduceMean", ["relu"], ["pool"], axes=[2, 3], keepdims=0, name="mean"),
-                  helper.make_node("MatMul", ["pool", "fc_w"], ["mm"], name="dense/MatMul"),
-                  helper.make_node("Add", ["mm", "fc_b"], ["logits"]),
-                  helper.make_node("Softmax", ["logits"], ["prob"], axis=-1)]
-    elif kind == "conv1x1":
-        inits += [_w("cls_w", 5, 4, 1, 1), _w("cls_b", 5)]
-        nodes += [helper.make_node("GlobalAveragePool", ["relu"], ["pool"], name="gap"),
-                  helper.make_node("Conv", ["pool", "cls_w", "cls_b"], ["cls"], name="classifier"),
-                  helper.make_node("Flatten", ["cls"], ["logits"], axis=1),
-                  helper.make_node("Softmax", ["logits"], ["prob"], axis=1)]
-    elif kind == "classmaps":  # SqueezeNet style: 1x1 conv class maps, then pooling, no classifier after it
-        inits += [_w("cls_w", 5, 4, 1, 1), _w("cls_b", 5)]
-        nodes += [helper.make_node("Conv", ["relu", "cls_w", "cls_b"], ["maps"], name="classmaps"),
-                  helper.make_node("GlobalAveragePool", ["maps"], ["pool"], name="gap"),
-                  helper.make_node("Flatten", ["pool"], ["logits"], axis=1),
-                  helper.make_node("Softmax", ["logits"], ["prob"], axis=1)]
-    elif kind == "reducemean":  # opset 18 ReduceMean (axes as an input), NHWC, then a Gemm
-        opset = max(opset, 18)
-        inits += [numpy_helper.from_array(np.array([1, 2], np.int64), "axes"), _w("fc_w", 5, 4), _w("fc_b", 5)]
-        nodes += [helper.make_node("Transpose", ["relu"], ["back"], perm=[0, 2, 3, 1]),
-                  helper.make_node("ReduceMean", ["back", "axes"], ["pool"], keepdims=1, name="mean"),
-                  helper.make_node("Reshape", ["pool", "shape"], ["flat"]),
-                  helper.make_node("Gemm", ["flat", "fc_w", "fc_b"], ["logits"], transB=1),
-                  helper.make_node("Softmax", ["logits"], ["prob"], axis=1)]
-        inits.append(numpy_helper.from_array(np.array([-1, 4], np.int64), "shape"))
-    elif kind == "noclassifier":  # include_top=False: the feature map itself, flattened
-        nodes += [helper.make_node("Flatten", ["relu"], ["prob"], axis=1)]
-    elif kind == "sequence":  # positions as a sequence: [batch, 4, 64] -> mean over positions -> Gemm
-        inits += [numpy_helper.from_array(np.array([-1, 4, 64], np.int64), "seq_shape"), _w("fc_w", 5, 4), _w("fc_b", 5)]
-        nodes += [helper.make_node("Reshape", ["relu", "seq_shape"], ["tokens"]),
-                  helper.make_node("ReduceMean", ["tokens"], ["pool"], axes=[2], keepdims=0),
-                  helper.make_node("Gemm", ["pool", "fc_w", "fc_b"], ["logits"], transB=1),
-                  helper.make_node("Softmax", ["logits"], ["prob"], axis=1)]
-    else:
-        raise ValueError(kind)
-    out = helper.make_tensor_value_info("prob", TensorProto.FLOAT, ["batch", None])
-    model = helper.make_model(helper.make_graph(nodes, kind, [x], [out], initializer=inits),
-                              opset_imports=[helper.make_opsetid("", opset)], ir_version=8)
-    onnx.checker.check_model(model)
-    return onnx.shape_inference.infer_shapes(model)
 
 
 def run(model, x):

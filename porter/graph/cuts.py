@@ -14,13 +14,13 @@ the pooled outputs of the last few blocks before the backbone output.
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
-from typing import Sequence
 
 import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
 from ..errors import UsageError
+from .inspect import format_shape
 
 # Nodes that sit between layers of a classifier head without mixing examples or spatial positions.
 PASS_THROUGH = {"Softmax", "LogSoftmax", "Sigmoid", "Flatten", "Reshape", "Identity", "Squeeze", "Unsqueeze",
@@ -40,13 +40,6 @@ SPATIAL_AXES = {"NCHW": (2, 3), "NHWC": (1, 2)}
 BLOCK_CANDIDATES = 3  # pooled outputs of this many blocks before the backbone output are offered
 
 Shape = tuple[int | str | None, ...]
-
-
-def format_shape(shape: Sequence[int | str | None] | None) -> str:
-    if shape is None:
-        return "[unknown shape]"
-    # converters name unknown dims unk__0, unk__1, ...: to a reader they are just unknown
-    return "[" + ", ".join("?" if d is None or str(d).startswith("unk__") else str(d) for d in shape) + "]"
 
 
 @dataclass(frozen=True)
@@ -347,7 +340,7 @@ def find_old_head(g: ModelGraph, output: str) -> OldHead | None:
         # a model of dense layers only (features in, classes out): the backbone is all but the last layer
         if len(layers) < 2:
             return None
-        first, last = layers[:-1], layers[-1]
+        last = layers[-1]
         cut = Cut(last[0], g.shapes.get(last[0]), f"input of the final classifier ({last[2]}); the model is dense "
                   "layers only, so its hidden layers are the backbone", "backbone")
         return OldHead(cut, (last,), None)

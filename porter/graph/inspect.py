@@ -3,10 +3,19 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Sequence
 
 import numpy as np
 import onnx
 from onnx import TensorProto
+
+
+def format_shape(shape: Sequence[int | str | None] | None) -> str:
+    """``[batch, 224, 224, 3]``: the one way porter writes a shape (unknown dims as ``?``)."""
+    if shape is None:
+        return "[unknown shape]"
+    # converters name unknown dims unk__0, unk__1, ...: to a reader they are just unknown
+    return "[" + ", ".join("?" if d is None or str(d).startswith("unk__") else str(d) for d in shape) + "]"
 
 
 @dataclass(frozen=True)
@@ -16,8 +25,7 @@ class TensorInfo:
     shape: tuple[int | str | None, ...]  # int, symbolic name, or None (unknown)
 
     def describe(self) -> str:
-        dims = ", ".join("?" if d is None else str(d) for d in self.shape)
-        return f"{self.name}: {self.dtype}[{dims}]"
+        return f"{self.name}: {self.dtype}{format_shape(self.shape)}"
 
 
 def _info(value: onnx.ValueInfoProto) -> TensorInfo:

@@ -14,7 +14,7 @@ from typing import Callable, Sequence
 import numpy as np
 import onnx
 
-from ..errors import UsageError, ValidationError
+from ..errors import UsageError, ValidationError, runtime_message
 from ..spec import PreprocessSpec
 from .inspect import TensorInfo, graph_inputs, graph_outputs
 
@@ -185,7 +185,7 @@ def validate(model: onnx.ModelProto, run_source: Callable[[Sequence[np.ndarray]]
     try:
         session = ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
     except Exception as e:  # onnxruntime raises its own exception types (Fail, InvalidGraph, NotImplemented ...)
-        raise ValidationError(f"onnxruntime can't load the converted model: {_ort_words(e)}") from None
+        raise ValidationError(f"onnxruntime can't load the converted model: {runtime_message(e)}") from None
     inputs = graph_inputs(model)
     outputs = [o.name for o in graph_outputs(model)]
     rng = np.random.default_rng(seed)
@@ -197,12 +197,12 @@ def validate(model: onnx.ModelProto, run_source: Callable[[Sequence[np.ndarray]]
             got = session.run(outputs, {i.name: a for i, a in zip(inputs, feed)})
         except Exception as e:
             raise ValidationError(f"onnxruntime failed on the converted model at batch {batch} (inputs "
-                                  f"{_shapes(inputs, feed)}): {_ort_words(e)}") from None
+                                  f"{_shapes(inputs, feed)}): {runtime_message(e)}") from None
         try:
             ref = list(run_source(feed))
         except Exception as e:  # TensorFlow / torch / Keras errors: the source refused these inputs
             raise ValidationError(f"the source model failed at batch {batch} (inputs {_shapes(inputs, feed)}): "
-                                  f"{_ort_words(e)}") from None
+                                  f"{runtime_message(e)}") from None
         if len(ref) != len(got):
             raise ValidationError(f"the source model returned {len(ref)} outputs but the ONNX model has {len(got)} "
                                   f"({', '.join(outputs)})")
@@ -223,14 +223,3 @@ def validate(model: onnx.ModelProto, run_source: Callable[[Sequence[np.ndarray]]
             + f" (atol {atol:g}, rtol {rtol:g}); loosen --atol/--rtol if this is expected, or report the model",
             report=report)
     return report
-
-
-def _ort_words(e: BaseException) -> str:
-    """The runtime's own message, one line, without onnxruntime's '[ONNXRuntimeError] : 2 : FAIL :' prefix and
-    source paths."""
-    import re
-
-    text = " ".join(str(e).split()) or type(e).__name__
-    text = re.sub(r"^\[ONNXRuntimeError\] : \d+ : \w+ : ", "", text)
-    text = re.sub(r"/onnxruntime_src/\S+ [^()]*\([^()]*\) ", "", text)  # the C++ file:line and function
-    return text[:400]

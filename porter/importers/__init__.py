@@ -45,6 +45,7 @@ class ImportedModel:
     labels: tuple[str, ...] | None = None
     provenance: dict[str, str] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)  # lines for the CLI summary (e.g. exporter fallback)
+    weights: str | None = None  # pretrained weights the importer loaded by name (keras.applications: imagenet | none)
 
 
 def register_importer(name: str):

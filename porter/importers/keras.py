@@ -19,7 +19,7 @@ import numpy as np
 
 from ..logging_setup import heavy_import
 from ..errors import (ConversionError, ModelLoadError, NetworkError, SourceError, UnsafeModelError, UnsupportedError,
-                      UsageError)
+                      UsageError, first_line)
 from ..options import ConvertOptions
 from ..sources import SourceRef
 from ..spec import PreprocessSpec
@@ -97,7 +97,7 @@ def load_application(name: str, opts: ConvertOptions):
     try:
         model = ctor(weights=weights, **kwargs)
     except ValueError as e:
-        raise UsageError(f"keras.applications.{name} rejected the options: {_first_line(e)}") from None
+        raise UsageError(f"keras.applications.{name} rejected the options: {first_line(e, 1000)}") from None
     except Exception as e:  # noqa: BLE001 - keras.utils.get_file raises plain Exception on fetch failures
         msg = str(e)
         if weights == "imagenet" and ("fetch failure" in msg or "URL" in msg or isinstance(e, OSError)):
@@ -106,7 +106,7 @@ def load_application(name: str, opts: ConvertOptions):
             cache = Path(os.environ.get("KERAS_HOME", Path.home() / ".keras")) / "models"
             raise NetworkError(f"can't download ImageNet weights for {name} (offline?); place {fname} in {cache} "
                                f"or use --weights none|PATH") from None
-        raise ModelLoadError(f"can't build keras.applications.{name}: {_first_line(e)}") from None
+        raise ModelLoadError(f"can't build keras.applications.{name}: {first_line(e, 1000)}") from None
     return model, weights
 
 
@@ -145,7 +145,7 @@ def _read_config(ref: SourceRef) -> Any:
     except ModelLoadError:
         raise
     except (OSError, KeyError, ValueError, zipfile.BadZipFile) as e:
-        raise ModelLoadError(f"can't read {path}: {_first_line(e)} — the file looks truncated or corrupt; "
+        raise ModelLoadError(f"can't read {path}: {first_line(e, 1000)} — the file looks truncated or corrupt; "
                              f"save the model again") from None
 
 
@@ -159,21 +159,16 @@ def load_file(ref: SourceRef, opts: ConvertOptions):
         return keras.models.load_model(ref.location, compile=False, safe_mode=not opts.unsafe)
     except ValueError as e:
         if "safe_mode" in str(e) or "arbitrary code" in str(e):
-            raise UnsafeModelError(f"{ref.location} needs unsafe deserialization ({_first_line(e)[:120]}); if you "
+            raise UnsafeModelError(f"{ref.location} needs unsafe deserialization ({first_line(e, 1000)[:120]}); if you "
                                    f"trust the file, pass --unsafe") from None
-        raise ModelLoadError(f"can't load {ref.location}: {_first_line(e)}") from None
+        raise ModelLoadError(f"can't load {ref.location}: {first_line(e, 1000)}") from None
     except TypeError as e:
         m = re.search(r"class[^']*'([^']+)'", str(e))
         what = f"custom class {m.group(1)!r}" if m else "a custom object"
         raise ModelLoadError(f"{ref.location} uses {what} that Keras can't rebuild without its Python code; load the "
                              f"model in Python and pass it to porter.convert") from None
     except Exception as e:  # noqa: BLE001 - h5py/zip errors of every kind mean "corrupt"
-        raise ModelLoadError(f"can't load {ref.location}: {_first_line(e)} — the file looks truncated or corrupt") from None
-
-
-def _first_line(e: BaseException) -> str:
-    text = str(e).strip() or type(e).__name__
-    return text.splitlines()[0]
+        raise ModelLoadError(f"can't load {ref.location}: {first_line(e, 1000)} — the file looks truncated or corrupt") from None
 
 
 # --- conversion -------------------------------------------------------------------------------------------------
@@ -251,10 +246,10 @@ def run_tf2onnx(convert: Callable[[], Any], opset: int, what: str = ""):
         onnx_model = convert()
     except ValueError as e:
         if "opset" in str(e).lower():
-            raise UsageError(f"tf2onnx can't target opset {opset}: {_first_line(e)}; try --opset 17") from None
-        raise ConversionError(f"tf2onnx failed{where}: {_first_line(e)}") from None
+            raise UsageError(f"tf2onnx can't target opset {opset}: {first_line(e, 1000)}; try --opset 17") from None
+        raise ConversionError(f"tf2onnx failed{where}: {first_line(e, 1000)}") from None
     except Exception as e:  # noqa: BLE001 - tf2onnx raises many kinds
-        raise ConversionError(f"tf2onnx failed{where}: {type(e).__name__}: {_first_line(e)}") from None
+        raise ConversionError(f"tf2onnx failed{where}: {type(e).__name__}: {first_line(e, 1000)}") from None
     _rewrite_erfc(onnx_model)
     return onnx_model
 
@@ -316,7 +311,7 @@ def import_savedmodel(ref: SourceRef, opts: ConvertOptions) -> ImportedModel:
     try:
         loaded = tf.saved_model.load(ref.location)
     except Exception as e:  # noqa: BLE001
-        raise ModelLoadError(f"can't load SavedModel {ref.location}: {_first_line(e)}") from None
+        raise ModelLoadError(f"can't load SavedModel {ref.location}: {first_line(e, 1000)}") from None
     sigs = dict(getattr(loaded, "signatures", {}) or {})
     if not sigs:
         raise ModelLoadError(f"SavedModel {ref.location} has no serving signatures; export it with a signature "
@@ -428,4 +423,6 @@ def import_keras(ref: SourceRef, opts: ConvertOptions) -> ImportedModel:
     imported.preprocess = preprocess
     imported.labels = labels
     imported.notes.extend(notes)
+    if ref.form == "application":
+        imported.weights = weights or "none"
     return imported

@@ -10,14 +10,13 @@ measures the model, not PCIe copies.
 stream runs batches back to back on a session with 1/N of the threads; latency is per run, throughput is the
 streams' rates added up.
 
-``against_source=True`` rebuilds the original model from the card's ``source`` through its importer and runs
-``ImportedModel.run_source`` on the same inputs in the same process, reporting speed-up ratios and the max
-absolute difference of the outputs.
+``source=`` (a callable returning a ``SourceModel``; ``porter.conversion.rebuild_source`` makes one from the card) times the
+original framework model on the same inputs in the same process, reporting speed-up ratios and the max absolute
+difference of the outputs. The runtime never rebuilds source models itself: it imports nothing from the importers.
 """
 
 from __future__ import annotations
 
-import re
 import threading
 import time
 from dataclasses import dataclass, field
@@ -25,7 +24,7 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
-from ..errors import NetworkError, PorterError, SourceError, UsageError
+from ..errors import UsageError
 from . import session as S
 from .predictor import Predictor
 
@@ -164,9 +163,11 @@ def measure_streams(fn: Callable[[], Any], streams: int, *, warmup: int = 3, min
 
 
 def bench(predictor: Predictor, batch_sizes: Sequence[int] | str = (1, 8, 32), *, warmup: int = 3,
-          min_seconds: float = 1.0, min_runs: int = 5, against_source: bool = False, seed: int = 0,
-          streams: int = 1) -> BenchReport:
-    """Time ``predictor`` at each batch size (and the source framework beside it when asked)."""
+          min_seconds: float = 1.0, min_runs: int = 5,
+          source: "Callable[[], SourceModel] | None" = None, seed: int = 0, streams: int = 1) -> BenchReport:
+    """Time ``predictor`` at each batch size, and the framework model beside it when ``source`` is given: a callable
+    returning the SourceModel (``lambda: conversion.rebuild_source(predictor)``), called once the arguments are
+    checked, since rebuilding takes seconds."""
     sizes = parse_batch_sizes(batch_sizes)
     if not isinstance(streams, int) or streams < 1:
         raise UsageError(f"streams must be a positive integer, got {streams!r}")
@@ -176,15 +177,15 @@ def bench(predictor: Predictor, batch_sizes: Sequence[int] | str = (1, 8, 32), *
     if streams > 1 and predictor.device != "cpu":
         raise UsageError(f"--streams is for the CPU (cores shared between concurrent runs); {predictor.name} runs on "
                          f"{predictor.device}, where one stream keeps the GPU busy: drop --streams")
-    if streams > 1 and against_source:
+    if streams > 1 and source is not None:
         raise UsageError("--streams and --against-source time different things (the source runs one batch at a "
                          "time); run them separately")
-    fixed = predictor._fixed_batch()
+    fixed = predictor.fixed_batch
+    source = source() if source is not None else None
     notes = []
     if fixed and any(b != fixed for b in sizes):
         notes.append(f"the model takes batches of exactly {fixed}; timing batch {fixed} only")
         sizes = (fixed,)
-    source = load_source(predictor) if against_source else None
     engine = f"onnxruntime {predictor.device}{' fp16' if predictor.fp16 else ''}"
     if streams > 1:
         threads = predictor.stream_threads(streams)
@@ -222,76 +223,20 @@ def bench(predictor: Predictor, batch_sizes: Sequence[int] | str = (1, 8, 32), *
 
 def _runner(predictor: Predictor, feeds: dict[str, np.ndarray]) -> Callable[[], Any]:
     if predictor.device == "cpu":
-        session = predictor._session
+        session = predictor.session
         return lambda: session.run(None, feeds)
     import onnxruntime as ort  # GPU: inputs on the device once, outputs stay there (IO binding)
 
-    device_id = predictor._config.device_id
+    device_id = predictor.config.device_id
     on_gpu = {k: ort.OrtValue.ortvalue_from_numpy(v, "cuda", device_id) for k, v in feeds.items()}
     return lambda: predictor.run(on_gpu, output_device="cuda")
 
 
 @dataclass
 class SourceModel:
+    """The framework model a converted model came from, runnable on the same arrays (see conversion.rebuild_source)."""
+
     name: str
     run: Callable[[Sequence[np.ndarray]], Sequence[np.ndarray]]
     compare: bool = True  # False when the weights differ (timing only)
     notes: list[str] = field(default_factory=list)
-
-
-def load_source(predictor: Predictor) -> SourceModel:
-    """Rebuild the model porter converted, from the card's source reference, through its importer."""
-    card = predictor.card
-    if card is None:
-        raise SourceError(f"{predictor.name} has no porter metadata, so porter doesn't know its source model; "
-                          f"--against-source needs a model written by porter convert")
-    if card.cut is not None or card.training is not None:
-        raise SourceError(f"{predictor.name} was fine-tuned by porter (new head on {card.source}); its source "
-                          f"computes something else, so --against-source can't compare them")
-    from ..importers import get_importer
-    from ..options import ConvertOptions
-    from ..sources import parse_source
-
-    if re.match(r"(keras-object|module):", card.source):  # what sources._from_object names in-memory models
-        # porter.convert(model_object): nothing on disk or on a hub to rebuild it from
-        raise SourceError(f"{predictor.name} was converted from an in-memory {card.framework} model "
-                          f"({card.source}), which porter can't rebuild; --against-source needs a model converted "
-                          f"from a file or a keras:/torchhub:/tfjs: reference")
-    try:
-        ref = parse_source(card.source)
-    except SourceError as e:
-        raise SourceError(f"--against-source: the source {card.source!r} recorded in {predictor.name} can't be "
-                          f"reached ({e}); put the source model back where it was converted from") from None
-    if ref.importer == "onnx":
-        raise SourceError(f"the source recorded in {predictor.name} is itself ONNX ({card.source}); nothing to compare")
-    try:
-        importer = get_importer(ref.importer)
-    except KeyError:
-        raise SourceError(f"no importer {ref.importer!r} for the source {card.source!r}") from None
-    shapes = {t.name: tuple(d for d in predictor._concrete_shape(t, 1)[1:]) for t in predictor.inputs}
-    if len(shapes) == 1:
-        shapes[None] = next(iter(shapes.values()))
-    weights = None
-    source_model = card.provenance.get("source_model", "")
-    if "(weights=" in source_model:
-        weights = source_model.split("(weights=", 1)[1].rstrip(")")
-    kwargs: dict[str, Any] = dict(validate=False, input_shapes=shapes)
-    if weights:
-        kwargs["weights"] = weights
-    notes: list[str] = []
-    compare = True
-    try:
-        imported = importer(ref, ConvertOptions.from_kwargs(**kwargs))
-    except NetworkError as e:
-        if ref.importer == "keras" and ref.form == "application" and weights != "none":
-            kwargs["weights"] = "none"
-            imported = importer(ref, ConvertOptions.from_kwargs(**kwargs))
-            compare = False
-            notes.append(f"source weights unavailable ({e}); timing the same architecture with random weights, "
-                         f"outputs not compared")
-        else:
-            raise
-    except PorterError as e:
-        raise type(e)(f"--against-source: can't rebuild {card.source}: {e}") from None
-    name = f"{imported.framework}"
-    return SourceModel(name=name, run=imported.run_source, compare=compare, notes=notes)

@@ -36,8 +36,8 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 from ..errors import RuntimeSetupError, UsageError
+from ..options import DEVICES
 
-DEVICES = ("auto", "cuda", "tensorrt", "cpu")
 CPU_EP = "CPUExecutionProvider"
 CUDA_EP = "CUDAExecutionProvider"
 TRT_EP = "TensorrtExecutionProvider"

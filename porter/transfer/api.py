@@ -198,7 +198,8 @@ def finetune(source: Any, data: Any, output: str | os.PathLike | None = None, **
     :class:`FinetuneOptions`. Raises a PorterError on any user mistake; nothing is written unless all succeeded.
     """
     from ..graph.inspect import opset_of
-    from ..graph.cuts import Cut, format_shape, plan_cuts
+    from ..graph.cuts import Cut, plan_cuts
+    from ..graph.inspect import format_shape
     from ..graph.surgery import extract_backbone, merge_head
     from ..outputs import check_output
     from .heads import head_to_onnx
@@ -395,7 +396,8 @@ def _load_source(source: Any, opts: FinetuneOptions):
     """(model, card, notes): an ONNX model as is, anything else through porter.convert (with parity)."""
     import onnx
 
-    from ..sources import load_onnx_file, parse_source
+    from ..files import load_onnx_file
+    from ..sources import parse_source
 
     notes: list[str] = []
     if isinstance(source, onnx.ModelProto):
@@ -458,19 +460,13 @@ def _preprocess(card: ModelCard, opts: FinetuneOptions, g: InputGeometry) -> tup
         if opts.preprocess or opts.mean or opts.std:
             raise UsageError("--preprocess/--mean/--std describe image inputs; this model takes vectors")
         return known, None
-    geo = dict(layout=g.layout, size=g.size, channels=g.channels)
-    if opts.preprocess is None and opts.mean is None and opts.std is None:
-        if known is not None:
-            return known.with_(**geo), None
-        return (PreprocessSpec.preset("raw", **geo),
+    spec = PreprocessSpec.resolve(known, mode=opts.preprocess, mean=opts.mean, std=opts.std, layout=g.layout,
+                                  size=g.size, channels=g.channels)
+    if spec is None:
+        return (PreprocessSpec.preset("raw", layout=g.layout, size=g.size, channels=g.channels),
                 "the model records no preprocessing; feeding raw 0..255 pixels (give --preprocess unit|tf|torch|caffe "
                 "if the backbone was trained on normalized input)")
-    if opts.preprocess is None and known is not None and known.mode not in PRESETS:
-        n = g.channels or 3
-        base = PreprocessSpec.preset("raw", channels=n, mean=opts.mean or known.mean, std=opts.std or known.std)
-        return known.with_(mode="custom", mean=base.mean, std=base.std, **geo), None
-    mode = opts.preprocess or (known.mode if known is not None and known.mode in PRESETS else "raw")
-    return PreprocessSpec.preset(mode, mean=opts.mean, std=opts.std, **geo), None
+    return spec, None
 
 
 def _batch_dim(model) -> str | int:

@@ -21,7 +21,7 @@ from __future__ import annotations
 from collections import defaultdict, deque
 from dataclasses import dataclass, field
 
-from ...errors import ConversionError
+from ...errors import ConversionError, first_line
 from ...logging_setup import heavy_import
 
 LOWERED_LOOP_OPS = ("Enter", "Exit", "LoopCond", "NextIteration")  # Switch / Merge also make lowered conds
@@ -344,7 +344,7 @@ def _types_and_shapes(gd, tensors: list[str]):
         found = [g.get_tensor_by_name(_tensor(t)) for t in tensors]
     except (ValueError, KeyError, TypeError, tf.errors.OpError) as e:
         raise ConversionError(f"TensorFlow can't rebuild the graph-model around a while loop: "
-                              f"{str(e).splitlines()[0][:200]}") from None
+                              f"{first_line(e, 200)}") from None
     return [t.dtype.as_datatype_enum for t in found], [t.shape for t in found]
 
 
@@ -379,7 +379,7 @@ def _function(gd, name: str, nodes, args: dict[str, int], arg_types: list[int], 
         fdef = graph_to_function_def(g, ops, ins, outs, out_names=[f"out{k}" for k in range(len(outs))])
     except (ValueError, KeyError, TypeError, tf.errors.OpError) as e:
         raise ConversionError(f"porter could not rebuild while loop {name!r} as a function: "
-                              f"{str(e).splitlines()[0][:200]}") from None
+                              f"{first_line(e, 200)}") from None
     fdef.signature.name = name
     for k, shape in enumerate(arg_shapes):  # what function_def_to_graph (and so tf2onnx) reads as the arg shapes
         fdef.arg_attr[k].attr["_output_shapes"].CopyFrom(attr(list=attr.ListValue(shape=[shape.as_proto()])))

@@ -16,7 +16,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from ...errors import ConversionError, ModelLoadError, UnsupportedError, UsageError
+from ...errors import ConversionError, ModelLoadError, UnsupportedError, UsageError, first_line
 from ...logging_setup import heavy_import
 
 FUSED_BASE = {"_FusedConv2D": "Conv2D", "FusedDepthwiseConv2dNative": "DepthwiseConv2dNative",
@@ -376,7 +376,7 @@ def make_runner(gd, inputs: list[Endpoint], outputs: list[Endpoint]):
         fn = wrapped.prune([wrapped.graph.get_tensor_by_name(e.tensor) for e in inputs],
                            [wrapped.graph.get_tensor_by_name(e.tensor) for e in outputs])
     except (ValueError, KeyError, TypeError, tf.errors.OpError) as e:
-        raise ConversionError(f"TensorFlow can't rebuild the graph-model: {_first(e)}") from None
+        raise ConversionError(f"TensorFlow can't rebuild the graph-model: {first_line(e)}") from None
     placeholders = {n.name: n for n in gd.node if n.op == "Placeholder"}
     dtypes = [tf.dtypes.as_dtype(placeholders[e.node].attr["dtype"].type) if e.node in placeholders else tf.float32
               for e in inputs]
@@ -407,8 +407,3 @@ def prepare_graph(topology: dict, signature: dict | None, opts, where: str):
     inputs, outputs = endpoints(gd, signature)
     apply_input_shapes(gd, inputs, opts)
     return gd, inputs, outputs
-
-
-def _first(e: BaseException) -> str:
-    text = str(e).strip() or type(e).__name__
-    return text.splitlines()[0][:300]

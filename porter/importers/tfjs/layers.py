@@ -17,7 +17,7 @@ from typing import Any, Callable
 
 import numpy as np
 
-from ...errors import ModelLoadError, UnsupportedError
+from ...errors import ModelLoadError, UnsupportedError, first_line
 from ...logging_setup import heavy_import
 
 MODEL_CLASSES = ("Sequential", "Model", "Functional")
@@ -271,7 +271,7 @@ class Builder:
         try:  # porter computes in float32 whatever policy the file names (mixed_float16 ...)
             layer = klass(name=name, dtype="float32", **cfg)
         except (TypeError, ValueError) as e:
-            raise ModelLoadError(f"{where}: Keras 3 can't build it from its config ({_first(e)})") from None
+            raise ModelLoadError(f"{where}: Keras 3 can't build it from its config ({first_line(e)})") from None
         self.leaves.append((name, Built(layer, cls, position)))
         return layer
 
@@ -321,7 +321,7 @@ class Builder:
                 x = layer(x)
             except Exception as e:  # noqa: BLE001 - Keras raises ValueError/TypeError/... on shape mismatches
                 raise ModelLoadError(f"layer {_layer_name(lc)!r} ({lc['class_name']}, layer {i} of {n}) can't be "
-                                     f"applied to its input: {_first(e)}") from None
+                                     f"applied to its input: {first_line(e)}") from None
         return self.keras.Model(inp, x, name=cfg.get("name") or "sequential")
 
     def _functional(self, mc: dict):
@@ -355,7 +355,7 @@ class Builder:
                     y = objects[name](args[0] if len(args) == 1 else args, **kwargs)
                 except Exception as e:  # noqa: BLE001
                     raise ModelLoadError(f"layer {name!r} ({lc['class_name']}, {pos}) can't be applied to its "
-                                         f"inputs: {_first(e)}") from None
+                                         f"inputs: {first_line(e)}") from None
                 outs[(name, ni)] = y
                 progress = True
             if not progress:
@@ -476,9 +476,6 @@ def build_keras_model(topology: dict, weights: dict[str, np.ndarray]):
     return model, notes
 
 
-def _first(e: BaseException) -> str:
-    text = str(e).strip() or type(e).__name__
-    return text.splitlines()[0][:300]
 
 
 __all__ = ["LAYERS", "build_keras_model", "check_supported", "supported_layers", "model_config"]

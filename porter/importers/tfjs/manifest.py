@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import PurePosixPath
 from typing import Any
 
-from ...errors import ModelLoadError, SourceError
+from ...errors import ModelLoadError, SourceError, first_line
 
 GZIP_MAGIC = b"\x1f\x8b"
 MAX_JSON_BYTES = 512 * 1024 * 1024  # a model.json that decompresses past this is refused (zip-bomb guard)
@@ -81,7 +81,7 @@ def parse_model_json(data: bytes, where: str) -> ModelJSON:
         text = data.decode("utf-8-sig")
         obj = json.loads(text)
     except (UnicodeDecodeError, ValueError) as e:
-        raise ModelLoadError(f"{where} is not JSON ({_short(e)}); a TF.js model is a model.json file written by "
+        raise ModelLoadError(f"{where} is not JSON ({first_line(e, 160)}); a TF.js model is a model.json file written by "
                              f"tensorflowjs_converter or model.save()") from None
     if not isinstance(obj, dict) or not ("modelTopology" in obj or "weightsManifest" in obj):
         keys = ", ".join(list(obj)[:6]) if isinstance(obj, dict) else type(obj).__name__
@@ -182,7 +182,3 @@ def check_shard_path(path: str, where: str) -> str:
 
 def _opt_str(v: Any) -> str | None:
     return None if v is None else str(v)
-
-
-def _short(e: BaseException) -> str:
-    return str(e).splitlines()[0][:160] if str(e) else type(e).__name__

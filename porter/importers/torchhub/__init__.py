@@ -15,7 +15,7 @@ from __future__ import annotations
 from typing import Any, Sequence
 
 from .. import ImportedModel, register_importer
-from ...errors import UsageError
+from ...errors import UsageError, first_line
 from .exporting import (export, flatten_outputs, is_scripted, make_examples, module_device, resolve_inputs)
 from .hub import load_module
 
@@ -38,7 +38,7 @@ def import_torchhub(ref, opts) -> ImportedModel:
         except Exception as e:  # noqa: BLE001 - usually a wrong --input-shape
             shapes = ", ".join(s.describe() for s in specs)
             raise UsageError(f"running {what} on example input(s) {shapes} failed: {type(e).__name__}: "
-                             f"{_first_line(e)}; check --input-shape (dims without the batch axis, NCHW for images)") from e
+                             f"{first_line(e)}; check --input-shape (dims without the batch axis, NCHW for images)") from e
     outputs = flatten_outputs(sample, what)
     if not outputs:
         raise UsageError(f"{what} returned no tensors; porter converts models whose forward() returns tensors")
@@ -122,8 +122,3 @@ def _versions(exporter: str) -> dict[str, str]:
 
         versions["onnxscript"] = onnxscript.__version__
     return versions
-
-
-def _first_line(e: BaseException) -> str:
-    text = str(e).strip() or type(e).__name__
-    return text.splitlines()[0][:300]

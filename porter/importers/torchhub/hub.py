@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
-from ...errors import ModelLoadError, NetworkError, SourceError, UnsafeModelError, UsageError
+from ...errors import ModelLoadError, NetworkError, SourceError, UnsafeModelError, UsageError, first_line
 from ...sources import SourceRef
 
 GITHUB = ("github.com", 443)
@@ -74,7 +74,7 @@ def import_hubconf(directory: Path, where: str):
         try:
             spec.loader.exec_module(module)
         except Exception as e:  # noqa: BLE001 - the repo's own code failed
-            raise ModelLoadError(f"importing {hubconf} failed: {type(e).__name__}: {_first_line(e)}") from e
+            raise ModelLoadError(f"importing {hubconf} failed: {type(e).__name__}: {first_line(e, 400)}") from e
     missing = [dep for dep in getattr(module, "dependencies", None) or () if importlib.util.find_spec(dep) is None]
     if missing:
         raise ModelLoadError(f"hub repo {where} needs package(s) that are not installed: {', '.join(missing)}; "
@@ -118,13 +118,13 @@ def call_entry(call: Callable[[], Any], what: str, hub_args: dict, fn: Callable 
             if fn is not None:
                 with contextlib.suppress(TypeError, ValueError):
                     sig = f"; it takes {getattr(fn, '__name__', 'entry')}{inspect.signature(fn)}"
-            raise UsageError(f"{what} rejected the hub arguments {_json(hub_args)}: {_first_line(e)}{sig}") from e
-        raise ModelLoadError(f"{what} raised TypeError: {_first_line(e)}") from e
+            raise UsageError(f"{what} rejected the hub arguments {_json(hub_args)}: {first_line(e, 400)}{sig}") from e
+        raise ModelLoadError(f"{what} raised TypeError: {first_line(e, 400)}") from e
     except (URLError, ConnectionError, socket.timeout) as e:
-        raise NetworkError(f"{what} tried to download something and failed ({_first_line(e)}); it needs the "
+        raise NetworkError(f"{what} tried to download something and failed ({first_line(e, 400)}); it needs the "
                            f"network, or its files in torch.hub's cache ({_hub_dir()})") from e
     except Exception as e:  # noqa: BLE001 - the repo's own code failed: show its message
-        raise ModelLoadError(f"{what} raised {type(e).__name__}: {_first_line(e)}") from e
+        raise ModelLoadError(f"{what} raised {type(e).__name__}: {first_line(e, 400)}") from e
     return _as_module(result, what)
 
 
@@ -214,18 +214,18 @@ def _hub_call(call: Callable[[], Any], spelled: str, hub_dir: Path):
             raise SourceError(f"GitHub has no repo or ref {spelled} (HTTP 404); check OWNER/REPO[:REF]") from e
         raise NetworkError(f"downloading {spelled} from GitHub failed: HTTP {e.code} {e.reason}") from e
     except (URLError, ConnectionError, socket.timeout) as e:
-        raise NetworkError(f"offline or GitHub unreachable while fetching {spelled} ({_first_line(e)}); a repo in "
+        raise NetworkError(f"offline or GitHub unreachable while fetching {spelled} ({first_line(e, 400)}); a repo in "
                            f"torch.hub's cache ({hub_dir}) loads without the network") from e
     except ValueError as e:
         if "Cannot find" in str(e):
-            raise SourceError(f"{spelled}: {_first_line(e)}") from e
-        raise ModelLoadError(f"importing hubconf.py of {spelled} failed: ValueError: {_first_line(e)}") from e
+            raise SourceError(f"{spelled}: {first_line(e, 400)}") from e
+        raise ModelLoadError(f"importing hubconf.py of {spelled} failed: ValueError: {first_line(e, 400)}") from e
     except RuntimeError as e:
         if "no internet connection" in str(e):
             raise NetworkError(f"offline: {spelled} is not in torch.hub's cache ({hub_dir})") from e
-        raise ModelLoadError(f"hub repo {spelled} failed to load: {_first_line(e)}") from e
+        raise ModelLoadError(f"hub repo {spelled} failed to load: {first_line(e, 400)}") from e
     except Exception as e:  # noqa: BLE001 - the repo's hubconf raised while torch.hub imported it
-        raise ModelLoadError(f"importing hubconf.py of {spelled} failed: {type(e).__name__}: {_first_line(e)}") from e
+        raise ModelLoadError(f"importing hubconf.py of {spelled} failed: {type(e).__name__}: {first_line(e, 400)}") from e
 
 
 # --- files ------------------------------------------------------------------------------------------------------
@@ -241,7 +241,7 @@ def load_torchscript(path: Path) -> LoadedModule:
     try:
         module = torch.jit.load(str(path), map_location="cpu")
     except Exception as e:  # noqa: BLE001 - corrupt or truncated archive
-        raise ModelLoadError(f"{path} can't be read as a TorchScript archive: {_first_line(e)}; check that the file "
+        raise ModelLoadError(f"{path} can't be read as a TorchScript archive: {first_line(e, 400)}; check that the file "
                              f"is complete (torch.jit.save / ScriptModule.save writes one)") from e
     return LoadedModule(module, f"TorchScript file {path.name}", {"torch_source": "torchscript"})
 
@@ -261,7 +261,7 @@ def explain_state_dict(path: Path) -> None:
             f"the model as TorchScript (torch.jit.script(model).save(PATH)) or convert it in Python with "
             f"porter.convert(model)") from e
     except Exception as e:  # noqa: BLE001
-        raise ModelLoadError(f"{path} can't be read as a torch file: {_first_line(e)}") from e
+        raise ModelLoadError(f"{path} can't be read as a torch file: {first_line(e, 400)}") from e
     tensors = _count_tensors(obj)
     keys = [k for k in obj if isinstance(k, str)][:3] if isinstance(obj, dict) else []
     shown = f", e.g. {', '.join(keys)}" if keys else ""
@@ -285,9 +285,6 @@ def _count_tensors(obj: Any) -> int:
 
 # --- helpers ------------------------------------------------------------------------------------------------------
 
-def _first_line(e: BaseException) -> str:
-    text = str(e).strip() or type(e).__name__
-    return text.splitlines()[0][:400]
 
 
 def _json(value: Any) -> str:

@@ -1,0 +1,85 @@
+"""Reduced precision on the runtime's side: an fp16 copy of a model, and its check against fp32.
+
+A Predictor asked for fp16 runs ``convert_to_fp16`` (onnxruntime's converter, float32 inputs/outputs kept) or lets
+TensorRT build fp16 engines, then ``compare_precision`` on seeded inputs decides whether the answers still hold.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Mapping
+
+import numpy as np
+
+from ..errors import ValidationError
+
+FP16_TOLERANCE = 0.02  # max |fp16 - fp32| allowed, relative to max(1, max |fp32|)
+
+
+@dataclass
+class PrecisionReport:
+    """fp16 (or TensorRT fp16) checked against fp32 on the same seeded inputs."""
+
+    rows: int
+    max_abs_diff: dict[str, float]
+    top1_agreement: float | None  # over rows whose fp32 top-1 isn't a near tie; None for non-classifiers
+    passed: bool
+    problems: list[str] = field(default_factory=list)
+
+    def describe(self) -> str:
+        diff = ", ".join(f"{k} {v:.3g}" for k, v in self.max_abs_diff.items())
+        agree = f"top-1 agreement {self.top1_agreement:.0%}, " if self.top1_agreement is not None else ""
+        return f"fp16 vs fp32 on {self.rows} inputs: {agree}max abs diff {diff}"
+
+
+def convert_to_fp16(model):
+    """A float16 copy of ``model`` with float32 inputs and outputs kept (casts at the edges)."""
+    from onnxruntime.transformers.float16 import convert_float_to_float16
+
+    import onnx
+
+    copy = onnx.ModelProto()
+    copy.CopyFrom(model)
+    try:
+        return convert_float_to_float16(copy, keep_io_types=True, disable_shape_infer=False)
+    except Exception as e:  # noqa: BLE001
+        raise ValidationError(f"can't convert the model to fp16: {' '.join(str(e).split())[:200]}; run it in fp32") from None
+
+
+def compare_precision(ref: Mapping[str, np.ndarray], got: Mapping[str, np.ndarray], score_output: str | None,
+                      tolerance: float = FP16_TOLERANCE, tie_margin: float = 1e-3) -> PrecisionReport:
+    """Compare a reduced-precision run with fp32: non-finite values, max abs diff, top-1 agreement."""
+    problems = []
+    diffs = {}
+    rows = 0
+    for name, r in ref.items():
+        r = np.asarray(r)
+        g = np.asarray(got[name])
+        rows = max(rows, r.shape[0] if r.ndim else 1)
+        if not r.dtype.kind == "f":
+            if not np.array_equal(r, g):
+                problems.append(f"{name} differs")
+            continue
+        if not np.all(np.isfinite(g)):
+            problems.append(f"{name} has {int(np.sum(~np.isfinite(g)))} non-finite values (fp16 overflow)")
+            diffs[name] = float("inf")
+            continue
+        d = float(np.max(np.abs(g.astype(np.float64) - r))) if r.size else 0.0
+        diffs[name] = d
+        scale = max(1.0, float(np.max(np.abs(r)))) if r.size else 1.0
+        if d > tolerance * scale:
+            problems.append(f"{name} max abs diff {d:.3g} exceeds {tolerance * scale:.3g}")
+    agreement = None
+    if score_output and score_output in ref and np.all(np.isfinite(got[score_output])):
+        r = np.asarray(ref[score_output], np.float64)
+        g = np.asarray(got[score_output], np.float64)
+        top_r, top_g = r.argmax(axis=1), g.argmax(axis=1)
+        # a row disagrees only if fp16's pick is clearly worse than fp32's in fp32's own scores
+        gap = r[np.arange(len(r)), top_r] - r[np.arange(len(r)), top_g]
+        spread = np.maximum(1e-12, r.max(axis=1) - r.min(axis=1))
+        clear = gap / spread > tie_margin
+        agreement = float(np.mean(top_r == top_g)) if len(r) else 1.0
+        if np.any(clear):
+            problems.append(f"top-1 differs on {int(np.sum(clear))} of {len(r)} inputs")
+    return PrecisionReport(rows=rows, max_abs_diff=diffs, top1_agreement=agreement, passed=not problems,
+                           problems=problems)
