@@ -233,3 +233,8 @@ def test_integer_image_input_says_what_to_do(out, tmp_path):
     onnx.save(model, src)
     fails(UsageError, r"the model input image: int32\[batch, 3, 8, 8\] is int32; porter finetune feeds float32 images"
           r".*re-export the model with a float32 image input", src, make_folder(tmp_path / "data", n=4), out)
+
+
+def test_a_bad_device_is_refused_before_any_data_is_read(tmp_path):
+    with pytest.raises(UsageError, match=r"unknown device 'gpu'; choose one of: auto, cuda, tensorrt, cpu"):
+        finetune(tmp_path / "no-model.onnx", tmp_path / "no-data", device="gpu")

@@ -196,3 +196,15 @@ def test_streams_throughput_adds_up_the_streams_rates(monkeypatch):
     (row,) = bench(load(classifier(), device="cpu", threads=2), "4", streams=2).rows
     assert row.throughput == pytest.approx(2 * 4 / 0.2 + 4 / 0.2) and row.p50_ms == pytest.approx(100.0)
     assert row.runs == 3
+
+
+def test_the_card_records_an_in_memory_source_as_a_typed_field(tmp_path):
+    keras = pytest.importorskip("keras")
+    import porter
+
+    inp = keras.Input((4,), name="x")
+    model = keras.Model(inp, keras.layers.Dense(3, activation="softmax", name="p")(inp))
+    r = porter.convert(model, tmp_path / "m.onnx")
+    assert r.card.source_form == "object" and r.card.in_memory and r.card.weights is None
+    with pytest.raises(SourceError, match="in-memory keras model"):
+        load_source(load(tmp_path / "m.onnx", device="cpu"))

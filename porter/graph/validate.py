@@ -138,6 +138,27 @@ def make_inputs(inputs: Sequence[TensorInfo], batch: int, rng: np.random.Generat
     return arrays
 
 
+@dataclass(frozen=True)
+class Difference:
+    """How far one output is from its reference, in the figures every porter comparison reports."""
+
+    max_abs: float
+    max_rel: float  # max |got - ref| / |ref| (|ref| floored at 1e-12)
+    scaled: float  # max_abs / max(1, max |ref|): the headline figure, comparable across output scales
+
+
+def difference(got: np.ndarray, ref: np.ndarray) -> Difference:
+    """``got`` vs ``ref`` (same shape) over the entries finite in both: parity, fp16 checks, the finetune merge
+    check and ``bench --against-source`` all measure with this."""
+    g, r = np.asarray(got, np.float64), np.asarray(ref, np.float64)
+    finite = np.isfinite(r) & np.isfinite(g)
+    if not finite.any():
+        return Difference(0.0, 0.0, 0.0)
+    diff, rabs = np.abs(g - r)[finite], np.abs(r)[finite]
+    max_abs = float(diff.max())
+    return Difference(max_abs, float((diff / np.maximum(rabs, 1e-12)).max()), max_abs / max(1.0, float(rabs.max())))
+
+
 def compare(name: str, batch: int, got: np.ndarray, ref: np.ndarray, atol: float, rtol: float) -> OutputParity:
     got, ref = np.asarray(got), np.asarray(ref)
     if got.shape != ref.shape:
@@ -149,12 +170,11 @@ def compare(name: str, batch: int, got: np.ndarray, ref: np.ndarray, atol: float
     r = ref.astype(np.float64)
     if not np.isfinite(g).all() and not np.array_equal(np.isfinite(g), np.isfinite(r)):
         return OutputParity(name, batch, math.inf, math.inf, math.inf, None, False, "ONNX produced NaN/inf where the source did not")
+    d = difference(g, r)
+    max_abs, max_rel, scaled = d.max_abs, d.max_rel, d.scaled
     finite = np.isfinite(r) & np.isfinite(g)
     diff = np.abs(g - r)[finite] if finite.any() else np.zeros(1)
     rabs = np.abs(r)[finite] if finite.any() else np.zeros(1)
-    max_abs = float(diff.max())
-    max_rel = float((diff / np.maximum(rabs, 1e-12)).max()) if diff.size else 0.0
-    scaled = max_abs / max(1.0, float(rabs.max()))
     top1 = None
     if r.ndim == 2 and r.shape[1] > 1 and got.dtype.kind == "f":
         top1 = float(np.mean(np.argmax(g, axis=1) == np.argmax(r, axis=1)))

@@ -25,6 +25,7 @@ from typing import Any, Callable, Sequence
 import numpy as np
 
 from ..errors import UsageError
+from ..graph.validate import difference
 from . import session as S
 from .predictor import Predictor
 
@@ -215,8 +216,7 @@ def bench(predictor: Predictor, batch_sizes: Sequence[int] | str = (1, 8, 32), *
             if source.compare:
                 ours = predictor.run(feeds)
                 theirs = source.run(arrays)
-                diffs = [float(np.max(np.abs(np.asarray(ours[n], np.float64) - np.asarray(t, np.float64))))
-                         for n, t in zip(predictor.output_names, theirs) if np.size(t)]
+                diffs = [difference(ours[n], t).max_abs for n, t in zip(predictor.output_names, theirs) if np.size(t)]
                 report.max_abs_diff[b] = max(diffs) if diffs else 0.0
     return report
 

@@ -12,6 +12,7 @@ from typing import Mapping
 import numpy as np
 
 from ..errors import ValidationError
+from ..graph.validate import Difference, difference
 
 FP16_TOLERANCE = 0.02  # max |fp16 - fp32| allowed, relative to max(1, max |fp32|)
 
@@ -64,11 +65,11 @@ def compare_precision(ref: Mapping[str, np.ndarray], got: Mapping[str, np.ndarra
             problems.append(f"{name} has {int(np.sum(~np.isfinite(g)))} non-finite values (fp16 overflow)")
             diffs[name] = float("inf")
             continue
-        d = float(np.max(np.abs(g.astype(np.float64) - r))) if r.size else 0.0
-        diffs[name] = d
-        scale = max(1.0, float(np.max(np.abs(r)))) if r.size else 1.0
-        if d > tolerance * scale:
-            problems.append(f"{name} max abs diff {d:.3g} exceeds {tolerance * scale:.3g}")
+        diff = difference(g, r) if r.size else Difference(0.0, 0.0, 0.0)
+        diffs[name] = diff.max_abs
+        if diff.scaled > tolerance:
+            scale = max(1.0, float(np.max(np.abs(r))))
+            problems.append(f"{name} max abs diff {diff.max_abs:.3g} exceeds {tolerance * scale:.3g}")
     agreement = None
     if score_output and score_output in ref and np.all(np.isfinite(got[score_output])):
         r = np.asarray(ref[score_output], np.float64)

@@ -20,7 +20,7 @@ import numpy as np
 
 from .. import __version__
 from ..errors import UsageError, ValidationError
-from ..options import reject_unknown
+from ..options import DEVICES, reject_unknown
 from ..spec import PRESETS, ModelCard, PreprocessSpec
 from .data import Dataset, load_data
 from .features import Features, InputGeometry, compute_features
@@ -51,7 +51,7 @@ class FinetuneOptions:
     preprocess: str | None = None  # raw | unit | tf | torch | caffe (default: the model's metadata)
     mean: tuple[float, ...] | None = None
     std: tuple[float, ...] | None = None
-    device: str = "auto"  # auto | cuda | cpu (backbone inference; heads train on the CPU)
+    device: str = "auto"  # options.DEVICES (backbone inference; heads train on the CPU)
     force: bool = False
     label_column: str = "label"  # CSV data
     preprocessed: bool = False  # array data that is already the model's input tensor
@@ -93,6 +93,8 @@ class FinetuneOptions:
         need(self.preprocess is None or self.preprocess in PRESETS,
              f"unknown preprocessing {self.preprocess!r}; choose one of: {', '.join(PRESETS)}")
         need(self.feature_batch_size >= 1, f"feature_batch_size must be positive, got {self.feature_batch_size}")
+        # checked here, before any data is read or a source converted (the backbone runs on it much later)
+        need(self.device in DEVICES, f"unknown device {self.device!r}; choose one of: {', '.join(DEVICES)}")
 
     @property
     def head_dropout(self) -> float:
@@ -495,6 +497,7 @@ def _sample_inputs(dataset: Dataset, feats: Features, g: InputGeometry, spec: Pr
 def _check_merged(merged, backbone, head, dataset: Dataset, feats: Features, g: InputGeometry,
                   spec: PreprocessSpec | None) -> dict[str, Any]:
     """The merged model's outputs == the backbone's features through the torch head, on real examples."""
+    from ..graph.validate import difference
     from ..runtime.predictor import Predictor
     from .heads import predict_proba
 
@@ -508,8 +511,8 @@ def _check_merged(merged, backbone, head, dataset: Dataset, feats: Features, g: 
     (fresh,) = run(backbone)
     prob, label = run(merged)
     want = predict_proba(head, np.asarray(fresh, np.float32))
-    diff = float(np.abs(prob - want).max())
-    rel = float((np.abs(prob - want) / np.maximum(np.abs(want), 1e-12)).max())
+    d = difference(prob, want)
+    diff, rel = d.max_abs, d.max_rel
     scaled = float((np.abs(prob - want) / (VALIDATION_ATOL + VALIDATION_RTOL * np.abs(want))).max())
     agree = float(np.mean(prob.argmax(1) == want.argmax(1)))
     cache_diff = float(np.abs(fresh - feats.features[pos]).max())

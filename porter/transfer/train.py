@@ -70,8 +70,8 @@ def stratified_split(labels: np.ndarray, classes: Sequence[str], val_split: floa
                      ) -> tuple[np.ndarray, np.ndarray]:
     """Indices (train, val): ``val_split`` of each class (at least one) goes to validation, seeded."""
     labels = np.asarray(labels)
-    if not 0.0 < val_split < 1.0:
-        raise DataError(f"--val-split must be between 0 and 1 (exclusive), got {val_split}")
+    if not 0.0 < val_split < 1.0:  # a caller's bug: FinetuneOptions.check() rejects these before any work
+        raise ValueError(f"val_split must be between 0 and 1 (exclusive), got {val_split}")
     rng = np.random.default_rng(seed)
     train, val = [], []
     for c, name in enumerate(classes):
