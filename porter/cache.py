@@ -14,6 +14,7 @@ def cache_root() -> Path:
     return Path(base) / "porter"
 
 
-def cache_dir(kind: str) -> Path:
-    """The cache folder for one kind of thing: ``tfjs`` downloads, ``features``, ``ort`` optimized models."""
-    return cache_root() / kind
+def cache_dir(kind: str, root: str | os.PathLike | None = None) -> Path:
+    """The cache folder for one kind of thing (``tfjs`` downloads, ``features``, ``ort`` optimized models,
+    ``tensorrt`` engines) under ``root`` (a caller's override), else under ``$PORTER_CACHE``."""
+    return (Path(root).expanduser() if root is not None else cache_root()) / kind

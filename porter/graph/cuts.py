@@ -20,7 +20,7 @@ import onnx
 from onnx import helper, numpy_helper
 
 from ..errors import UsageError
-from .inspect import format_shape
+from .inspect import format_shape, walk_back
 
 # Nodes that sit between layers of a classifier head without mixing examples or spatial positions.
 PASS_THROUGH = {"Softmax", "LogSoftmax", "Sigmoid", "Flatten", "Reshape", "Identity", "Squeeze", "Unsqueeze",
@@ -289,14 +289,7 @@ def _leads_to_head(g: ModelGraph, name: str) -> bool:
 
 
 def _through(g: ModelGraph, name: str, ops: set[str]) -> str:
-    seen = set()
-    while name in g.producer and name not in seen:
-        seen.add(name)
-        node = g.producer[name]
-        if node.op_type not in ops or not node.input:
-            break
-        name = node.input[0]
-    return name
+    return walk_back(g.producer, name, ops)
 
 
 # --- the old head -----------------------------------------------------------------------------------------------

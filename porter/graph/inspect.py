@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Mapping, Sequence
 
 import numpy as np
 import onnx
@@ -86,3 +86,16 @@ def image_geometry(shape: tuple[int | str | None, ...]) -> tuple[str, tuple[int,
 
 def elem_type_name(elem_type: int) -> str:
     return TensorProto.DataType.Name(elem_type)
+
+
+def walk_back(producer: "Mapping[str, onnx.NodeProto]", name: str, through: "set[str] | frozenset[str]") -> str:
+    """From tensor ``name``, step back through the first input of nodes whose op is in ``through`` (reshapes,
+    casts, activations ...); return the first tensor reached that such a node does not produce."""
+    seen = set()
+    while name in producer and name not in seen:
+        seen.add(name)
+        node = producer[name]
+        if node.op_type not in through or not node.input:
+            break
+        name = node.input[0]
+    return name

@@ -35,6 +35,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
+from ..cache import cache_dir
 from ..errors import RuntimeSetupError, UsageError
 from ..options import DEVICES
 
@@ -46,15 +47,6 @@ CUDA_LIBS_HINT = "pip install 'onnxruntime-gpu[cuda,cudnn]', or put the CUDA too
 
 
 # --- what the machine can do --------------------------------------------------------------------------------------
-
-def cache_dir(override: str | os.PathLike | None = None) -> Path:
-    """Where optimized models (``ort/``) and TensorRT engines (``tensorrt/``) go: porter's one cache root."""
-    if override is not None:
-        return Path(override).expanduser()
-    from ..cache import cache_root
-
-    return cache_root()
-
 
 @functools.lru_cache(maxsize=1)
 def cpu_threads() -> int:
@@ -288,7 +280,7 @@ def providers_for(config: SessionConfig, input_profiles: dict[str, tuple[Any, ..
         return [CPU_EP]
     if config.device == "cuda":
         return [(CUDA_EP, cuda_opts), CPU_EP]
-    trt_dir = cache_dir(config.cache_dir) / "tensorrt"
+    trt_dir = cache_dir("tensorrt", config.cache_dir)
     trt_dir.mkdir(parents=True, exist_ok=True)
     trt_opts: dict[str, Any] = {
         "device_id": str(config.device_id),
@@ -362,7 +354,7 @@ def create_session(model: bytes | str, config: SessionConfig, *, variant: str = 
     cached: Path | None = None
     if config.cache and isinstance(model, bytes) and config.device != "tensorrt":
         # TensorRT caches engines instead (its compiled graphs can't be saved as ONNX)
-        cached = cache_dir(config.cache_dir) / "ort" / f"{cache_key(model, config, variant)}.onnx"
+        cached = cache_dir("ort", config.cache_dir) / f"{cache_key(model, config, variant)}.onnx"
     session = None
     if cached is not None and cached.is_file():
         try:

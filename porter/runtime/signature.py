@@ -15,7 +15,8 @@ from dataclasses import dataclass
 import numpy as np
 
 from ..errors import DataError, UsageError
-from ..graph.inspect import TensorInfo, graph_inputs, graph_outputs, image_geometry
+from ..graph.inspect import TensorInfo, graph_inputs, graph_outputs, image_geometry, walk_back
+from ..graph.validate import make_inputs
 from ..imaging import to_tensor
 from ..spec import ModelCard, PreprocessSpec
 
@@ -111,7 +112,8 @@ class ModelSignature:
         return tuple(dims)
 
     def example_inputs(self, batch: int, seed: int = 0) -> dict[str, np.ndarray]:
-        """Seeded inputs of the model's shape: smooth random images through the preprocessing, else normals."""
+        """Seeded inputs of the model's shape: smooth random images through the preprocessing for the image
+        input, else ``graph.validate.make_inputs``'s."""
         rng = np.random.default_rng(seed)
         feeds = {}
         for t in self.inputs:
@@ -123,12 +125,8 @@ class ModelSignature:
 
                 images = [resize(c, (h, w)) for c in coarse]
                 feeds[t.name] = self.as_input_dtype(to_tensor(images, self.preprocess, self.channels))
-            elif t.dtype.startswith("float"):
-                feeds[t.name] = rng.standard_normal(shape).astype(t.dtype)
-            elif t.dtype == "bool":
-                feeds[t.name] = np.zeros(shape, bool)
-            else:
-                feeds[t.name] = np.zeros(shape, t.dtype)
+            else:  # the generator validation uses: normals, 0..255 integer pixels, small ids, random masks
+                (feeds[t.name],) = make_inputs([TensorInfo(t.name, t.dtype, shape)], batch, rng)
         return feeds
 
 
@@ -213,11 +211,7 @@ def _labels(score_output: str | None, outputs, card: ModelCard | None, notes: li
 
 
 def _producer_op(model, name: str) -> str | None:
+    """The op behind output ``name``, looking through shape-only ops."""
     producers = {o: n for n in model.graph.node for o in n.output}
-    seen = 0
-    while name in producers and seen < 50:
-        node = producers[name]
-        if node.op_type not in SHAPE_ONLY_OPS:
-            return node.op_type
-        name, seen = node.input[0], seen + 1
-    return None
+    source = walk_back(producers, name, SHAPE_ONLY_OPS)
+    return producers[source].op_type if source in producers else None

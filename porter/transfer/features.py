@@ -107,12 +107,10 @@ class Progress:
 # --- cache ------------------------------------------------------------------------------------------------------
 
 def feature_cache_dir(override: str | os.PathLike | None = None) -> Path:
-    """``override``, else ``$PORTER_CACHE/features`` (see porter.cache)."""
-    if override is not None:
-        return Path(override).expanduser()
+    """``override`` (finetune's ``cache_dir``: the features folder itself), else ``$PORTER_CACHE/features``."""
     from ..cache import cache_dir
 
-    return cache_dir("features")
+    return Path(override).expanduser() if override is not None else cache_dir("features")
 
 
 def cache_key(model_digest: str, cut_id: str, dataset: Dataset, spec: "PreprocessSpec | None",

@@ -22,6 +22,7 @@ import urllib.parse
 import urllib.request
 from pathlib import Path
 
+from ...cache import cache_dir
 from ...errors import ModelLoadError, NetworkError
 
 MIB = 1024 * 1024
@@ -30,10 +31,6 @@ CHUNK = 256 * 1024
 USER_AGENT = "porter-tfjs/1 (+https://github.com/; python urllib)"
 
 
-def cache_dir() -> Path:
-    from ...cache import cache_dir as porter_cache_dir
-
-    return porter_cache_dir("tfjs")
 
 
 def default_timeout() -> float:
@@ -100,7 +97,7 @@ def _opener() -> urllib.request.OpenerDirector:
 
 def cached_path(url: str) -> Path:
     """Where the download of ``url`` is cached (keyed by the whole URL)."""
-    return cache_dir() / (hashlib.sha256(url.encode("utf-8")).hexdigest() + ".bin")
+    return cache_dir("tfjs") / (hashlib.sha256(url.encode("utf-8")).hexdigest() + ".bin")
 
 
 def fetch(url: str, *, timeout: float | None = None, max_bytes: int | None = None, use_cache: bool = True,
