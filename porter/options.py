@@ -12,6 +12,16 @@ DEFAULT_OPSET = 17  # supported by tf2onnx 1.16+ and torch.onnx, runs on every c
 DEVICES = ("auto", "cuda", "tensorrt", "cpu")
 
 
+def as_floats(value: Any, name: str) -> tuple[float, ...] | None:
+    """``--mean`` / ``--std`` values as a tuple of floats (one number, or one per channel), checked once here."""
+    if value is None:
+        return None
+    try:
+        return (float(value),) if isinstance(value, (int, float)) else tuple(float(x) for x in value)
+    except (TypeError, ValueError):
+        raise UsageError(f"{name} takes numbers (one, or one per channel), got {value!r}") from None
+
+
 def reject_unknown(cls: type, kwargs: dict[str, Any], what: str) -> None:
     """A misspelled keyword is a UsageError naming it and the options that exist (dataclass fields of ``cls``)."""
     known = {f.name for f in fields(cls)}
@@ -45,6 +55,9 @@ class ConvertOptions:
         reject_unknown(cls, kwargs, "convert")
         if "input_shape" in kwargs:  # convenience spelling for single-input models
             raise UsageError("use input_shapes={None: (H, W, C)} (or {'name': dims}) for input shapes")
+        for name in ("mean", "std"):
+            if kwargs.get(name) is not None:
+                kwargs[name] = as_floats(kwargs[name], name)
         if not 7 <= int(kwargs.get("opset", DEFAULT_OPSET)) <= 21:
             raise UsageError(f"opset {kwargs['opset']} is out of range; porter supports opsets 7 to 21 (default {DEFAULT_OPSET})")
         return cls(**kwargs)

@@ -20,7 +20,7 @@ import numpy as np
 
 from .. import __version__
 from ..errors import UsageError, ValidationError
-from ..options import DEVICES, reject_unknown
+from ..options import DEVICES, as_floats, reject_unknown
 from ..spec import PRESETS, ModelCard, PreprocessSpec
 from .data import Dataset, load_data
 from .features import Features, InputGeometry, compute_features
@@ -69,8 +69,7 @@ class FinetuneOptions:
             kwargs["image_size"] = _size(kwargs["image_size"])
         for name in ("mean", "std"):
             if kwargs.get(name) is not None:
-                v = kwargs[name]
-                kwargs[name] = (float(v),) if isinstance(v, (int, float)) else tuple(float(x) for x in v)
+                kwargs[name] = as_floats(kwargs[name], name)
         opts = cls(**kwargs)
         opts.check()
         return opts
