@@ -14,6 +14,7 @@ from typing import Callable, Sequence
 from . import __version__
 from .errors import PorterError, UsageError
 from .options import DEVICES
+from .spec import PRESETS
 
 COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {}
 
@@ -85,7 +86,7 @@ def read_labels(path: str | None) -> tuple[str, ...] | None:
 
 
 def add_preprocess_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--preprocess", choices=["raw", "unit", "tf", "torch", "caffe"],
+    p.add_argument("--preprocess", choices=list(PRESETS),
                    help="input normalization: raw 0..255, unit [0,1], tf [-1,1], torch ImageNet mean/std, caffe BGR mean subtraction")
     p.add_argument("--mean", help="per-channel mean override, e.g. 0.5,0.5,0.5")
     p.add_argument("--std", help="per-channel std override, e.g. 0.5,0.5,0.5")
@@ -261,7 +262,7 @@ def add_predict_parser(sub) -> None:
     p.add_argument("--device", choices=DEVICES, default="auto", help="where to run (default auto: CUDA if it works, else CPU)")
     p.add_argument("--batch-size", type=int, default=None, help="images per batch (default 32)")
     p.add_argument("--fp16", action="store_true", help="run in half precision (GPU), checked against fp32 first")
-    p.add_argument("--preprocess", choices=["raw", "unit", "tf", "torch", "caffe"],
+    p.add_argument("--preprocess", choices=list(PRESETS),
                    help="normalization for a model without porter metadata (overrides the metadata)")
     p.add_argument("--fast-decode", action="store_true",
                    help="decode JPEGs much larger than the model's input at 1/2, 1/4 or 1/8 scale (2-3x faster on "
@@ -342,8 +343,7 @@ def run_bench(args: argparse.Namespace) -> int:
     if args.against_source:
         from .conversion import rebuild_source
 
-        def source():
-            return rebuild_source(predictor)
+        source = lambda: rebuild_source(predictor)  # noqa: E731 - bench calls it once its arguments are checked
     report = bench(predictor, sizes, warmup=args.warmup, min_seconds=args.seconds, source=source,
                    streams=args.streams)
     print(json.dumps(report.to_dict(), indent=2) if args.json else report.to_table())
