@@ -9,6 +9,7 @@ from __future__ import annotations
 import gzip
 import json
 import os
+import stat
 import zipfile
 from pathlib import Path
 
@@ -20,6 +21,8 @@ HDF5_MAGIC = b"\x89HDF\r\n\x1a\n"
 def sniff_file(path: Path) -> str:
     """Name the kind of a model file from its first bytes, never from its name."""
     try:
+        if not stat.S_ISREG(os.stat(path).st_mode):  # a FIFO or a device: open() or read() would block
+            raise SourceError(f"{path} is not a regular file (a FIFO, device or socket); give a model file")
         with open(path, "rb") as f:
             head = f.read(8192)
     except OSError as e:

@@ -1,9 +1,11 @@
-"""Writing results: never half-written, never over an existing file without ``force``."""
+"""Writing results: never half-written, never over an existing file without ``force``, never over anything that
+is not a regular file (a device, a FIFO, a socket, a symlink), and with the mode a plain ``open()`` would give."""
 
 from __future__ import annotations
 
 import contextlib
 import os
+import stat
 import tempfile
 from pathlib import Path
 from typing import Iterator
@@ -17,9 +19,19 @@ EXTERNAL_THRESHOLD = 1024  # tensors smaller than this stay inline even in an ex
 def check_output(path: str | os.PathLike, force: bool) -> Path:
     """Fail early (before any work) if ``path`` can't be written."""
     out = Path(path).expanduser()
-    if out.is_dir():
+    try:
+        st = out.lstat()  # the link itself, not what it points to: a dangling symlink exists too
+    except FileNotFoundError:
+        st = None
+    except OSError as e:
+        raise OutputError(f"can't use output {out}: {e.strerror}") from None
+    if st is not None and stat.S_ISDIR(st.st_mode):
         raise OutputError(f"output {out} is a directory; give a file name such as {out / 'model.onnx'}")
-    if out.exists() and not force:
+    if st is not None and not stat.S_ISREG(st.st_mode):
+        kind = _special_kind(st.st_mode)
+        raise OutputError(f"output {out} is {kind}, not a regular file; porter writes only regular files and never "
+                          f"replaces a {kind.split(' ', 1)[1]}, even with --force: give another file name")
+    if st is not None and not force:
         raise OutputError(f"output {out} already exists; use --force (force=True) to overwrite it")
     if not out.parent.exists():
         raise OutputError(f"output directory {out.parent} does not exist; create it first")
@@ -28,17 +40,34 @@ def check_output(path: str | os.PathLike, force: bool) -> Path:
     return out
 
 
+def _special_kind(mode: int) -> str:
+    for test, name in ((stat.S_ISLNK, "a symbolic link"), (stat.S_ISCHR, "a character device"),
+                       (stat.S_ISBLK, "a block device"), (stat.S_ISFIFO, "a FIFO"), (stat.S_ISSOCK, "a socket")):
+        if test(mode):
+            return name
+    return "a special file"
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike, force: bool) -> Iterator[Path]:
     """Yield a temporary path in the target directory; rename it onto ``path`` only if the block succeeds."""
     out = check_output(path, force)
-    fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent)
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent)
+    except OSError as e:  # /proc, a read-only or full file system ...
+        raise OutputError(f"can't write into {out.parent}: {e.strerror}") from None
     os.close(fd)
     tmp_path = Path(tmp)
     try:
         yield tmp_path
-        if out.exists() and not force:  # appeared while we worked
-            raise OutputError(f"output {out} appeared while porter was working; use --force to overwrite it")
+        os.chmod(tmp_path, 0o666 & ~_umask())  # mkstemp makes 0600; an output gets what open() would give
+        check_output(out, force)  # something appeared meanwhile, or became a device or a link: refuse it now
         os.replace(tmp_path, out)
     finally:
         if tmp_path.exists():

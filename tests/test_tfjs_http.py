@@ -28,6 +28,7 @@ FIXTURES = Path(__file__).resolve().parent.parent / "fixtures" / "tfjs"
 class Handler(http.server.SimpleHTTPRequestHandler):
     log: list[str] = []
     slow_seconds = 2.0
+    moved: dict[str, str] = {}  # path -> where a 302 sends it
 
     def log_message(self, *args):  # quiet
         pass
@@ -37,6 +38,11 @@ class Handler(http.server.SimpleHTTPRequestHandler):
         if self.path.startswith("/slow/"):
             time.sleep(self.slow_seconds)
             self.path = self.path[len("/slow"):]
+        if self.path in Handler.moved:
+            self.send_response(302)
+            self.send_header("Location", Handler.moved[self.path])
+            self.end_headers()
+            return
         if self.path.startswith("/redirect/"):
             self.send_response(302)
             self.send_header("Location", self.path[len("/redirect"):])
@@ -191,3 +197,79 @@ def test_truncated_download_is_not_left_in_cache(server, isolated_cache):
     with pytest.raises(ModelLoadError, match=r"a shard is shorter than the manifest says"):
         porter.convert(f"{base}/short_shard/model.json")
     assert list(isolated_cache.glob("tfjs/*.bin")) == []  # a retry downloads afresh
+
+
+class Dripping(Handler):
+    """Sends a body one byte every 0.2 s: each read stays under the timeout, the whole never ends."""
+
+    def do_GET(self):
+        if not self.path.startswith("/drip/"):
+            return super().do_GET()
+        self.send_response(200)
+        self.send_header("Content-Length", "100000")
+        self.end_headers()
+        try:
+            for _ in range(100000):
+                self.wfile.write(b"x")
+                self.wfile.flush()
+                time.sleep(0.2)
+        except (BrokenPipeError, ConnectionResetError):
+            pass
+
+
+@pytest.fixture
+def drip_server():
+    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), lambda *a, **k: Dripping(*a, directory="/nonexistent", **k))
+    httpd.daemon_threads = True
+    thread = threading.Thread(target=httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{httpd.server_address[1]}"
+    httpd.shutdown()
+    httpd.server_close()
+
+
+def test_a_dripping_server_hits_the_per_file_deadline(drip_server, monkeypatch):
+    monkeypatch.setenv("PORTER_HTTP_TIMEOUT", "1")
+    monkeypatch.setenv("PORTER_HTTP_DEADLINE", "1.5")
+    start = time.monotonic()
+    with pytest.raises(NetworkError, match=r"still downloading after 1.5 s .* PORTER_HTTP_DEADLINE"):
+        fetch.fetch(f"{drip_server}/drip/model.json", use_cache=False)
+    assert time.monotonic() - start < 4
+
+
+def test_a_shard_redirected_to_another_origin_is_refused(server, tmp_path):
+    """Same host, other port: another origin. The shard's path stays on the origin; its redirect may not leave."""
+    base, root = server
+    other = http.server.ThreadingHTTPServer(("127.0.0.1", 0), lambda *a, **k: Handler(*a, directory=str(root), **k))
+    other.daemon_threads = True
+    threading.Thread(target=other.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
+    try:
+        elsewhere = f"http://127.0.0.1:{other.server_address[1]}"
+        d = root / "redirected_shards"
+        shutil.copytree(root / "layers_functional", d, dirs_exist_ok=True)
+        shard = json.loads((d / "model.json").read_text())["weightsManifest"][0]["paths"][0]
+        Handler.moved[f"/redirected_shards/{shard}"] = f"{elsewhere}/layers_functional/{shard}"
+        with pytest.raises(NetworkError, match=r"redirects to http://127\.0\.0\.1:\d+/layers_functional/.*outside "
+                                               r"the model's origin"):
+            porter.convert(f"{base}/redirected_shards/model.json")
+        assert f"/layers_functional/{shard}" not in Handler.log  # the other server was never asked
+        Handler.moved.clear()
+    finally:
+        other.shutdown()
+        other.server_close()
+
+
+def test_a_fifo_is_never_opened_as_a_model_or_shard(tmp_path):
+    import os
+
+    fifo = tmp_path / "model.json"
+    os.mkfifo(fifo)
+    with pytest.raises(porter.PorterError, match="not a regular file"):
+        porter.convert(str(fifo))
+    d = tmp_path / "m"
+    shutil.copytree(FIXTURES / "layers_functional", d)
+    shard = json.loads((d / "model.json").read_text())["weightsManifest"][0]["paths"][0]
+    (d / shard).unlink()
+    os.mkfifo(d / shard)
+    with pytest.raises(porter.PorterError, match="not a regular file"):
+        porter.convert(f"tfjs:{d / 'model.json'}")

@@ -25,6 +25,16 @@ from .manifest import ModelJSON, check_shard_path, parse_model_json
 MAX_MODEL_JSON_BYTES = 512 * 1024 * 1024
 
 
+def _regular_file(path: Path, what: str) -> None:
+    """Refuse a FIFO, a device or a socket before opening it: reading one blocks forever or never ends."""
+    import stat
+
+    mode = path.stat().st_mode  # FileNotFoundError propagates: callers word it
+    if not stat.S_ISREG(mode) and not stat.S_ISDIR(mode):
+        raise ModelLoadError(f"{what} ({path}) is not a regular file (a FIFO, device or socket); porter reads model "
+                             f"files only from regular files")
+
+
 class LocalSource:
     """A model.json on disk; shards are read from its directory and may not leave it."""
 
@@ -35,6 +45,7 @@ class LocalSource:
 
     def model_json(self) -> bytes:
         try:
+            _regular_file(self.path, "model.json")
             if self.path.stat().st_size > MAX_MODEL_JSON_BYTES:
                 raise ModelLoadError(f"{self.path} is larger than {MAX_MODEL_JSON_BYTES // 2**20} MiB; that is not "
                                      f"a TF.js model.json")
@@ -53,6 +64,7 @@ class LocalSource:
             raise ModelLoadError(f"{self.label}: shard path {rel!r} resolves to {target}, outside the model's "
                                  f"directory {self.dir}; porter refuses to read it")
         try:
+            _regular_file(target, f"{self.label}: weight shard {rel!r}")
             return target.read_bytes()
         except FileNotFoundError:
             raise ModelLoadError(f"{self.label}: weight shard {rel!r} listed in weightsManifest is missing "
@@ -83,7 +95,7 @@ class HttpSource:
     def read_shard(self, rel: str) -> bytes:
         url = self.fetch.shard_url(self.url, rel)
         self.fetched.append(url)
-        return self.fetch.fetch(url)
+        return self.fetch.fetch(url, same_origin=self.fetch.origin(self.url))
 
     def forget(self) -> None:
         """Drop this model's cached files (after they turned out inconsistent), so a retry downloads afresh."""

@@ -34,7 +34,13 @@ USER_AGENT = "porter-tfjs/1 (+https://github.com/; python urllib)"
 
 
 def default_timeout() -> float:
+    """Seconds one read may wait (a server that stops sending)."""
     return _env_number("PORTER_HTTP_TIMEOUT", 30.0)
+
+
+def default_deadline() -> float:
+    """Seconds one whole file may take (a server that drips bytes keeps every read under the timeout)."""
+    return _env_number("PORTER_HTTP_DEADLINE", 600.0)
 
 
 def default_max_bytes() -> int:
@@ -83,16 +89,28 @@ def shard_url(model_url: str, path: str) -> str:
 
 
 class _Redirects(urllib.request.HTTPRedirectHandler):
+    """Every hop re-checked: http(s) only, never https -> http, and within ``same_origin`` when one is set (a
+    shard may not be redirected off its model's origin any more than its path may point there)."""
+
+    def __init__(self, same_origin: tuple[str, str, int | None] | None = None):
+        super().__init__()
+        self.same_origin = same_origin
+
     def redirect_request(self, req, fp, code, msg, headers, newurl):
+        newurl = urllib.parse.urljoin(req.full_url, newurl)
         old, new = urllib.parse.urlsplit(req.full_url), urllib.parse.urlsplit(newurl)
         if new.scheme not in ("http", "https") or (old.scheme == "https" and new.scheme == "http"):
             raise NetworkError(f"{req.full_url} redirects to {newurl}; porter follows redirects only to "
                                f"http(s) and never from https to http")
+        if self.same_origin is not None and origin(newurl) != self.same_origin:
+            scheme, host, port = self.same_origin
+            raise NetworkError(f"{req.full_url} redirects to {newurl}, outside the model's origin "
+                               f"{scheme}://{host}:{port}; porter refuses to fetch a shard from elsewhere")
         return super().redirect_request(req, fp, code, msg, headers, newurl)
 
 
-def _opener() -> urllib.request.OpenerDirector:
-    return urllib.request.build_opener(_Redirects())
+def _opener(same_origin=None) -> urllib.request.OpenerDirector:
+    return urllib.request.build_opener(_Redirects(same_origin))
 
 
 def cached_path(url: str) -> Path:
@@ -101,24 +119,27 @@ def cached_path(url: str) -> Path:
 
 
 def fetch(url: str, *, timeout: float | None = None, max_bytes: int | None = None, use_cache: bool = True,
-          what: str | None = None) -> bytes:
-    """The bytes at ``url``, from the cache when present; otherwise downloaded (then cached atomically)."""
+          what: str | None = None, same_origin: tuple[str, str, int | None] | None = None) -> bytes:
+    """The bytes at ``url``, from the cache when present; otherwise downloaded (then cached atomically).
+    ``same_origin``: redirects must stay on it (shards)."""
     check_model_url(url)
     timeout = default_timeout() if timeout is None else timeout
     max_bytes = default_max_bytes() if max_bytes is None else max_bytes
     cached = cached_path(url)
     if use_cache and cached.is_file():
         return cached.read_bytes()
-    data = _download(url, timeout, max_bytes, what or url.rsplit("/", 1)[-1].split("?")[0] or url)
+    data = _download(url, timeout, max_bytes, what or url.rsplit("/", 1)[-1].split("?")[0] or url, same_origin)
     if use_cache:
         _store(cached, data)
     return data
 
 
-def _download(url: str, timeout: float, max_bytes: int, label: str) -> bytes:
+def _download(url: str, timeout: float, max_bytes: int, label: str, same_origin=None) -> bytes:
     req = urllib.request.Request(url, headers={"User-Agent": USER_AGENT, "Accept-Encoding": "identity"})
+    deadline = default_deadline()
+    started = time.monotonic()
     try:
-        with _opener().open(req, timeout=timeout) as resp:
+        with _opener(same_origin).open(req, timeout=timeout) as resp:
             total = resp.headers.get("Content-Length")
             total = int(total) if total and total.isdigit() else None
             if total is not None and total > max_bytes:
@@ -127,10 +148,13 @@ def _download(url: str, timeout: float, max_bytes: int, label: str) -> bytes:
             bar = _Progress(label, total) if (total or 0) >= PROGRESS_MIN_BYTES else None
             chunks, got = [], 0
             while True:
-                chunk = resp.read(CHUNK)
+                chunk = resp.read1(CHUNK)  # what has arrived (read() would wait for a whole chunk)
                 if not chunk:
                     break
                 got += len(chunk)
+                if time.monotonic() - started > deadline:
+                    raise NetworkError(f"{url}: still downloading after {deadline:g} s ({_size(got)} so far), the "
+                                       f"per-file deadline; set PORTER_HTTP_DEADLINE to allow longer")
                 if got > max_bytes:
                     raise NetworkError(f"{url} sent more than the {_size(max_bytes)} download limit; raise "
                                        f"$PORTER_MAX_DOWNLOAD_MB if you trust it")
