@@ -284,6 +284,10 @@ def add_bench_parser(sub) -> None:
     p.add_argument("--fp16", action="store_true", help="run in half precision (GPU), checked against fp32 first")
     p.add_argument("--against-source", action="store_true",
                    help="also time the source model (rebuilt from the metadata's source reference) and print ratios")
+    p.add_argument("--trust-repo", action="store_true",
+                   help="with --against-source: allow rebuilding a torchhub source (it runs the repo's hubconf.py)")
+    p.add_argument("--unsafe", action="store_true",
+                   help="with --against-source: allow Keras Lambda layers in the source (they run code from the file)")
     p.add_argument("--seconds", type=float, default=1.0, help="minimum timed seconds per batch size (default 1)")
     p.add_argument("--warmup", type=int, default=3, help="untimed runs before timing (default 3)")
     p.add_argument("--streams", type=int, default=1, metavar="N",
@@ -343,7 +347,7 @@ def run_bench(args: argparse.Namespace) -> int:
     if args.against_source:
         from .conversion import rebuild_source
 
-        source = lambda: rebuild_source(predictor)  # noqa: E731 - bench calls it once its arguments are checked
+        source = lambda: rebuild_source(predictor, trust_repo=args.trust_repo, unsafe=args.unsafe)  # noqa: E731
     report = bench(predictor, sizes, warmup=args.warmup, min_seconds=args.seconds, source=source,
                    streams=args.streams)
     print(json.dumps(report.to_dict(), indent=2) if args.json else report.to_table())

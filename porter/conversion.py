@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from . import __version__
-from .errors import NetworkError, PorterError, SourceError, UsageError
+from .errors import NetworkError, PorterError, SourceError, UnsafeModelError, UsageError
 from .options import ConvertOptions
 from .sources import SourceRef, parse_source
 from .spec import ModelCard, PreprocessSpec
@@ -156,9 +156,13 @@ def _check_labels(card: ModelCard, model) -> None:
                          f"the labels file needs one line per class")
 
 
-def rebuild_source(predictor) -> "SourceModel":
+def rebuild_source(predictor, *, trust_repo: bool = False, unsafe: bool = False) -> "SourceModel":
     """The model ``predictor`` (a runtime.Predictor) was converted from, rebuilt from its card's source reference
-    through its importer, for ``porter bench --against-source``."""
+    through its importer, for ``porter bench --against-source``.
+
+    The card is metadata inside a file someone sent: it grants no consent. Rebuilding a ``torchhub:`` source runs
+    that repo's ``hubconf.py`` (local or remote), so it needs ``trust_repo``; Keras Lambda layers need ``unsafe``, as
+    when converting. The SourceModel's notes say what was loaded."""
     card = predictor.card
     if card is None:
         raise SourceError(f"{predictor.name} has no porter metadata, so porter doesn't know its source model; "
@@ -180,6 +184,10 @@ def rebuild_source(predictor) -> "SourceModel":
                           f"reached ({e}); put the source model back where it was converted from") from None
     if ref.importer == "onnx":
         raise SourceError(f"the source recorded in {predictor.name} is itself ONNX ({card.source}); nothing to compare")
+    if ref.importer == "torchhub" and not trust_repo:
+        raise UnsafeModelError(f"{predictor.name}'s metadata names the source {card.source}; rebuilding it runs that "
+                               f"repo's hubconf.py, and a model file's metadata is no consent to run code: pass "
+                               f"--trust-repo (trust_repo=True) if you trust {card.source}")
     try:
         importer = get_importer(ref.importer)
     except KeyError:
@@ -188,10 +196,10 @@ def rebuild_source(predictor) -> "SourceModel":
     if len(shapes) == 1:
         shapes[None] = next(iter(shapes.values()))
     weights = card.weights
-    kwargs: dict[str, Any] = dict(validate=False, input_shapes=shapes)
+    kwargs: dict[str, Any] = dict(validate=False, input_shapes=shapes, trust_repo=trust_repo, unsafe=unsafe)
     if weights:
         kwargs["weights"] = weights
-    notes: list[str] = []
+    notes: list[str] = [f"source rebuilt from the model's metadata: {card.source}"]
     compare = True
     try:
         imported = importer(ref, ConvertOptions.from_kwargs(**kwargs))

@@ -208,3 +208,40 @@ def test_the_card_records_an_in_memory_source_as_a_typed_field(tmp_path):
     assert r.card.source_form == "object" and r.card.in_memory and r.card.weights is None
     with pytest.raises(SourceError, match="in-memory keras model"):
         load_source(load(tmp_path / "m.onnx", device="cpu"))
+
+
+def test_rebuilding_a_hub_source_named_by_metadata_needs_trust(tmp_path, monkeypatch):
+    """A received model's porter.source naming torchhub code is no consent to run that hubconf.py."""
+    from porter.errors import UnsafeModelError
+
+    hub = tmp_path / "hub"
+    hub.mkdir()
+    (hub / "hubconf.py").write_text("raise SystemExit('hubconf.py ran')\n")
+    model = classifier(card=card_for(None, source=f"torchhub:{hub}:net", framework="torch"))
+    p = load(model, device="cpu")
+    with pytest.raises(UnsafeModelError, match=r"metadata names the source torchhub:.*hub:net; rebuilding it runs "
+                                               r"that repo's hubconf\.py.* pass --trust-repo"):
+        load_source(p)
+    called = {}
+
+    def fake_importer(ref, opts):
+        called["trust"] = opts.trust_repo
+        raise SourceError("stop here")
+
+    monkeypatch.setattr(importers, "get_importer", lambda name: fake_importer)
+    with pytest.raises(SourceError, match="stop here"):
+        load_source(p, trust_repo=True)
+    assert called == {"trust": True}
+
+
+def test_cli_bench_against_a_hub_source_without_trust_is_one_line(tmp_path, porter_cli):
+    hub = tmp_path / "hub"
+    hub.mkdir()
+    marker = tmp_path / "ran"
+    (hub / "hubconf.py").write_text(f"open({str(marker)!r}, 'w').write('x')\n")
+    from runtime_models import save
+
+    path = save(classifier(card=card_for(None, source=f"torchhub:{hub}:net", framework="torch")), tmp_path / "m.onnx")
+    r = porter_cli("bench", path, "--against-source", "--batch-sizes", "1", "--seconds", "0")
+    assert r.returncode != 0 and "--trust-repo" in r.stderr and len(r.stderr.strip().splitlines()) == 1
+    assert not marker.exists()  # the hubconf.py never ran
