@@ -80,6 +80,8 @@ def read_labels(path: str | None) -> tuple[str, ...] | None:
             labels = tuple(line.strip() for line in f if line.strip())
     except OSError as e:
         raise UsageError(f"can't read labels file {path}: {e.strerror}") from None
+    except UnicodeDecodeError:
+        raise UsageError(f"labels file {path} is not UTF-8 text; give a text file with one class name per line") from None
     if not labels:
         raise UsageError(f"labels file {path} is empty; put one class name per line")
     return labels

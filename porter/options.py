@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field, fields
 from typing import Any
 
@@ -17,9 +18,13 @@ def as_floats(value: Any, name: str) -> tuple[float, ...] | None:
     if value is None:
         return None
     try:
-        return (float(value),) if isinstance(value, (int, float)) else tuple(float(x) for x in value)
+        values = (float(value),) if isinstance(value, (int, float)) else tuple(float(x) for x in value)
     except (TypeError, ValueError):
         raise UsageError(f"{name} takes numbers (one, or one per channel), got {value!r}") from None
+    if any(not math.isfinite(v) for v in values) or (name == "std" and 0.0 in values):
+        raise UsageError(f"--{name} must be finite numbers{' other than 0' if name == 'std' else ''}, "
+                         f"got {','.join(f'{v:g}' for v in values)}")
+    return values
 
 
 def reject_unknown(cls: type, kwargs: dict[str, Any], what: str) -> None:
@@ -58,6 +63,9 @@ class ConvertOptions:
         for name in ("mean", "std"):
             if kwargs.get(name) is not None:
                 kwargs[name] = as_floats(kwargs[name], name)
+        for name in ("atol", "rtol"):
+            if name in kwargs and not (math.isfinite(float(kwargs[name])) and float(kwargs[name]) >= 0):
+                raise UsageError(f"--{name} must be a finite number >= 0, got {kwargs[name]}")
         if not 7 <= int(kwargs.get("opset", DEFAULT_OPSET)) <= 21:
             raise UsageError(f"opset {kwargs['opset']} is out of range; porter supports opsets 7 to 21 (default {DEFAULT_OPSET})")
         return cls(**kwargs)

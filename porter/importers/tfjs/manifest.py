@@ -83,6 +83,8 @@ def parse_model_json(data: bytes, where: str) -> ModelJSON:
     except (UnicodeDecodeError, ValueError) as e:
         raise ModelLoadError(f"{where} is not JSON ({first_line(e, 160)}); a TF.js model is a model.json file written by "
                              f"tensorflowjs_converter or model.save()") from None
+    except RecursionError:  # thousands of nested brackets: no model is shaped like that
+        raise ModelLoadError(f"{where} nests its JSON too deeply to be a model.json; porter refuses it") from None
     if not isinstance(obj, dict) or not ("modelTopology" in obj or "weightsManifest" in obj):
         keys = ", ".join(list(obj)[:6]) if isinstance(obj, dict) else type(obj).__name__
         raise SourceError(f"{where} is JSON but not a TF.js model: it has no modelTopology/weightsManifest "

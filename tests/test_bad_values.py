@@ -1,0 +1,45 @@
+"""Bad values are refused up front, in one line, before any conversion or training work starts."""
+
+from __future__ import annotations
+
+
+import pytest
+
+import porter
+from porter.errors import ModelLoadError, UsageError
+from porter.options import ConvertOptions
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"atol": -1}, r"--atol must be a finite number >= 0, got -1"),
+    ({"rtol": float("nan")}, r"--rtol must be a finite number >= 0, got nan"),
+    ({"mean": (float("nan"), 1, 1)}, r"--mean must be finite numbers, got nan,1,1"),
+    ({"std": (float("inf"),)}, r"--std must be finite numbers other than 0, got inf"),
+    ({"std": (0.5, 0, 0.5)}, r"--std must be finite numbers other than 0, got 0.5,0,0.5"),
+])
+def test_convert_options_refuse_bad_numbers(kwargs, message):
+    with pytest.raises(UsageError, match=message):
+        ConvertOptions.from_kwargs(**kwargs)
+
+
+def test_finetune_options_refuse_a_zero_std(tmp_path):
+    with pytest.raises(UsageError, match="--std must be finite numbers other than 0"):
+        porter.finetune(tmp_path / "none.onnx", tmp_path / "none", std=0)
+
+
+def test_a_deeply_nested_model_json_is_one_error(tmp_path):
+    deep = "[" * 100000 + "]" * 100000
+    path = tmp_path / "model.json"
+    path.write_text('{"modelTopology": ' + deep + ', "weightsManifest": []}')
+    with pytest.raises(ModelLoadError, match="nests its JSON too deeply"):
+        porter.convert(f"tfjs:{path}")
+
+
+def test_a_binary_labels_file_is_one_line(tmp_path, porter_cli, fixtures_dir):
+    labels = tmp_path / "labels.txt"
+    labels.write_bytes(b"\xff\xfe\x00\x81binary")
+    r = porter_cli("convert", fixtures_dir / "tfjs" / "graph_int32" / "model.json", "-o", tmp_path / "m.onnx",
+                   "--labels", labels)
+    assert r.returncode != 0 and r.stderr.strip() == (f"porter: error: labels file {labels} is not UTF-8 text; give a "
+                                                      f"text file with one class name per line")
+    assert not (tmp_path / "m.onnx").exists()
