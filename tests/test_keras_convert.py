@@ -287,3 +287,22 @@ def test_savedmodel_that_touches_files_is_refused(tmp_path):
         porter.convert(str(sm), out)
     assert "WriteFile" in str(err.value) and "--unsafe" in str(err.value)
     assert not victim.exists() and not out.exists()
+
+
+@pytest.mark.parametrize("name", ["model.h5", "model.bin", "model"])
+def test_a_keras_zip_under_another_name_loads_by_its_content(fixtures_dir, tmp_path, name):
+    import shutil
+
+    src = tmp_path / name
+    shutil.copy(fixtures_dir / "keras" / "cnn_bn.keras", src)
+    r = porter.convert(str(src))
+    assert r.parity.passed and r.card.source_form == "keras-file"
+
+
+def test_an_hdf5_model_named_keras_loads_by_its_content(fixtures_dir, tmp_path):
+    import shutil
+
+    src = tmp_path / "model.keras"
+    shutil.copy(fixtures_dir / "keras" / "two_outputs.h5", src)
+    r = porter.convert(str(src))
+    assert r.parity.passed and r.card.source_form == "h5-file"

@@ -7,10 +7,12 @@ unless the user passes --unsafe. Conversion goes through ``tf.function`` + ``tf2
 
 from __future__ import annotations
 
+import contextlib
 import difflib
 import json
 import os
 import re
+import tempfile
 import zipfile
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -149,6 +151,21 @@ def _read_config(ref: SourceRef) -> Any:
                              f"save the model again") from None
 
 
+@contextlib.contextmanager
+def _named_for_keras(ref: SourceRef):
+    """The file under a name whose extension says what porter found inside: Keras picks its loader by extension,
+    porter detects by content (an HDF5 file called model.keras, a .keras zip called model.h5 or model.bin)."""
+    wanted = ".keras" if ref.form == "keras-file" else ".h5"
+    path = Path(ref.location)
+    if path.suffix.lower() == wanted or (wanted == ".h5" and path.suffix.lower() == ".hdf5"):
+        yield str(path)
+        return
+    with tempfile.TemporaryDirectory(prefix="porter-keras-") as tmp:
+        link = Path(tmp) / f"model{wanted}"
+        link.symlink_to(path.resolve())
+        yield str(link)
+
+
 def load_file(ref: SourceRef, opts: ConvertOptions):
     unsafe = _scan_config_for_unsafe(_read_config(ref))
     if unsafe and not opts.unsafe:
@@ -156,7 +173,8 @@ def load_file(ref: SourceRef, opts: ConvertOptions):
                                f"load; porter refuses it in safe mode. If you trust the file, pass --unsafe")
     keras = _keras()
     try:
-        return keras.models.load_model(ref.location, compile=False, safe_mode=not opts.unsafe)
+        with _named_for_keras(ref) as path:
+            return keras.models.load_model(path, compile=False, safe_mode=not opts.unsafe)
     except ValueError as e:
         if "safe_mode" in str(e) or "arbitrary code" in str(e):
             raise UnsafeModelError(f"{ref.location} needs unsafe deserialization ({first_line(e, 1000)[:120]}); if you "
