@@ -7,7 +7,9 @@ non-zero; ``--debug`` shows the traceback. This module must not import TensorFlo
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
+import signal
 import sys
 from typing import Callable, Sequence
 
@@ -381,7 +383,19 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _interrupted(e: BaseException | None) -> bool:
+    """A Ctrl-C, also when it surfaced as another error (onnxruntime's ImportError "initialization failed" when the
+    interrupt lands inside its import)."""
+    seen = 0
+    while e is not None and seen < 10:
+        if isinstance(e, KeyboardInterrupt):
+            return True
+        e, seen = e.__cause__ or e.__context__, seen + 1
+    return False
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    as_program = argv is None  # the porter command itself, not a caller passing arguments in-process
     parser = build_parser()
     argv = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in argv  # accepted anywhere on the line, not only before the command
@@ -394,16 +408,26 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     quiet_frameworks(debug=args.debug)
     try:
-        return COMMANDS[args.command](args)
+        rc = COMMANDS[args.command](args)
+        if as_program:  # done and written: a Ctrl-C now must not kill the exit half-way (as SIGINT's default would)
+            signal.signal(signal.SIGINT, signal.SIG_IGN)
+        return rc
     except PorterError as e:
         if args.debug:
             raise
         print(f"porter: error: {e}", file=sys.stderr)
         return e.exit_code
-    except KeyboardInterrupt:
-        print("porter: interrupted", file=sys.stderr)
-        return 130
     except BrokenPipeError:  # output piped into `head` and the like, which stopped reading: stop quietly
         devnull = os.open(os.devnull, os.O_WRONLY)
         os.dup2(devnull, sys.stdout.fileno())  # so that flushing stdout at exit doesn't raise again
         return 141  # what a shell reports for a process ended by SIGPIPE
+    except BaseException as e:
+        if not _interrupted(e):
+            raise
+        # outputs are atomic and their temporary files are gone by now (finally blocks ran on the way up); leave at
+        # once, without waiting on background threads (imports, decoders) or running the interpreter's finalization
+        print("porter: interrupted", file=sys.stderr)
+        sys.stderr.flush()
+        with contextlib.suppress(Exception):
+            sys.stdout.flush()
+        os._exit(130)

@@ -356,7 +356,9 @@ def _prefetch_imports(report: bool) -> None:
                 pass
 
     if modules:
-        threading.Thread(target=load, name="porter-prefetch-imports", daemon=True).start()
+        # not a daemon: the interpreter waits for it before finalizing (a daemon thread still importing at exit
+        # crashed it: "PyThreadState_Get ... finalizing"); the CLI leaves at once on Ctrl-C (os._exit)
+        threading.Thread(target=load, name="porter-prefetch-imports", daemon=False).start()
 
 
 def _search_cuts(cuts, fit, config, y_val, log) -> tuple[Any, Any, list[dict[str, Any]]]:

@@ -1,0 +1,44 @@
+"""Ctrl-C anywhere in `porter finetune` ends it promptly: exit 130, one line, nothing written, nothing left hanging."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+from model_builders import build, make_folder, save
+
+
+@pytest.mark.slow
+def test_interrupting_finetune_at_random_moments(tmp_path):
+    model = save(build("gemm"), tmp_path / "m.onnx")
+    data = make_folder(tmp_path / "data", n=40)
+    env = dict(os.environ, PORTER_CACHE=str(tmp_path / "cache"))
+    rng = np.random.default_rng(7)
+    delays = sorted(rng.uniform(0.3, 6.0, size=6))
+    outcomes = []
+    for i, delay in enumerate(delays):
+        out = tmp_path / f"out{i}.onnx"
+        proc = subprocess.Popen([sys.executable, "-m", "porter", "finetune", str(model), str(data), "-o", str(out),
+                                 "--no-cache"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env, text=True)
+        time.sleep(delay)
+        proc.send_signal(signal.SIGINT)
+        try:
+            stdout, stderr = proc.communicate(timeout=60)  # a hang fails here
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            pytest.fail(f"porter finetune did not end within 60 s of Ctrl-C at {delay:.1f} s")
+        if proc.returncode == 0:  # it had finished before the signal: a complete output, nothing half-done
+            assert out.is_file()
+            outcomes.append("finished")
+            continue
+        assert proc.returncode == 130, (delay, proc.returncode, stderr[-500:])
+        assert stderr.strip().splitlines()[-1] == "porter: interrupted" and "Traceback" not in stderr, stderr[-500:]
+        assert not out.exists() and not list(tmp_path.glob(f".out{i}.onnx.*"))  # no output, no temp file
+        outcomes.append("interrupted")
+    assert outcomes.count("interrupted") >= 3, outcomes
