@@ -90,6 +90,7 @@ def convert(source: Any, output: str | Path | None = None, **options: Any) -> Co
     from .graph.normalize import normalize
 
     imported = get_importer(ref.importer)(ref, opts)
+    _check_named_shapes(opts, imported)
     model = normalize(imported.onnx_model, imported.input_names, imported.output_names)
     preprocess = resolve_preprocess(imported.preprocess, opts, model)
     model, report, plan = settle_batch(model, imported.run_source, opts, preprocess)
@@ -143,6 +144,16 @@ def settle_batch(model, run_source, opts: ConvertOptions, preprocess):
             report = validate(model, run_source, batch_sizes=(size,), **check)
     name_output_axes(model, report.follows_batch(), report.varies(), size if plan.mode == "fixed" else None)
     return model, report, plan
+
+
+def _check_named_shapes(opts: ConvertOptions, imported) -> None:
+    """``--input-shape NAME:DIMS`` for an input the model doesn't have would be ignored without a word."""
+    names = [n for n in opts.input_shapes if n is not None]
+    known = set(imported.input_names or [])
+    unknown = [n for n in names if known and n not in known and f"{n}:0" not in known and n.split(":")[0] not in known]
+    if unknown:
+        raise UsageError(f"--input-shape names {', '.join(map(repr, unknown))}, but the model's inputs are "
+                         f"{', '.join(sorted(known))}")
 
 
 def _check_labels(card: ModelCard, model) -> None:

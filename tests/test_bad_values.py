@@ -43,3 +43,14 @@ def test_a_binary_labels_file_is_one_line(tmp_path, porter_cli, fixtures_dir):
     assert r.returncode != 0 and r.stderr.strip() == (f"porter: error: labels file {labels} is not UTF-8 text; give a "
                                                       f"text file with one class name per line")
     assert not (tmp_path / "m.onnx").exists()
+
+
+def test_an_input_shape_for_an_input_the_model_lacks_is_an_error(fixtures_dir):
+    with pytest.raises(UsageError, match=r"--input-shape names 'nosuch', but the model's inputs are pixels"):
+        porter.convert(str(fixtures_dir / "tfjs" / "graph_int32" / "model.json"), input_shapes={"nosuch": (16, 16, 3)})
+
+
+@pytest.mark.parametrize("workers", [0, -1])
+def test_finetune_workers_must_be_positive(tmp_path, workers):
+    with pytest.raises(UsageError, match=f"--workers must be a positive integer, got {workers}"):
+        porter.finetune(tmp_path / "none.onnx", tmp_path / "none", workers=workers)

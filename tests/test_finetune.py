@@ -283,3 +283,26 @@ def test_features_come_from_the_predict_pipeline_with_streams(tmp_path, monkeypa
     (want,) = run(backbone, preprocess(files, card.preprocess, channels=3))
     assert len(got.index) == 36 and [dataset.names[i] for i in got.index] == [str(f.relative_to(data)) for f in files]
     np.testing.assert_allclose(got.features, want, atol=1e-6)
+
+
+@pytest.mark.parametrize("damage", ["cut_short", "nan", "duplicated_rows"])
+def test_a_cache_entry_that_does_not_describe_the_data_is_recomputed(tmp_path, damage):
+    """An entry covering fewer files, with NaNs, or repeating rows is not trained on: porter extracts afresh."""
+    data = make_folder(tmp_path / "data", n=6)
+    src = save(build("gemm"), tmp_path / "m.onnx")
+    finetune(src, data, epochs=2, progress=False)  # 3 colours x 6 images
+    (entry,) = (tmp_path / "cache" / "features").glob("*.npz")
+    z = dict(np.load(entry))
+    if damage == "cut_short":
+        z["features"], z["index"] = z["features"][:-3], z["index"][:-3]
+    elif damage == "nan":
+        z["features"] = z["features"].copy()
+        z["features"][2, 0] = np.nan
+    else:
+        z["index"] = np.concatenate([z["index"][:-1], z["index"][:1]])
+    np.savez(entry, **z)
+    again = finetune(src, data, epochs=2, progress=False)
+    assert again.features_cached is False  # recomputed, and the entry rewritten whole
+    rewritten = np.load(entry)
+    assert sorted(rewritten["index"].tolist()) == list(range(18)) and np.isfinite(rewritten["features"]).all()
+    assert finetune(src, data, epochs=2, progress=False).features_cached  # the rewritten entry is good

@@ -237,9 +237,28 @@ def validate(model: onnx.ModelProto, run_source: Callable[[Sequence[np.ndarray]]
     report = ParityReport(tuple(results), atol, rtol, tuple(batch_sizes), seed, failures,
                           {k: tuple(v) for k, v in leading.items()})
     if failures and raise_on_failure:
+        bad_weights = _non_finite_weights(model) if any("NaN/inf" in f.problem for f in failures) else []
+        if bad_weights:
+            raise ValidationError(f"the model has non-finite weights ({', '.join(bad_weights[:5])}"
+                                  f"{', ...' if len(bad_weights) > 5 else ''}), so ONNX Runtime computes NaN/inf where "
+                                  f"the source does not; fix those weights in the source model", report=report)
         raise ValidationError(
             f"ONNX output differs from the source for {len(failures)} check(s): "
             + "; ".join(f.describe() for f in failures)
             + f" (atol {atol:g}, rtol {rtol:g}); loosen --atol/--rtol if this is expected, or report the model",
             report=report)
     return report
+
+
+def _non_finite_weights(model: onnx.ModelProto) -> list[str]:
+    """Initializers holding NaN or inf (what makes an exporter's graph produce NaN where the framework, which may
+    mask or skip them, does not)."""
+    from onnx import numpy_helper
+
+    bad = []
+    for init in model.graph.initializer:
+        if init.data_type in (onnx.TensorProto.FLOAT, onnx.TensorProto.DOUBLE, onnx.TensorProto.FLOAT16):
+            arr = numpy_helper.to_array(init)
+            if arr.size and not np.isfinite(arr).all():
+                bad.append(init.name)
+    return bad

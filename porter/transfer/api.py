@@ -94,6 +94,8 @@ class FinetuneOptions:
         need(self.feature_batch_size >= 1, f"feature_batch_size must be positive, got {self.feature_batch_size}")
         # checked here, before any data is read or a source converted (the backbone runs on it much later)
         need(self.device in DEVICES, f"unknown device {self.device!r}; choose one of: {', '.join(DEVICES)}")
+        need(self.workers is None or (isinstance(self.workers, int) and self.workers >= 1),
+             f"--workers must be a positive integer, got {self.workers}")
 
     @property
     def head_dropout(self) -> float:

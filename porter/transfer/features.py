@@ -128,7 +128,14 @@ def _load_cached(path: Path, dataset: Dataset) -> Features | None:
             skipped = [tuple(s) for s in json.loads(str(z["skipped"]))]
     except Exception:  # noqa: BLE001 - a corrupt or foreign cache file is recomputed
         return None
-    if feats.ndim != 2 or len(feats) != len(index) or (len(index) and index.max() >= len(dataset)):
+    # an entry must describe this data: every example featurized once or skipped, finite values; anything else
+    # (an entry cut short, one from other files, NaNs) is recomputed, not trained on
+    if feats.ndim != 2 or len(feats) != len(index) or (len(index) and (index.min() < 0 or index.max() >= len(dataset))):
+        return None
+    if len(np.unique(index)) != len(index) or len(index) + len(skipped) != len(dataset):
+        return None
+    names = {dataset.names[i] for i in range(len(dataset))} if skipped else set()
+    if any(not s or s[0] not in names for s in skipped) or not np.isfinite(feats).all():
         return None
     return Features(feats, dataset.labels[index], index, skipped, cached=True, cache_path=str(path))
 
