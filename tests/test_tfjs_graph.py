@@ -143,3 +143,21 @@ def test_malformed_while_loop_is_one_error_line(tmp_path, porter_cli, op):
     assert r.returncode != 0 and "Traceback" not in r.stderr
     assert r.stderr.startswith("porter: error: ") and len(r.stderr.strip().splitlines()) == 1, r.stderr
     assert not (tmp_path / "out.onnx").exists()
+
+
+@pytest.mark.parametrize("fixture", ["graph_convnet", "layers_sequential"])
+def test_a_float_weight_declared_int32_is_refused_by_name(tmp_path, fixture):
+    """A manifest saying int32 for float bytes converted 'with parity' before (both sides read the same wrong
+    numbers, kernels up to 1.7e9)."""
+    import shutil
+
+    d = tmp_path / fixture
+    shutil.copytree(FIXTURES / fixture, d)
+    doc = json.loads((d / "model.json").read_text())
+    entry = next(w for g in doc["weightsManifest"] for w in g["weights"] if w["dtype"] == "float32"
+                 and len(w["shape"]) >= 2)
+    entry["dtype"] = "int32"
+    (d / "model.json").write_text(json.dumps(doc))
+    with pytest.raises(ModelLoadError, match=rf"weight '{entry['name']}' is declared int32 in weightsManifest.*"
+                                             rf"fix the dtype"):
+        porter.convert(str(d / "model.json"))

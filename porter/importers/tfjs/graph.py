@@ -82,6 +82,10 @@ def fill_constants(gd, weights: dict[str, np.ndarray], where: str) -> list[str]:
         if dtype is None:
             dtype = tf.dtypes.as_dtype(arr.dtype) if arr.dtype != object else tf.string
             node.attr["dtype"].type = dtype.as_datatype_enum
+        elif dtype.is_floating and arr.dtype.kind in "iub":
+            raise ModelLoadError(f"{where}: weight {node.name!r} is declared {arr.dtype} in weightsManifest, but its "
+                                 f"Const node holds {dtype.name}; the manifest's dtype is wrong (its bytes would be "
+                                 f"read as integers): fix the dtype of {node.name!r} in model.json")
         try:
             if dtype == tf.string:
                 proto = tf.make_tensor_proto(arr, dtype=tf.string, shape=arr.shape)

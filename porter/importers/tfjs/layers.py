@@ -456,7 +456,12 @@ def assign_weights(builder: Builder, weights: dict[str, np.ndarray]) -> list[str
             if tuple(arr.shape) != want:
                 raise ModelLoadError(f"weight {found!r} has shape {list(arr.shape)} but {where} expects "
                                      f"{list(want)}; the weights don't match the topology")
-            var.assign(arr.astype(var.dtype if isinstance(var.dtype, str) else np.float32))
+            target = np.dtype(var.dtype if isinstance(var.dtype, str) else np.float32)
+            if target.kind == "f" and arr.dtype.kind in "iub":
+                raise ModelLoadError(f"weight {found!r} is declared {arr.dtype} in weightsManifest, but {where} holds "
+                                     f"float values there; the manifest's dtype is wrong (its bytes would be read as "
+                                     f"integers): fix the dtype of {found!r} in model.json")
+            var.assign(arr.astype(target))
             used.add(found)
     notes = []
     unused = [w for w in weights if w not in used]
