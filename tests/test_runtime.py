@@ -641,3 +641,15 @@ def test_iter_outputs_yields_every_output_row_in_order_with_named_errors(tmp_pat
         list(p.iter_outputs(sources, names=["a", "b"]))
     with pytest.raises(DataError, match="^n2: no such file"):
         list(p.iter_outputs(sources, names=[f"n{i}" for i in range(6)], errors="raise"))
+
+
+def test_tensorrt_unavailable_without_cuda_suggests_the_cpu(monkeypatch):
+    from porter.runtime import session as S
+
+    monkeypatch.setattr(S, "tensorrt_problem", lambda: "no NVIDIA driver")
+    monkeypatch.setattr(S, "cuda_problem", lambda: "no NVIDIA driver")
+    with pytest.raises(RuntimeSetupError, match=r"not available: no NVIDIA driver; use --device cpu$"):
+        S.resolve_device("tensorrt")
+    monkeypatch.setattr(S, "cuda_problem", lambda: "")
+    with pytest.raises(RuntimeSetupError, match=r"use --device cuda or cpu$"):
+        S.resolve_device("tensorrt")

@@ -235,7 +235,8 @@ def resolve_device(requested: str) -> tuple[str, str]:
     if requested == "tensorrt":
         problem = tensorrt_problem()
         if problem:
-            raise RuntimeSetupError(f"device 'tensorrt' is not available: {problem}; use --device cuda or cpu")
+            fallback = "cpu" if cuda_problem() else "cuda or cpu"  # suggest cuda only where it would start
+            raise RuntimeSetupError(f"device 'tensorrt' is not available: {problem}; use --device {fallback}")
         return "tensorrt", ""
     problem = cuda_problem()
     if problem:
