@@ -27,6 +27,11 @@ def set_quiet(quiet: bool) -> None:
     _QUIET = quiet
 
 
+def is_quiet() -> bool:
+    """Whether porter runs as the quiet CLI (framework chatter off the terminal; --debug turns it back on)."""
+    return _QUIET
+
+
 def heavy_import(name: str):
     """Import a framework module; when quiet, silence the C++ start-up lines it writes straight to fd 2."""
     import importlib

@@ -257,11 +257,33 @@ def _captures_to_initializers(model, concrete, n_args: int) -> None:
     g.input.extend(keep)
 
 
+@contextlib.contextmanager
+def _tf2onnx_logs_muted():
+    """tf2onnx logs "Unsupported ops: Erfc" and the like at ERROR level, then carries on; porter patches what it
+    can (Erfc) and names every op left unconverted itself (normalize.foreign_ops), so at the terminal (quiet mode)
+    those lines are noise on a successful conversion. --debug and API callers keep them."""
+    import logging
+
+    from ..logging_setup import is_quiet
+
+    if not is_quiet():
+        yield
+        return
+    logger = logging.getLogger("tf2onnx")
+    level = logger.level
+    logger.setLevel(logging.CRITICAL)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
+
+
 def run_tf2onnx(convert: Callable[[], Any], opset: int, what: str = ""):
     """Call one tf2onnx entry point; map its failures to porter errors and patch what it leaves unconverted."""
     where = f" on {what}" if what else ""
     try:
-        onnx_model = convert()
+        with _tf2onnx_logs_muted():
+            onnx_model = convert()
     except ValueError as e:
         if "opset" in str(e).lower():
             raise UsageError(f"tf2onnx can't target opset {opset}: {first_line(e, 1000)}; try --opset 17") from None
