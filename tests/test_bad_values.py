@@ -54,3 +54,21 @@ def test_an_input_shape_for_an_input_the_model_lacks_is_an_error(fixtures_dir):
 def test_finetune_workers_must_be_positive(tmp_path, workers):
     with pytest.raises(UsageError, match=f"--workers must be a positive integer, got {workers}"):
         porter.finetune(tmp_path / "none.onnx", tmp_path / "none", workers=workers)
+
+
+def test_a_batch_that_cannot_fit_in_memory_is_refused_before_allocating():
+    from porter.runtime import load
+    from porter.runtime.bench import bench
+    from runtime_models import classifier
+
+    with pytest.raises(UsageError, match=r"batch size 10000000000 \(its inputs alone\) needs .* GiB, more than half"):
+        bench(load(classifier(), device="cpu"), [10_000_000_000], min_seconds=0.0, warmup=0)
+
+
+def test_an_mlp_head_that_cannot_fit_in_memory_is_refused(tmp_path):
+    from model_builders import build, make_folder, save
+
+    src = save(build("gemm"), tmp_path / "m.onnx")
+    data = make_folder(tmp_path / "data", n=4)
+    with pytest.raises(UsageError, match=r"an MLP head of [\d,]+ parameters \(--hidden 1000000000\) needs .* GiB"):
+        porter.finetune(src, data, head="mlp", hidden=1_000_000_000, progress=False, cache_dir=tmp_path / "c")

@@ -197,6 +197,10 @@ def bench(predictor: Predictor, batch_sizes: Sequence[int] | str = (1, 8, 32), *
         report.source_engine = source.name
         report.notes.extend(source.notes)
     for b in sizes:
+        need = sum(int(np.prod(predictor.concrete_shape(t, b))) * np.dtype(t.dtype if t.dtype != "unknown" else
+                                                                               "float32").itemsize
+                   for t in predictor.inputs)
+        S.check_fits(need, f"batch size {b} (its inputs alone)", "give smaller --batch-sizes")
         feeds = predictor.example_inputs(b, seed=seed)
         predictor.run(feeds)  # checked once (a model that can't run these is one clear error); timed raw below
         if streams > 1:

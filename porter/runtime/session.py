@@ -48,6 +48,29 @@ CUDA_LIBS_HINT = "pip install 'onnxruntime-gpu[cuda,cudnn]', or put the CUDA too
 
 # --- what the machine can do --------------------------------------------------------------------------------------
 
+def available_memory() -> int | None:
+    """Bytes of memory the machine can give now (Linux MemAvailable, else free physical pages); None if unknown."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
+def check_fits(need: int, what: str, fix: str) -> None:
+    """Refuse up front what can't fit in memory (over half of what is available), instead of being OOM-killed."""
+    free = available_memory()
+    if free is not None and need > free // 2:
+        raise UsageError(f"{what} needs {need / 2**30:.1f} GiB, more than half the {free / 2**30:.1f} GiB of memory "
+                         f"available; {fix}")
+
+
 @functools.lru_cache(maxsize=1)
 def cpu_threads() -> int:
     """Intra-op threads for this process: usable CPUs (affinity and cgroup quota), one per physical core."""

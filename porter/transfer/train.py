@@ -19,6 +19,7 @@ from typing import Callable, Sequence
 import numpy as np
 
 from ..errors import DataError
+from ..runtime.session import check_fits
 from .heads import make_head, standardization
 
 
@@ -156,6 +157,10 @@ def _train(torch, nn, x_train, y_train, x_val, y_val, n_classes, config, log, me
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(config.seed)
         # trained on features standardized once (cheaper per step); the buffers are set to the real mean/std after
+        if config.head == "mlp":  # weights, gradients and AdamW's two moments, float32
+            params = x_train.shape[1] * config.hidden + config.hidden * n_classes
+            check_fits(params * 4 * 4, f"an MLP head of {params:,} parameters (--hidden {config.hidden})",
+                       "give a smaller --hidden")
         head = make_head(config.head, x_train.shape[1], n_classes, hidden=config.hidden, dropout=config.dropout)
         xt = torch.from_numpy((x_train - mean) / std)
         xv = torch.from_numpy((x_val - mean) / std)
