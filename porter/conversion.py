@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from . import __version__
-from .errors import NetworkError, PorterError, SourceError, UnsafeModelError, UsageError
+from .errors import NetworkError, PorterError, SourceError, UnsafeModelError, UsageError, ValidationError
 from .options import ConvertOptions
 from .sources import SourceRef, parse_source
 from .spec import ModelCard, PreprocessSpec
@@ -115,7 +115,6 @@ def settle_batch(model, run_source, opts: ConvertOptions, preprocess):
     A model exported at a fixed batch B is freed only when the rewritten graph, at B and 3B, matches the source run
     B at a time on every output; otherwise it stays fixed and is validated at B. Without validation nothing is
     proven, so a fixed batch stays fixed."""
-    from .errors import ValidationError
     from .graph.batch import BatchPlan, fixed_batch, free_batch, name_output_axes, run_in_chunks
     from .graph.inspect import graph_outputs
     from .graph.validate import validate

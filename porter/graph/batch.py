@@ -27,6 +27,7 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
+from .cuts import ModelGraph
 from .inspect import graph_inputs
 
 BATCH = "batch"
@@ -73,34 +74,27 @@ def fixed_batch(model: onnx.ModelProto) -> int | None:
     return dims[0] if len(set(dims)) == 1 else None
 
 
-def _constant_values(model: onnx.ModelProto) -> dict[str, np.ndarray]:
-    values = {i.name: numpy_helper.to_array(i) for i in model.graph.initializer}
-    for node in model.graph.node:
-        if node.op_type == "Constant" and node.attribute and node.attribute[0].type == onnx.AttributeProto.TENSOR:
-            values[node.output[0]] = numpy_helper.to_array(node.attribute[0].t)
-    return values
-
-
 def free_batch(model: onnx.ModelProto, batch: int) -> tuple[onnx.ModelProto, int]:
     """A copy whose inputs have a dynamic ``batch`` axis and whose batch-carrying Reshape constants say -1 / 0.
 
     Only the top-level graph is rewritten (a loop body's shapes are per-iteration). The rewrite is a hypothesis:
     callers prove it by parity (``run_in_chunks``) before keeping it.
     """
+    view = ModelGraph(model)  # constants and the shapes inferred at the exported batch
     out = onnx.ModelProto()
     out.CopyFrom(model)
     g = out.graph
-    consts = _constant_values(out)
-    leading = _leading_dims(model)
     taken = {i.name for i in g.initializer} | {o for n in g.node for o in n.output}
     rewrites = 0
     for node in g.node:
-        if node.op_type != "Reshape" or len(node.input) < 2 or node.input[1] not in consts:
+        target = view.const_array(node.input[1]) if node.op_type == "Reshape" and len(node.input) >= 2 else None
+        if target is None:
             continue
-        shape = consts[node.input[1]].astype(np.int64).reshape(-1)
+        shape = target.astype(np.int64).reshape(-1)
         if shape.size < 1 or shape[0] != batch:
             continue
-        if leading.get(node.input[0], batch) != batch:
+        data_shape = view.shapes.get(node.input[0])
+        if data_shape and isinstance(data_shape[0], int) and data_shape[0] not in (0, batch):
             continue  # the data has lost its batch axis (x[0] of a batch of 1): this leading 1 is an expand_dims
         new = shape.copy()
         new[0] = 0 if -1 in shape[1:] else -1
@@ -141,20 +135,6 @@ def _all_inputs(graph: onnx.GraphProto) -> set[str]:
             for sub in ([a.g] if a.type == onnx.AttributeProto.GRAPH else list(a.graphs)):
                 names |= _all_inputs(sub)
     return names
-
-
-def _leading_dims(model: onnx.ModelProto) -> dict[str, int]:
-    """Tensor -> its leading dim where shape inference at the exported batch knows it."""
-    try:
-        inferred = onnx.shape_inference.infer_shapes(model)
-    except Exception:  # noqa: BLE001 - without shapes every candidate is tried (and proven)
-        return {}
-    dims = {}
-    for v in list(inferred.graph.input) + list(inferred.graph.value_info) + list(inferred.graph.output):
-        shape = v.type.tensor_type.shape.dim
-        if shape and shape[0].HasField("dim_value"):
-            dims[v.name] = shape[0].dim_value
-    return dims
 
 
 def run_in_chunks(run_source: Callable[[Sequence[np.ndarray]], Sequence[np.ndarray]],
