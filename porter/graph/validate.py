@@ -16,7 +16,7 @@ import onnx
 
 from ..errors import UsageError, ValidationError, runtime_message
 from ..spec import PreprocessSpec
-from .inspect import TensorInfo, graph_inputs, graph_outputs
+from .inspect import TensorInfo, format_shape, graph_inputs, graph_outputs
 
 
 @dataclass(frozen=True)
@@ -150,11 +150,18 @@ class Difference:
 def difference(got: np.ndarray, ref: np.ndarray) -> Difference:
     """``got`` vs ``ref`` (same shape) over the entries finite in both: parity, fp16 checks, the finetune merge
     check and ``bench --against-source`` all measure with this."""
-    g, r = np.asarray(got, np.float64), np.asarray(ref, np.float64)
+    return _summarize(*_finite_diffs(np.asarray(got, np.float64), np.asarray(ref, np.float64)))
+
+
+def _finite_diffs(g: np.ndarray, r: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(|g - r|, |r|) over the entries finite in both."""
     finite = np.isfinite(r) & np.isfinite(g)
-    if not finite.any():
+    return np.abs(g - r)[finite], np.abs(r)[finite]
+
+
+def _summarize(diff: np.ndarray, rabs: np.ndarray) -> Difference:
+    if not diff.size:
         return Difference(0.0, 0.0, 0.0)
-    diff, rabs = np.abs(g - r)[finite], np.abs(r)[finite]
     max_abs = float(diff.max())
     return Difference(max_abs, float((diff / np.maximum(rabs, 1e-12)).max()), max_abs / max(1.0, float(rabs.max())))
 
@@ -170,11 +177,9 @@ def compare(name: str, batch: int, got: np.ndarray, ref: np.ndarray, atol: float
     r = ref.astype(np.float64)
     if not np.isfinite(g).all() and not np.array_equal(np.isfinite(g), np.isfinite(r)):
         return OutputParity(name, batch, math.inf, math.inf, math.inf, None, False, "ONNX produced NaN/inf where the source did not")
-    d = difference(g, r)
+    diff, rabs = _finite_diffs(g, r)
+    d = _summarize(diff, rabs)
     max_abs, max_rel, scaled = d.max_abs, d.max_rel, d.scaled
-    finite = np.isfinite(r) & np.isfinite(g)
-    diff = np.abs(g - r)[finite] if finite.any() else np.zeros(1)
-    rabs = np.abs(r)[finite] if finite.any() else np.zeros(1)
     top1 = None
     if r.ndim == 2 and r.shape[1] > 1 and got.dtype.kind == "f":
         top1 = float(np.mean(np.argmax(g, axis=1) == np.argmax(r, axis=1)))
@@ -186,7 +191,7 @@ def compare(name: str, batch: int, got: np.ndarray, ref: np.ndarray, atol: float
 
 
 def _shapes(inputs: Sequence[TensorInfo], feed: Sequence[np.ndarray]) -> str:
-    return ", ".join(f"{i.name} {a.dtype}{list(a.shape)}" for i, a in zip(inputs, feed))
+    return ", ".join(f"{i.name} {a.dtype}{format_shape(a.shape)}" for i, a in zip(inputs, feed))
 
 
 def validate(model: onnx.ModelProto, run_source: Callable[[Sequence[np.ndarray]], Sequence[np.ndarray]], *,
