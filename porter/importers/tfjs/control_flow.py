@@ -305,33 +305,7 @@ def _raise_one(gd, frame: _Frame, frame_of: dict[str, str], used_names: set[str]
         elif node.name not in members:
             new_nodes.append(node)
     del gd.node[:]
-    gd.node.extend(_topological(new_nodes))
-
-
-def _topological(nodes) -> list:
-    """Nodes ordered so each comes after its inputs (the While was placed where the first Exit was)."""
-    by_name = {n.name: n for n in nodes}
-    order, state = [], {}
-    for root in nodes:
-        if root.name in state:
-            continue
-        stack = [(root.name, False)]
-        while stack:
-            name, done = stack.pop()
-            if done:
-                state[name] = 2
-                order.append(by_name[name])
-                continue
-            if name in state:
-                continue
-            state[name] = 1
-            stack.append((name, True))
-            node = by_name[name]
-            for i in node.input:
-                p = _src(i)
-                if p in by_name and p not in state and not (node.op == "Merge" and by_name[p].op == "NextIteration"):
-                    stack.append((p, False))
-    return order
+    gd.node.extend(new_nodes)  # a GraphDef needs no order: TensorFlow sorts it on import
 
 
 def _types_and_shapes(gd, tensors: list[str]):
