@@ -111,12 +111,6 @@ class Predictor:
         self.card = ModelCard.from_onnx(self.model)
         self.signature = ModelSignature.read(self.model, self.card, self.name, preprocess, scores)
         sig = self.signature
-        self.inputs: list[TensorInfo] = list(sig.inputs)
-        self.outputs: list[TensorInfo] = list(sig.outputs)
-        self.input_names, self.output_names = sig.input_names, sig.output_names
-        self.preprocess, self.labels = sig.preprocess, sig.labels
-        self.score_output, self.score_transform = sig.score_output, sig.score_transform
-        self.fixed_batch = sig.fixed_batch  # the only batch size the model takes, or None
         self.requested_device = device
         self.device, device_note = S.resolve_device(device)
         notes: list[str] = []
@@ -161,6 +155,45 @@ class Predictor:
         self.notes: list[str] = ([device_note] if device_note else []) + notes
         self.providers: list[str] = self._info.providers
         self.notes.extend(self._info.notes)
+
+    # --- what the model takes and gives: read off its signature -------------------------------------------------
+
+    @property
+    def inputs(self) -> list[TensorInfo]:
+        return list(self.signature.inputs)
+
+    @property
+    def outputs(self) -> list[TensorInfo]:
+        return list(self.signature.outputs)
+
+    @property
+    def input_names(self) -> list[str]:
+        return self.signature.input_names
+
+    @property
+    def output_names(self) -> list[str]:
+        return self.signature.output_names
+
+    @property
+    def preprocess(self) -> PreprocessSpec | None:
+        return self.signature.preprocess
+
+    @property
+    def labels(self) -> tuple[str, ...] | None:
+        return self.signature.labels
+
+    @property
+    def score_output(self) -> str | None:
+        return self.signature.score_output
+
+    @property
+    def score_transform(self) -> str:
+        return self.signature.score_transform
+
+    @property
+    def fixed_batch(self) -> int | None:
+        """The only batch size the model takes, or None."""
+        return self.signature.fixed_batch
 
     # --- construction helpers -------------------------------------------------------------------------------------
 
