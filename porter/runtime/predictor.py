@@ -156,44 +156,17 @@ class Predictor:
         self.providers: list[str] = self._info.providers
         self.notes.extend(self._info.notes)
 
-    # --- what the model takes and gives: read off its signature -------------------------------------------------
+    # --- what the model takes and gives: read off its signature (see signature.ModelSignature) --------------------
 
-    @property
-    def inputs(self) -> list[TensorInfo]:
-        return list(self.signature.inputs)
-
-    @property
-    def outputs(self) -> list[TensorInfo]:
-        return list(self.signature.outputs)
-
-    @property
-    def input_names(self) -> list[str]:
-        return self.signature.input_names
-
-    @property
-    def output_names(self) -> list[str]:
-        return self.signature.output_names
-
-    @property
-    def preprocess(self) -> PreprocessSpec | None:
-        return self.signature.preprocess
-
-    @property
-    def labels(self) -> tuple[str, ...] | None:
-        return self.signature.labels
-
-    @property
-    def score_output(self) -> str | None:
-        return self.signature.score_output
-
-    @property
-    def score_transform(self) -> str:
-        return self.signature.score_transform
-
-    @property
-    def fixed_batch(self) -> int | None:
-        """The only batch size the model takes, or None."""
-        return self.signature.fixed_batch
+    inputs = property(lambda self: list(self.signature.inputs))
+    outputs = property(lambda self: list(self.signature.outputs))
+    input_names = property(lambda self: self.signature.input_names)
+    output_names = property(lambda self: self.signature.output_names)
+    preprocess = property(lambda self: self.signature.preprocess)
+    labels = property(lambda self: self.signature.labels)
+    score_output = property(lambda self: self.signature.score_output)
+    score_transform = property(lambda self: self.signature.score_transform)
+    fixed_batch = property(lambda self: self.signature.fixed_batch, doc="The only batch size the model takes, or None.")
 
     # --- construction helpers -------------------------------------------------------------------------------------
 
