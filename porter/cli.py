@@ -211,6 +211,24 @@ def add_finetune_parser(sub) -> None:
     g.add_argument("--val-split", type=float, default=0.2, help="stratified validation fraction (default 0.2)")
     g.add_argument("--balance", action="store_true", help="weight classes by inverse frequency (imbalanced data)")
     g.add_argument("--seed", type=int, default=0, help="seed for the split, init and shuffling (default 0)")
+    g = p.add_argument_group("partial fine-tuning and augmentation")
+    g.add_argument("--unfreeze", type=int, default=0, metavar="N",
+                   help="after the head, train it together with the last N weight-carrying layers (Conv, Gemm, "
+                        "MatMul) before the cut, normalization frozen; their weights are written back into the "
+                        "model's own initializers (default 0: the head only)")
+    g.add_argument("--train-from", metavar="TENSOR",
+                   help="instead of --unfreeze: train every layer from this tensor to the cut")
+    g.add_argument("--finetune-lr", type=float, default=None,
+                   help="AdamW learning rate of that phase (default 0.0001, or --lr / 10)")
+    g.add_argument("--finetune-epochs", type=int, default=30,
+                   help="upper bound of that phase; early stopping on validation loss decides (default 30)")
+    g.add_argument("--augment", metavar="OPS",
+                   help="comma-separated augmentations of the training images: flip, crop, rotate, color; their "
+                        "features are computed once with the rest (validation stays unaugmented)")
+    g.add_argument("--views", type=int, default=None, help="augmented views per training image (default 2)")
+    g.add_argument("--memory-budget", metavar="SIZE",
+                   help="features kept in memory up to this size (e.g. 2G); beyond it they stream from a "
+                        "memory-mapped file (default: a quarter of the available memory)")
     g = p.add_argument_group("model and data")
     g.add_argument("--cut", metavar="MODE|TENSOR",
                    help="auto (default: search the candidate cuts while their features take at most 2x the "
@@ -235,7 +253,13 @@ def finetune_options(args: argparse.Namespace) -> dict:
                 val_split=args.val_split, balance=args.balance, seed=args.seed, cut=args.cut,
                 preprocess=args.preprocess, mean=parse_floats(args.mean, "mean"), std=parse_floats(args.std, "std"),
                 label_column=args.label_column, device=args.device, feature_batch_size=args.feature_batch_size,
-                workers=args.workers, cache=not args.no_cache, progress=not args.quiet, force=args.force)
+                workers=args.workers, cache=not args.no_cache, progress=not args.quiet, force=args.force,
+                unfreeze=args.unfreeze, train_from=args.train_from, finetune_lr=args.finetune_lr,
+                finetune_epochs=args.finetune_epochs, views=args.views)
+    if args.augment is not None:
+        opts["augment"] = args.augment
+    if args.memory_budget is not None:
+        opts["memory_budget"] = args.memory_budget
     if args.image_size is not None:
         opts["image_size"] = parse_dims(args.image_size)
     opts["convert_options"] = source_options(args)

@@ -47,6 +47,13 @@ def describe_source(src: Any, index: int | None = None) -> str:
 
 # --- decoding ---------------------------------------------------------------------------------------------------
 
+class ImageSource:
+    """An image that decodes itself (an augmented view of a file, say): ``load_image`` calls ``rgb``."""
+
+    def rgb(self, label: str) -> np.ndarray:  # uint8 H x W x 3
+        raise NotImplementedError
+
+
 def load_image(src: Any, size: Sequence[int] | None = None, *, name: str | None = None,
                fast_decode: bool = False) -> np.ndarray:
     """Decode ``src`` (path, PIL image, or numpy array of raw pixels) to uint8 ``H x W x 3`` RGB.
@@ -63,6 +70,8 @@ def load_image(src: Any, size: Sequence[int] | None = None, *, name: str | None 
         image = _pil_to_rgb(src, label, size)
     elif isinstance(src, np.ndarray):
         image = array_to_rgb(src, label)
+    elif isinstance(src, ImageSource):
+        image = src.rgb(label)
     else:
         raise DataError(f"{label}: can't read an image from a {type(src).__module__}.{type(src).__name__}; "
                         f"give a file path, a PIL image or a uint8 numpy array (H x W [x C])")

@@ -60,6 +60,14 @@ class FinetuneOptions:
     cache_dir: str | None = None
     workers: int | None = None  # image decoding threads
     progress: bool = True  # progress bar and per-epoch lines on stderr
+    # partial fine-tuning (LP-FT): after the head, train it with the last layers before the cut (partial.py)
+    unfreeze: int = 0  # the last N weight-carrying layers (Conv, Gemm, MatMul) before the cut
+    train_from: str | None = None  # or: every layer from this tensor to the cut
+    finetune_lr: float | None = None  # AdamW lr of that phase (default partial.DEFAULT_LR, or --lr / 10)
+    finetune_epochs: int = 30  # upper bound; early stopping (patience) on the validation loss decides
+    augment: tuple[str, ...] = ()  # augment.AUGMENTS: views of the training images, featurized with the rest
+    views: int | None = None  # augmented views per training image (default 2 with --augment)
+    memory_budget: int | None = None  # bytes of features kept in memory; more goes to a memory-mapped file
     convert_options: dict[str, Any] = field(default_factory=dict)  # for porter.convert when SOURCE isn't ONNX
 
     @classmethod
@@ -70,6 +78,12 @@ class FinetuneOptions:
         for name in ("mean", "std"):
             if kwargs.get(name) is not None:
                 kwargs[name] = as_floats(kwargs[name], name)
+        if "augment" in kwargs:
+            from .augment import parse_augment
+
+            kwargs["augment"] = parse_augment(kwargs["augment"])
+        if isinstance(kwargs.get("memory_budget"), str):
+            kwargs["memory_budget"] = parse_bytes(kwargs["memory_budget"], "--memory-budget")
         opts = cls(**kwargs)
         opts.check()
         return opts
@@ -96,10 +110,49 @@ class FinetuneOptions:
         need(self.device in DEVICES, f"unknown device {self.device!r}; choose one of: {', '.join(DEVICES)}")
         need(self.workers is None or (isinstance(self.workers, int) and self.workers >= 1),
              f"--workers must be a positive integer, got {self.workers}")
+        need(isinstance(self.unfreeze, int) and self.unfreeze >= 0,
+             f"--unfreeze must be 0 or a positive number of layers, got {self.unfreeze}")
+        need(not (self.unfreeze and self.train_from), "give --unfreeze N or --train-from TENSOR, not both")
+        need(self.finetune_lr is None or self.finetune_lr > 0, f"--finetune-lr must be positive, got {self.finetune_lr}")
+        need(isinstance(self.finetune_epochs, int) and self.finetune_epochs >= 1,
+             f"--finetune-epochs must be a positive integer, got {self.finetune_epochs}")
+        need(self.views is None or (isinstance(self.views, int) and self.views >= 1),
+             f"--views must be a positive integer, got {self.views}")
+        need(self.views is None or bool(self.augment), "--views needs --augment (which transformations to apply)")
+        need(self.memory_budget is None or (isinstance(self.memory_budget, int) and self.memory_budget > 0),
+             f"--memory-budget must be a positive size, got {self.memory_budget}")
+
+    @property
+    def partial(self) -> bool:
+        """Partial fine-tuning asked for (``--unfreeze N`` with N >= 1, or ``--train-from``)."""
+        return bool(self.unfreeze or self.train_from)
+
+    @property
+    def view_count(self) -> int:
+        return (self.views or 2) if self.augment else 0
+
+    @property
+    def tail_lr(self) -> float:
+        from .partial import DEFAULT_LR
+
+        return self.finetune_lr or (self.lr / 10 if self.lr else DEFAULT_LR)
 
     @property
     def head_dropout(self) -> float:
         return self.dropout if self.dropout is not None else (0.2 if self.head == "mlp" else 0.0)
+
+
+def parse_bytes(value: str, what: str) -> int:
+    """``512M``, ``2G``, ``1.5GiB``, ``1000000`` -> bytes."""
+    text = value.strip().upper().removesuffix("IB").removesuffix("B")
+    scale = {"K": 2**10, "M": 2**20, "G": 2**30, "T": 2**40}.get(text[-1:], 1)
+    try:
+        size = float(text[:-1] if scale > 1 else text) * scale
+    except ValueError:
+        raise UsageError(f"{what} {value!r} is not a size; give bytes or a number with K, M or G (e.g. 2G)") from None
+    if not size > 0 or size != size:
+        raise UsageError(f"{what} must be a positive size, got {value!r}")
+    return int(size)
 
 
 def _size(value: Any) -> tuple[int, int]:
@@ -165,7 +218,8 @@ class FinetuneResult:
                          f"({f['per_second']:,.0f}/s, {f['device']})")
         t = m["training"]
         final = m["final"]
-        scores = f"val_loss {final['val_loss']:.4f}, val_acc {final['val_accuracy']:.4f}"
+        shown = m["partial"]["head_only"] if m["partial"] else final  # the head's own scores, before the tail trains
+        scores = f"val_loss {shown['val_loss']:.4f}, val_acc {shown['val_accuracy']:.4f}"
         if t["method"] == "lbfgs":
             grid = m["regularization"]
             how = "given" if t["weight_decay"] is not None else f"chosen on validation over {len(grid)} strengths"
@@ -178,6 +232,21 @@ class FinetuneResult:
             lines.append(f"  head: {t['head']}, AdamW lr {t['chosen']['lr']:g} weight decay "
                          f"{t['chosen']['weight_decay']:g}{tried}, best epoch {t['best_epoch']}/{t['epochs_run']} "
                          f"({stop}); {scores}")
+        if m["augment"]:
+            a = m["augment"]
+            lines.append(f"  augment: {a['views']} view{'s' if a['views'] != 1 else ''} ({', '.join(a['ops'])}) of "
+                         f"each training image, {a['examples']} featurized in {a['seconds']:.2f} s")
+        if m["partial"]:
+            p = m["partial"]
+            h, f = p["head_only"], p["partial"]
+            lines.append(f"  tail: {len(p['layers'])} layer{'s' if len(p['layers']) != 1 else ''} from {p['start']} "
+                         f"{list(p['start_shape'])} ({', '.join(l['op'] for l in p['layers'])}): "
+                         f"{p['trainable_parameters']:,} trainable, {p['frozen_parameters']:,} frozen parameters")
+            kept = (f"best epoch {p['best_epoch']}/{p['epochs_run']}" if p["improved"] else
+                    "no epoch beat the head alone: kept the head-only model, weights unchanged")
+            lines.append(f"  fine-tune: AdamW lr {p['lr']:g}, {kept}; head only val_loss {h['val_loss']:.4f} "
+                         f"val_acc {h['val_accuracy']:.4f} -> partial val_loss {f['val_loss']:.4f} "
+                         f"val_acc {f['val_accuracy']:.4f}")
         c = m["check"]
         lines.append(f"  check: merged model == backbone + head (max |diff| {c['max_abs_diff']:.2g} on "
                      f"{c['examples']} examples, labels agree)")
@@ -206,6 +275,7 @@ def finetune(source: Any, data: Any, output: str | os.PathLike | None = None, **
     from ..graph.surgery import extract_backbone, merge_head
     from ..outputs import check_output
     from .heads import head_to_onnx
+    from .partial import partial_metrics
     from .report import classification_metrics, report_paths
     from .train import TrainConfig, stratified_split, train_head
 
@@ -213,7 +283,7 @@ def finetune(source: Any, data: Any, output: str | os.PathLike | None = None, **
     timings: dict[str, float] = {}
     opts = FinetuneOptions.from_kwargs(**options)
     log = _logger(opts.progress)
-    paths = report_paths(output) if output is not None else {}
+    paths = report_paths(output, opts.partial) if output is not None else {}
     if output is not None:
         for p in [Path(output), *paths.values()]:
             check_output(p, opts.force)  # before any work
@@ -231,17 +301,32 @@ def finetune(source: Any, data: Any, output: str | os.PathLike | None = None, **
     if note:
         notes.append(note)
 
-    cuts = plan_cuts(model, opts.cut)
+    cut_mode = opts.cut
+    if opts.partial and cut_mode in (None, "auto", "search"):
+        cut_mode = "backbone"  # the tail is the layers before the backbone's cut; no cut search
+        notes.append("partial fine-tuning: the head sits on the pooled backbone (no cut search); the tail before "
+                     "it trains with the head")
+    cuts = plan_cuts(model, cut_mode)
     notes += [c.note for c in cuts if c.note and c.kind != "user"]
+    tail = None
+    if opts.partial:
+        from .partial import plan_tail
+
+        tail = plan_tail(model, cuts[0], geometry, unfreeze=opts.unfreeze, train_from=opts.train_from)
+        notes += list(tail.tail.notes)
+    extract = cuts + ([tail.cut] if tail else [])
 
     t = time.perf_counter()
     if opts.progress:
         where = (f"cut at {cuts[0].describe()}" if len(cuts) == 1 else
                  f"choosing the cut on validation among {len(cuts)} candidates: " + ", ".join(c.name for c in cuts))
         log(f"porter: {len(dataset)} examples in {len(dataset.classes)} classes from {dataset.source}; {where}")
-    by_cut = compute_features(model, cuts, dataset, geometry, spec, batch_size=opts.feature_batch_size,
-                              device=opts.device, cache=opts.cache, cache_dir=opts.cache_dir,
-                              progress=opts.progress, workers=opts.workers)
+    def featurize(data: Dataset) -> dict[str, Features]:
+        return compute_features(model, extract, data, geometry, spec, batch_size=opts.feature_batch_size,
+                                device=opts.device, cache=opts.cache, cache_dir=opts.cache_dir,
+                                progress=opts.progress, workers=opts.workers, memory_budget=opts.memory_budget)
+
+    by_cut = featurize(dataset)
     timings["features"] = time.perf_counter() - t
     first = by_cut[cuts[0].key]
     if all(f.cached for f in by_cut.values()):
@@ -256,13 +341,25 @@ def finetune(source: Any, data: Any, output: str | os.PathLike | None = None, **
 
     t = time.perf_counter()
     train_idx, val_idx = stratified_split(first.labels, dataset.classes, opts.val_split, opts.seed)
+    by_view: dict[str, Features] = {}
+    if opts.view_count:
+        from .augment import augmented_views
+
+        views = augmented_views(dataset, first.index[train_idx], opts.augment, opts.view_count, opts.seed)
+        log(f"porter: {len(views)} augmented views ({', '.join(opts.augment)}) of {len(train_idx)} training images")
+        t_views = time.perf_counter()
+        by_view = featurize(views)
+        timings["views"] = time.perf_counter() - t_views
     config = TrainConfig(epochs=opts.epochs, batch_size=opts.batch_size, lr=opts.lr, weight_decay=opts.weight_decay,
                          head=opts.head, hidden=opts.hidden, dropout=opts.head_dropout, patience=opts.patience,
-                         balance=opts.balance, seed=opts.seed)
+                         balance=opts.balance, seed=opts.seed, refit=not opts.partial)
 
     def fit(c: Cut, cfg: TrainConfig, verbose: bool):
         f = by_cut[c.key]
-        return train_head(f.features[train_idx], f.labels[train_idx], f.features[val_idx], f.labels[val_idx],
+        x, y = f.features[train_idx], f.labels[train_idx]
+        if c.key in by_view:  # the training split's augmented views train the head too
+            x, y = np.concatenate([x, by_view[c.key].features]), np.concatenate([y, by_view[c.key].labels])
+        return train_head(x, y, f.features[val_idx], f.labels[val_idx],
                           len(dataset.classes), cfg, log=log if opts.progress and verbose else None)
 
     cut, trained, search = _search_cuts(cuts, fit, config, first.labels[val_idx], log if opts.progress else None)
@@ -271,20 +368,50 @@ def finetune(source: Any, data: Any, output: str | os.PathLike | None = None, **
     feats = by_cut[cut.key]
     timings["train"] = time.perf_counter() - t
 
+    partial = None
+    if tail is not None:
+        t = time.perf_counter()
+        from .partial import run_partial
+
+        partial = run_partial(tail, trained.head, cut, by_cut, by_view, train_idx, val_idx, lr=opts.tail_lr,
+                              epochs=opts.finetune_epochs, patience=min(opts.patience, opts.finetune_epochs),
+                              batch_size=opts.batch_size, seed=opts.seed, balance=opts.balance,
+                              n_classes=len(dataset.classes), log=log if opts.progress else None)
+        if partial.improved:
+            from ..graph.tail import write_back
+
+            model = write_back(model, partial.module.trained_weights())  # the graph as it was, new weights
+        timings["finetune"] = time.perf_counter() - t
+
     t = time.perf_counter()
     backbone = extract_backbone(model, cut)
     batch_dim = _batch_dim(backbone)
     head_model = head_to_onnx(trained.head, opset=opset_of(backbone), ir_version=backbone.ir_version,
                               batch_dim=batch_dim)
     merged = merge_head(backbone, head_model)
-    check = _check_merged(merged, backbone, trained.head, dataset, feats, geometry, spec)
+    if partial is None:
+        from .heads import predict_proba
+
+        check = _check_merged(merged, backbone, lambda f: predict_proba(trained.head, f), dataset, feats, geometry,
+                              spec)
+    else:  # merged == the torch tail + head on the tail's cached input, on held-out examples
+        from .partial import Rows
+
+        check = _check_merged(merged, extract_backbone(model, tail.cut),
+                              lambda f: partial.net.probabilities(Rows([(f, np.arange(len(f)))])), dataset,
+                              by_cut[tail.cut.key], geometry, spec, positions=val_idx)
+        check["translation_max_scaled_diff"] = partial.translation_diff
+        check["what"] = "merged model vs the tail's cached input -> torch tail + head (on validation examples)"
     timings["merge"] = time.perf_counter() - t
 
     y_val = feats.labels[val_idx]
-    val_pred = trained.val_probabilities.argmax(1)
-    val_metrics = classification_metrics(y_val, val_pred, dataset.classes)
-    final = {"loss": trained.loss, "accuracy": trained.accuracy, "val_loss": trained.val_loss,
-             "val_accuracy": val_metrics["accuracy"]}
+    val_prob = partial.val_probabilities if partial is not None else trained.val_probabilities
+    val_metrics = classification_metrics(y_val, val_prob.argmax(1), dataset.classes)
+    if partial is None:
+        final = {"loss": trained.loss, "accuracy": trained.accuracy, "val_loss": trained.val_loss,
+                 "val_accuracy": val_metrics["accuracy"]}
+    else:
+        final = {**partial.final, "val_accuracy": val_metrics["accuracy"]}
     if trained.best_epoch is not None:
         final["epoch"] = trained.best_epoch
     if len(cuts) > 1:
@@ -306,6 +433,10 @@ def finetune(source: Any, data: Any, output: str | os.PathLike | None = None, **
                 "pooled": list(cut.pool_axes) if cut.pool_axes else None,
                 "features": int(feats.features.shape[1]), "choice": choice},
         "cut_search": search,
+        "partial": partial_metrics(tail, partial, opts.view_count) if tail is not None else None,
+        "augment": {"ops": list(opts.augment), "views": opts.view_count,
+                    "examples": int(len(next(iter(by_view.values())).index)),
+                    "seconds": round(timings["views"], 4)} if by_view else None,
         "preprocess": spec.to_dict() if spec else None,
         "features": {"cached": feats.cached, "cache": feats.cache_path, "examples": int(len(feats.index)),
                      "seconds": round(feats.seconds, 4),
@@ -483,13 +614,15 @@ def _batch_dim(model) -> str | int:
     return "batch"
 
 
-def _sample_inputs(dataset: Dataset, feats: Features, g: InputGeometry, spec: PreprocessSpec | None
-                   ) -> tuple[np.ndarray, np.ndarray]:
-    """Up to VALIDATION_EXAMPLES model inputs, spread over the data, and their positions in ``feats``."""
+def _sample_inputs(dataset: Dataset, feats: Features, g: InputGeometry, spec: PreprocessSpec | None,
+                   positions: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Up to VALIDATION_EXAMPLES model inputs, spread over the data (or ``positions``), and their positions in
+    ``feats``."""
     from ..imaging import load_image, to_tensor
 
-    n = len(feats.index)
-    pos = np.unique(np.linspace(0, n - 1, min(n, VALIDATION_EXAMPLES)).round().astype(np.int64))
+    among = np.arange(len(feats.index)) if positions is None else np.asarray(positions)
+    n = len(among)
+    pos = among[np.unique(np.linspace(0, n - 1, min(n, VALIDATION_EXAMPLES)).round().astype(np.int64))]
     idx = feats.index[pos]
     if dataset.kind == "vectors":
         return np.ascontiguousarray(dataset.x[idx], np.float32), pos
@@ -497,14 +630,14 @@ def _sample_inputs(dataset: Dataset, feats: Features, g: InputGeometry, spec: Pr
     return to_tensor(images, spec, g.channels), pos
 
 
-def _check_merged(merged, backbone, head, dataset: Dataset, feats: Features, g: InputGeometry,
-                  spec: PreprocessSpec | None) -> dict[str, Any]:
-    """The merged model's outputs == the backbone's features through the torch head, on real examples."""
+def _check_merged(merged, backbone, reference, dataset: Dataset, feats: Features, g: InputGeometry,
+                  spec: PreprocessSpec | None, positions: np.ndarray | None = None) -> dict[str, Any]:
+    """The merged model's outputs == ``reference`` (torch: features -> probabilities) on the features ``backbone``
+    computes, on real examples; and those features == the cached ``feats`` training used."""
     from ..graph.validate import difference
     from ..runtime.predictor import Predictor
-    from .heads import predict_proba
 
-    x, pos = _sample_inputs(dataset, feats, g, spec)
+    x, pos = _sample_inputs(dataset, feats, g, spec, positions)
 
     def run(model) -> list[np.ndarray]:
         p = Predictor(model, device="cpu", scores="raw", cache=False, spin=False)
@@ -513,7 +646,7 @@ def _check_merged(merged, backbone, head, dataset: Dataset, feats: Features, g: 
 
     (fresh,) = run(backbone)
     prob, label = run(merged)
-    want = predict_proba(head, np.asarray(fresh, np.float32))
+    want = reference(np.asarray(fresh, np.float32))
     d = difference(prob, want)
     diff, rel = d.max_abs, d.max_rel
     # within tolerance: every |diff| <= atol + rtol * |want| (this ratio <= 1); "scaled" is the README's figure
@@ -531,7 +664,8 @@ def _check_merged(merged, backbone, head, dataset: Dataset, feats: Features, g: 
                         f"(a stale feature cache? rerun with cache=False)")
     if problems:
         raise ValidationError("the merged model does not compute backbone + head: " + "; ".join(problems))
-    return {"examples": int(len(x)), "max_abs_diff": diff, "max_rel_diff": rel, "scaled": d.scaled,
+    return {"what": "merged model vs backbone features -> head (on training examples)",
+            "examples": int(len(x)), "max_abs_diff": diff, "max_rel_diff": rel, "scaled": d.scaled,
             "tolerance_ratio": tolerance_ratio,
             "label_agreement": agree, "atol": VALIDATION_ATOL, "rtol": VALIDATION_RTOL,
             "cached_feature_max_abs_diff": cache_diff, "passed": True}
@@ -552,8 +686,15 @@ def _card(card: ModelCard, dataset: Dataset, spec, cut: str, metrics: dict, sour
         "data": dataset.source, "skipped": len(metrics["data"]["skipped"]),
         "source_parity": card.parity,
     }
+    if metrics["partial"]:
+        p = metrics["partial"]
+        training.update(partial_start=p["start"], partial_layers=len(p["layers"]), partial_lr=p["lr"],
+                        partial_best_epoch=p["best_epoch"], partial_kept=p["kept"],
+                        head_only_val_accuracy=p["head_only"]["val_accuracy"])
+    if metrics["augment"]:
+        training.update(augment=",".join(metrics["augment"]["ops"]), views=metrics["augment"]["views"])
     # the shape of porter.graph.validate.ParityReport.to_dict, so inspect and predict read it the same way
-    parity = {"check": "merged model vs backbone features -> head (on training examples)", "passed": True,
+    parity = {"check": check["what"], "passed": True,
               "atol": check["atol"], "rtol": check["rtol"], "batch_sizes": [check["examples"]],
               "seed": metrics["training"]["seed"],
               "outputs": {"probabilities": {"max_abs": check["max_abs_diff"], "max_rel": check["max_rel_diff"],
@@ -575,6 +716,10 @@ def _write(model, output: Path, paths: dict[str, Path], metrics: dict, classes: 
         paths["confusion"]: confusion_png(metrics["validation"]["confusion_matrix"], classes,
                                           f"validation confusion matrix ({metrics['examples']['val']} examples)"),
     }
+    if "finetune" in paths:
+        p = metrics["partial"]
+        blobs[paths["finetune"]] = curves_png(p["history"], p["best_epoch"], f"{output.name}: partial fine-tuning of "
+                                              f"{len(p['layers'])} layers (epoch 0: the head alone)", first_epoch=0)
     small = model.ByteSize() < TWO_GB
     if small:
         blobs[output] = model.SerializeToString()

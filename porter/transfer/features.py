@@ -124,8 +124,13 @@ def cache_key(model_digest: str, cut_id: str, dataset: Dataset, spec: "Preproces
 def _load_cached(path: Path, dataset: Dataset) -> Features | None:
     try:
         with np.load(path, allow_pickle=False) as z:
-            feats, index = z["features"], z["index"]
+            index = z["index"]
             skipped = [tuple(s) for s in json.loads(str(z["skipped"]))]
+            # a large entry keeps its features beside it, memory-mapped (they may not fit in memory)
+            if "features" in z:
+                feats = z["features"]
+            else:  # the file holds a row per example; rows past the readable ones were never written
+                feats = np.load(_mapped_path(path), mmap_mode="r", allow_pickle=False)[:len(index)]
     except Exception:  # noqa: BLE001 - a corrupt or foreign cache file is recomputed
         return None
     # an entry must describe this data: every example featurized once or skipped, finite values; anything else
@@ -135,9 +140,18 @@ def _load_cached(path: Path, dataset: Dataset) -> Features | None:
     if len(np.unique(index)) != len(index) or len(index) + len(skipped) != len(dataset):
         return None
     names = {dataset.names[i] for i in range(len(dataset))} if skipped else set()
-    if any(not s or s[0] not in names for s in skipped) or not np.isfinite(feats).all():
+    if any(not s or s[0] not in names for s in skipped) or not all_finite(feats):
         return None
     return Features(feats, dataset.labels[index], index, skipped, cached=True, cache_path=str(path))
+
+
+def all_finite(x: np.ndarray, rows: int = 4096) -> bool:
+    """``np.isfinite(x).all()`` in slices: a memory-mapped array is never read whole into memory."""
+    return all(bool(np.isfinite(x[i:i + rows]).all()) for i in range(0, len(x), rows))
+
+
+def _mapped_path(path: Path) -> Path:
+    return path.with_suffix(".features.npy")
 
 
 def _save_cached(path: Path, f: Features) -> None:
@@ -145,12 +159,79 @@ def _save_cached(path: Path, f: Features) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(prefix=".feat-", suffix=".npz", dir=path.parent)
         try:
+            mapped = isinstance(f.features, np.memmap) and f.features.filename
             with os.fdopen(fd, "wb") as out:
-                np.savez(out, features=f.features, index=f.index, skipped=np.array(json.dumps(f.skipped)))
+                if mapped:
+                    np.savez(out, index=f.index, skipped=np.array(json.dumps(f.skipped)))
+                else:
+                    np.savez(out, features=f.features, index=f.index, skipped=np.array(json.dumps(f.skipped)))
+            if mapped:  # the memory-mapped file is already the .npy the entry needs: the rows are written in place
+                f.features.flush()
+                os.replace(f.features.filename, _mapped_path(path))
             os.replace(tmp, path)
         finally:
             if os.path.exists(tmp):
                 os.unlink(tmp)
+
+
+def format_size(n: float) -> str:
+    for unit, scale in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if n >= scale:
+            return f"{n / scale:.1f} {unit}"
+    return f"{int(n)} bytes"
+
+
+class RowStore:
+    """Feature rows of one output, in memory while they fit what is left of a shared ``budget`` (bytes, a
+    one-element list: outputs allocated first take from it first), else in a memory-mapped ``.npy`` file in
+    ``folder`` (the cache entry when caching; otherwise unlinked at once, living as long as the mapping)."""
+
+    def __init__(self, n: int, budget: list[int], folder: Path, keep: bool, hint: str):
+        self.n, self.budget, self.folder, self.keep, self.hint = n, budget, folder, keep, hint
+        self.rows: np.ndarray | None = None
+        self.count = 0
+
+    def _allocate(self, width: int) -> None:
+        need = self.n * width * 4
+        if need <= self.budget[0]:
+            self.budget[0] -= need
+            self.rows = np.empty((self.n, width), np.float32)
+            return
+        import shutil
+        from numpy.lib.format import open_memmap
+
+        self.folder.mkdir(parents=True, exist_ok=True)
+        free = shutil.disk_usage(self.folder).free
+        if need > free * 0.9:
+            raise UsageError(f"the features of {self.n} examples ({width:,} values each) need {format_size(need)}: "
+                             f"more than the memory budget left ({format_size(self.budget[0])}) and than the "
+                             f"{format_size(free)} free in {self.folder}; {self.hint}")
+        fd, name = tempfile.mkstemp(prefix=".rows-", suffix=".npy", dir=self.folder)
+        os.close(fd)
+        self.rows = open_memmap(name, mode="w+", dtype=np.float32, shape=(self.n, width))
+        if not self.keep:
+            with contextlib.suppress(OSError):
+                os.unlink(name)
+            self.rows.filename = None  # nothing to move into the cache
+
+    def add(self, row: np.ndarray) -> None:
+        if self.rows is None:
+            self._allocate(row.shape[-1])
+        self.rows[self.count] = row
+        self.count += 1
+
+    def discard(self) -> None:
+        name = getattr(self.rows, "filename", None)
+        if name:
+            with contextlib.suppress(OSError):
+                os.unlink(name)
+
+    def result(self) -> np.ndarray:
+        if self.rows is None:
+            return np.zeros((0, 0), np.float32)
+        if isinstance(self.rows, np.memmap):
+            return self.rows[:self.count] if self.count < self.n else self.rows
+        return self.rows[:self.count]
 
 
 # --- extraction -------------------------------------------------------------------------------------------------
@@ -158,12 +239,13 @@ def _save_cached(path: Path, f: Features) -> None:
 def compute_features(model: "onnx.ModelProto", cuts: "Sequence[Cut]", dataset: Dataset, geometry: InputGeometry,
                      spec: "PreprocessSpec | None", *, batch_size: int = 64, device: str = "auto", cache: bool = True,
                      cache_dir: str | os.PathLike | None = None, progress: bool = True,
-                     workers: int | None = None) -> dict[str, Features]:
+                     workers: int | None = None, memory_budget: int | None = None) -> dict[str, Features]:
     """Features at every cut (``Cut.key`` -> Features) for every readable example of ``dataset``.
 
     Cuts found in the cache are read from it; the others are computed together, in one pass of a backbone with
     one output per cut. The cache key is the model's name-blind fingerprint, so the same source converted again
-    (other generated tensor names) still hits.
+    (other generated tensor names) still hits. Features larger than ``memory_budget`` bytes (default: a quarter of
+    the available memory) are written to a memory-mapped file instead of memory (the cache entry itself).
     """
     from ..graph.surgery import Fingerprint, extract_backbone
 
@@ -185,7 +267,17 @@ def compute_features(model: "onnx.ModelProto", cuts: "Sequence[Cut]", dataset: D
         backbone = extract_backbone(model, missing)
         predictor = backbone_predictor(backbone, geometry, spec, device=device, batch_size=batch_size,
                                        workers=workers)
-        outputs, index, skipped = _run(predictor, dataset, geometry, progress)
+        folder = feature_cache_dir(cache_dir)
+        budget = [memory_budget if memory_budget is not None else default_memory_budget()]
+        stores = [RowStore(len(dataset), budget, folder, cache,
+                           "give a smaller --unfreeze or a later --train-from, or free disk space" if c.kind == "tail"
+                           else "choose a narrower --cut, or free disk space") for c in missing]
+        try:
+            outputs, index, skipped = _run(predictor, dataset, geometry, progress, stores)
+        except BaseException:
+            for store in stores:
+                store.discard()
+            raise
         seconds = time.perf_counter() - start
         for c, feats in zip(missing, outputs):
             result = Features(feats, dataset.labels[index], index, skipped, seconds, device=predictor.device,
@@ -196,6 +288,14 @@ def compute_features(model: "onnx.ModelProto", cuts: "Sequence[Cut]", dataset: D
                 result.cache_path = str(paths[c.key])
             found[c.key] = result
     return {c.key: found[c.key] for c in cuts}
+
+
+def default_memory_budget() -> int:
+    """A quarter of the memory available now (training needs room beside the features); 1 GiB if unknown."""
+    from ..runtime.session import available_memory
+
+    free = available_memory()
+    return free // 4 if free else 2**30
 
 
 def _cut_id(fingerprint, cut: "Cut") -> str:
@@ -247,11 +347,10 @@ def _check_classes(dataset: Dataset, f: Features) -> None:
                             f"files failed to decode{example}")
 
 
-def _run(predictor, dataset: Dataset, g: InputGeometry, progress: bool):
+def _run(predictor, dataset: Dataset, g: InputGeometry, progress: bool, stores: "list[RowStore]"):
     n = len(dataset)
     batch_size = predictor.batch_size
     bar = Progress(n, "features", enabled=progress)
-    rows: list[np.ndarray] = []
     index: list[int] = []
     skipped: list[tuple[str, str]] = []
     names = predictor.output_names
@@ -266,6 +365,10 @@ def _run(predictor, dataset: Dataset, g: InputGeometry, progress: bool):
             ys.append(y.astype(np.float32, copy=False))
         return list(zip(*ys))  # one tuple of per-cut rows per example
 
+    def add(row: tuple[np.ndarray, ...]) -> None:
+        for store, r in zip(stores, row):
+            store.add(r)
+
     if dataset.kind == "vectors":
         for i in range(0, n, batch_size):
             ids = list(range(i, min(n, i + batch_size)))
@@ -273,7 +376,8 @@ def _run(predictor, dataset: Dataset, g: InputGeometry, progress: bool):
                 out = predictor.run_batched(np.ascontiguousarray(dataset.x[i:i + batch_size], np.float32))
             except InferenceError as e:
                 raise DataError(f"the backbone failed on a batch: {e}") from None
-            rows.extend(features(out))
+            for row in features(out):
+                add(row)
             index.extend(ids)
             bar.update(len(ids))
     else:
@@ -285,7 +389,7 @@ def _run(predictor, dataset: Dataset, g: InputGeometry, progress: bool):
         for i, row, error in predictor.iter_outputs(dataset.items, names=dataset.names,
                                                     postprocess=lambda out, ids: dict(zip(ids, features(out)))):
             if isinstance(error, InferenceError):
-                if not rows:  # the very first batch: the image size is what doesn't fit
+                if not index:  # the very first batch: the image size is what doesn't fit
                     size = "x".join(map(str, g.size or ()))
                     raise UsageError(f"image size {size} doesn't fit the backbone (input {g.name!r} {_fmt(g.dims)}): "
                                      f"{error}; give --image-size with a size the model accepts") from None
@@ -293,19 +397,19 @@ def _run(predictor, dataset: Dataset, g: InputGeometry, progress: bool):
             if error is not None:
                 skipped.append((dataset.names[i], str(error)))
             else:
-                rows.append(row)
+                add(row)
                 index.append(i)
             done += 1
             if done % batch_size == 0 or done == n:
                 bar.update(done - bar.done)
     bar.close()
-    if not rows:
+    if not index:
         first = skipped[0][1] if skipped else "no examples"
         raise DataError(f"none of the {n} images could be read (e.g. {first})")
-    outputs = [np.stack([r[k] for r in rows]) for k in range(len(names))]
+    outputs = [store.result() for store in stores]
     for feats in outputs:
-        if not np.isfinite(feats).all():
-            bad = int((~np.isfinite(feats)).any(axis=1).sum())
+        if not all_finite(feats):
+            bad = sum(int((~np.isfinite(feats[i:i + 4096])).any(axis=1).sum()) for i in range(0, len(feats), 4096))
             raise DataError(f"the backbone produced NaN or inf features for {bad} of {len(feats)} examples; check "
                             f"the preprocessing (--preprocess, --mean, --std)")
     return outputs, np.asarray(index, np.int64), skipped

@@ -15,11 +15,15 @@ from typing import Any, Sequence
 import numpy as np
 
 
-def report_paths(output: str | Path) -> dict[str, Path]:
+def report_paths(output: str | Path, partial: bool = False) -> dict[str, Path]:
+    """The report files beside ``output``; with partial fine-tuning, its curves too (``NAME.finetune.png``)."""
     out = Path(output)
     stem = out.name[: -len(out.suffix)] if out.suffix else out.name
-    return {"metrics": out.with_name(f"{stem}.metrics.json"), "curves": out.with_name(f"{stem}.training.png"),
-            "confusion": out.with_name(f"{stem}.confusion.png")}
+    paths = {"metrics": out.with_name(f"{stem}.metrics.json"), "curves": out.with_name(f"{stem}.training.png"),
+             "confusion": out.with_name(f"{stem}.confusion.png")}
+    if partial:
+        paths["finetune"] = out.with_name(f"{stem}.finetune.png")
+    return paths
 
 
 def classification_metrics(y_true: np.ndarray, y_pred: np.ndarray, classes: Sequence[str]) -> dict[str, Any]:
@@ -40,13 +44,15 @@ def classification_metrics(y_true: np.ndarray, y_pred: np.ndarray, classes: Sequ
             "confusion_matrix": cm.tolist()}
 
 
-def curves_png(history: dict[str, list[float]], best_epoch: int, title: str = "") -> bytes:
+def curves_png(history: dict[str, list[float]], best_epoch: int, title: str = "", first_epoch: int = 1) -> bytes:
+    """Loss and accuracy per epoch (``first_epoch``: the number of the first entry; partial fine-tuning's 0 is
+    the head alone)."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
     fig = Figure(figsize=(9, 3.6), dpi=100)
     FigureCanvasAgg(fig)
-    epochs = np.arange(1, len(history["loss"]) + 1)
+    epochs = np.arange(first_epoch, first_epoch + len(history["loss"]))
     ax1, ax2 = fig.subplots(1, 2)
     ax1.plot(epochs, history["loss"], label="train")
     ax1.plot(epochs, history["val_loss"], label="validation")

@@ -40,6 +40,7 @@ class TrainConfig:
     lr_patience: int = 5  # epochs without improvement before the learning rate is halved
     balance: bool = False
     seed: int = 0
+    refit: bool = True  # linear probe: refit on train + validation at the chosen strength (off for LP-FT)
 
     @property
     def method(self) -> str:
@@ -108,7 +109,7 @@ def train_head(x_train: np.ndarray, y_train: np.ndarray, x_val: np.ndarray, y_va
         from .probe import fit_probe
 
         r = fit_probe(x_train, y_train, x_val, y_val, n_classes, l2=config.weight_decay, class_weights=weights,
-                      log=log)
+                      refit=config.refit, log=log)
         best = r.best
         return TrainResult(r.head, "lbfgs", best["loss"], best["accuracy"], best["val_loss"], best["val_accuracy"],
                            {"l2": r.l2}, r.curve, weights.tolist() if weights is not None else None,

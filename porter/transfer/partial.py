@@ -1,0 +1,317 @@
+"""Partial fine-tuning, the second step of linear probe -> fine-tune (LP-FT): the tail's layers and the head train
+together, starting from the converged head, at a small learning rate, with normalization frozen.
+
+The features at the tail's start are computed once by ONNX Runtime and cached (memory-mapped when large); the
+tail runs in torch (``tail_module.TailModule``), proven equal to ONNX Runtime on real examples before training.
+Early stopping on the validation loss restores the best epoch; epoch 0 is the head-only model, so a tail that
+doesn't help is left as it was.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import time
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Callable, Sequence
+
+import numpy as np
+
+from ..errors import DataError, UsageError, ValidationError
+
+if TYPE_CHECKING:
+    import onnx
+    import torch
+
+    from ..graph.cuts import Cut
+    from ..graph.tail import Tail
+    from .features import InputGeometry
+
+DEFAULT_LR = 1e-4  # a tenth of the AdamW head's lowest default (1e-3): the pretrained layers move gently
+TRANSLATION_TOLERANCE = 1e-4  # torch tail vs ONNX Runtime, scaled by the features' magnitude
+EVAL_BATCH = 256
+
+
+class Rows:
+    """Rows gathered from several (array, positions) parts -- the cached originals and their augmented views --
+    without concatenating them: the arrays may be memory-mapped and larger than memory."""
+
+    def __init__(self, parts: Sequence[tuple[np.ndarray, np.ndarray]]):
+        self.parts = [(a, np.asarray(p, np.int64)) for a, p in parts]
+        self.offsets = np.cumsum([0] + [len(p) for _, p in self.parts])
+
+    def __len__(self) -> int:
+        return int(self.offsets[-1])
+
+    def take(self, positions: np.ndarray) -> np.ndarray:
+        positions = np.asarray(positions, np.int64)
+        out = None
+        for k, (array, rows) in enumerate(self.parts):
+            lo, hi = self.offsets[k], self.offsets[k + 1]
+            mask = (positions >= lo) & (positions < hi)
+            if not mask.any():
+                continue
+            wanted = rows[positions[mask] - lo]
+            order = np.argsort(wanted, kind="stable")  # read a memory map forwards
+            block = np.empty((len(wanted), array.shape[1]), np.float32)
+            block[order] = array[wanted[order]]
+            if out is None:
+                out = np.empty((len(positions), array.shape[1]), np.float32)
+            out[mask] = block
+        return out if out is not None else np.zeros((0, 0), np.float32)
+
+
+def example_shape(model: "onnx.ModelProto", tail: "Tail", g: "InputGeometry") -> tuple[int, ...]:
+    """The per-example shape of the tail's start tensor, the model's input fixed to what finetune feeds."""
+    shape = tail.start_shape
+    if shape is not None and len(shape) > 1 and all(isinstance(d, int) and d > 0 for d in shape[1:]):
+        return tuple(shape[1:])
+    import onnx
+
+    fixed = onnx.ModelProto()
+    fixed.CopyFrom(model)
+    dims = list(g.dims)
+    if g.kind == "image" and g.size is not None and g.layout in ("NCHW", "NHWC"):
+        dims = [1, g.channels, *g.size] if g.layout == "NCHW" else [1, *g.size, g.channels]
+    dims = [1] + [d if isinstance(d, int) and d > 0 else None for d in dims[1:]]
+    for d, v in zip(fixed.graph.input[0].type.tensor_type.shape.dim, dims):
+        if v is not None:
+            d.Clear()
+            d.dim_value = v
+    try:
+        inferred = onnx.shape_inference.infer_shapes(fixed)
+        for v in list(inferred.graph.value_info) + list(inferred.graph.output):
+            if v.name == tail.start:
+                found = tuple(d.dim_value if d.HasField("dim_value") else None
+                              for d in v.type.tensor_type.shape.dim)
+                if len(found) > 1 and all(found[1:]):
+                    return tuple(int(d) for d in found[1:])
+    except Exception:  # noqa: BLE001 - reported below
+        pass
+    raise UsageError(f"the shape of {tail.start!r} (the tail's start) can't be inferred; give --train-from a tensor "
+                     f"of known shape or --image-size")
+
+
+@dataclass
+class PartialResult:
+    module: Any  # the trained TailModule (the head-only state when it didn't help)
+    head: Any  # the trained head
+    improved: bool
+    history: dict[str, list[float]]  # per epoch, epoch 0 (head only) first
+    best_epoch: int
+    epochs_run: int
+    stopped_early: bool
+    lr: float
+    head_only: dict[str, float]  # val_loss, val_accuracy at epoch 0
+    final: dict[str, float]  # loss, accuracy, val_loss, val_accuracy of the kept epoch
+    val_probabilities: np.ndarray = field(repr=False, default=None)
+    translation_diff: float = 0.0
+    seconds: float = 0.0
+    net: Any = field(default=None, repr=False)  # the TailNet: tail + head on the tail's input
+
+
+class TailNet:
+    """tail -> the cut's pooling and flattening -> head, as one callable on cached start features."""
+
+    def __init__(self, module, head, shape: Sequence[int], pool_axes: Sequence[int] | None):
+        self.module, self.head, self.shape = module, head, tuple(shape)
+        self.pool_axes = tuple(pool_axes) if pool_axes else None
+
+    def features(self, x: "torch.Tensor") -> "torch.Tensor":
+        y = self.module(x.reshape(-1, *self.shape))
+        if self.pool_axes:
+            y = y.mean(dim=self.pool_axes)
+        return y.reshape(len(y), -1)
+
+    def __call__(self, x: "torch.Tensor") -> "torch.Tensor":
+        return self.head(self.features(x))
+
+    def parameters(self) -> list:
+        return list(self.module.parameters()) + list(self.head.parameters())
+
+    def state(self) -> tuple[dict, dict]:
+        return copy.deepcopy(self.module.state_dict()), copy.deepcopy(self.head.state_dict())
+
+    def load(self, state: tuple[dict, dict]) -> None:
+        self.module.load_state_dict(state[0])
+        self.head.load_state_dict(state[1])
+
+    def probabilities(self, rows: Rows, positions: np.ndarray | None = None) -> np.ndarray:
+        import torch
+
+        positions = np.arange(len(rows)) if positions is None else positions
+        out = []
+        with torch.no_grad():
+            for i in range(0, len(positions), EVAL_BATCH):
+                x = torch.from_numpy(rows.take(positions[i:i + EVAL_BATCH]))
+                out.append(torch.softmax(self(x), dim=1).numpy())
+        return np.concatenate(out) if out else np.zeros((0, 0), np.float32)
+
+
+def check_translation(net: TailNet, start_rows: np.ndarray, cut_rows: np.ndarray) -> float:
+    """Max |torch tail - ONNX Runtime| over these examples' cut features, scaled; raises past the tolerance."""
+    import torch
+
+    with torch.no_grad():
+        got = net.features(torch.from_numpy(np.ascontiguousarray(start_rows, np.float32))).numpy()
+    if got.shape != cut_rows.shape:
+        raise ValidationError(f"porter's torch translation of the tail gives features of shape {list(got.shape)}, "
+                              f"ONNX Runtime {list(cut_rows.shape)}; give a smaller --unfreeze")
+    scale = max(1.0, float(np.abs(cut_rows).max(initial=0.0)))
+    diff = float(np.abs(got - cut_rows).max(initial=0.0)) / scale
+    if not math.isfinite(diff) or diff > TRANSLATION_TOLERANCE:
+        raise ValidationError(f"porter's torch translation of the tail differs from ONNX Runtime by {diff:.3g} "
+                              f"(scaled; tolerance {TRANSLATION_TOLERANCE}); give a smaller --unfreeze or a later "
+                              f"--train-from")
+    return diff
+
+
+def train_tail(net: TailNet, train: Rows, y_train: np.ndarray, val: Rows, y_val: np.ndarray, *, lr: float,
+               epochs: int, patience: int, batch_size: int, seed: int, class_weights: np.ndarray | None = None,
+               log: Callable[[str], None] | None = None) -> PartialResult:
+    """AdamW on the tail and the head together; the best epoch by validation loss is kept (0: the head alone)."""
+    import torch
+
+    start = time.perf_counter()
+    yt = torch.from_numpy(np.asarray(y_train, np.int64))
+    yv = torch.from_numpy(np.asarray(y_val, np.int64))
+    weight = torch.from_numpy(class_weights) if class_weights is not None else None
+    loss_fn = torch.nn.CrossEntropyLoss(weight=weight)
+    history: dict[str, list[float]] = {"loss": [], "accuracy": [], "val_loss": [], "val_accuracy": []}
+
+    def evaluate(rows: Rows, y: torch.Tensor) -> tuple[float, float, np.ndarray]:
+        p = torch.from_numpy(net.probabilities(rows))
+        logp = torch.log(p.clamp_min(1e-12))
+        loss = float(torch.nn.functional.nll_loss(logp, y, weight=weight))
+        return loss, float((p.argmax(1) == y).float().mean()), p.numpy()
+
+    def record(epoch: int) -> np.ndarray:
+        net.module.eval()
+        net.head.eval()
+        tr_loss, tr_acc, _ = evaluate(train, yt)
+        va_loss, va_acc, va_prob = evaluate(val, yv)
+        for k, v in (("loss", tr_loss), ("accuracy", tr_acc), ("val_loss", va_loss), ("val_accuracy", va_acc)):
+            history[k].append(v)
+        if log:
+            log(f"fine-tune epoch {epoch:3d}/{epochs}  loss {tr_loss:.4f}  acc {tr_acc:.4f}  val_loss {va_loss:.4f}  "
+                f"val_acc {va_acc:.4f}")
+        return va_prob
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        best_prob = record(0)
+        best_loss, best_epoch, best_state, since = history["val_loss"][0], 0, net.state(), 0
+        opt = torch.optim.AdamW(net.parameters(), lr=lr, weight_decay=0.0)
+        gen = torch.Generator().manual_seed(seed)
+        n, bs = len(train), max(1, min(batch_size, len(train)))
+        epoch = 0
+        for epoch in range(1, epochs + 1):
+            net.module.train()  # no tail layer behaves differently in training: normalization is frozen by design
+            net.head.train()  # the head's dropout, if any
+            perm = torch.randperm(n, generator=gen).numpy()
+            for i in range(0, n, bs):
+                idx = perm[i:i + bs]
+                opt.zero_grad()
+                loss = loss_fn(net(torch.from_numpy(train.take(idx))), yt[idx])
+                loss.backward()
+                opt.step()
+            prob = record(epoch)
+            if not math.isfinite(history["loss"][-1]):
+                raise DataError(f"partial fine-tuning diverged at epoch {epoch}; give a lower --finetune-lr")
+            va_loss = history["val_loss"][-1]
+            if va_loss < best_loss - max(1e-7, 1e-4 * abs(best_loss)):
+                best_loss, best_epoch, best_state, best_prob, since = va_loss, epoch, net.state(), prob, 0
+            else:
+                since += 1
+                if since >= patience:
+                    break
+        net.load(best_state)
+        net.module.eval()
+        net.head.eval()
+    final = {k: history[k][best_epoch] for k in ("loss", "accuracy", "val_loss", "val_accuracy")}
+    if log:
+        kept = (f"kept epoch {best_epoch} (val_loss {final['val_loss']:.4f}, val_acc {final['val_accuracy']:.4f})"
+                if best_epoch else "no epoch beat the head alone on validation loss; kept the head-only model")
+        log(f"fine-tune: {kept}")
+    return PartialResult(net.module, net.head, best_epoch > 0, history, best_epoch, epoch, epoch < epochs, lr,
+                         {"val_loss": history["val_loss"][0], "val_accuracy": history["val_accuracy"][0]}, final,
+                         best_prob, seconds=time.perf_counter() - start)
+
+
+def tail_cut(tail: "Tail") -> "Cut":
+    """The cut features are cached at for the tail: its start tensor, unpooled (flattened per example)."""
+    from ..graph.cuts import Cut
+
+    return Cut(tail.start, tail.start_shape, "the tail's start (partial fine-tuning)", "tail")
+
+
+@dataclass
+class PlannedTail:
+    """A tail ready to train: where it starts and ends, its torch module, the per-example start shape."""
+
+    tail: "Tail"
+    cut: "Cut"  # where its input features are cached
+    module: Any  # TailModule
+    shape: tuple[int, ...]
+
+    def describe(self) -> str:
+        return self.tail.describe()
+
+
+def plan_tail(model: "onnx.ModelProto", cut: "Cut", g: "InputGeometry", *, unfreeze: int = 0,
+              train_from: str | None = None) -> PlannedTail:
+    """Find the tail before ``cut`` and translate it to torch, before any feature is computed: an op porter
+    can't train or a shape it can't infer is refused at once."""
+    from ..graph.cuts import ModelGraph
+    from ..graph.tail import find_tail
+    from .tail_module import TailModule
+
+    tail = find_tail(model, cut.name, unfreeze=unfreeze or None, train_from=train_from)
+    batch = ModelGraph(model).batch_dim
+    module = TailModule(model, tail, fixed_batch=batch if isinstance(batch, int) and batch > 0 else None)
+    return PlannedTail(tail, tail_cut(tail), module, example_shape(model, tail, g))
+
+
+def run_partial(planned: PlannedTail, head, cut: "Cut", by_cut: dict, by_view: dict, train_idx: np.ndarray,
+                val_idx: np.ndarray, *, lr: float, epochs: int, patience: int, batch_size: int, seed: int,
+                balance: bool, n_classes: int, log: Callable[[str], None] | None = None) -> PartialResult:
+    """Prove the torch tail equals ONNX Runtime on held-out examples, then train tail + head (``train_tail``)."""
+    from .train import class_weights
+
+    start, feats = by_cut[planned.cut.key], by_cut[cut.key]
+    net = TailNet(planned.module, head, planned.shape, cut.pool_axes)
+    sample = val_idx[np.unique(np.linspace(0, len(val_idx) - 1, min(len(val_idx), 16)).round().astype(np.int64))]
+    diff = check_translation(net, start.features[sample], np.asarray(feats.features[sample], np.float32))
+    parts = [(start.features, train_idx)]
+    y_train = start.labels[train_idx]
+    if planned.cut.key in by_view:
+        views = by_view[planned.cut.key]
+        parts.append((views.features, np.arange(len(views.index))))
+        y_train = np.concatenate([y_train, views.labels])
+    weights = class_weights(y_train, n_classes) if balance else None
+    if log:
+        t = planned.tail
+        log(f"porter: fine-tuning {t.describe()} with the head: {t.trainable_parameters:,} trainable parameters, "
+            f"AdamW lr {lr:g}, up to {epochs} epochs (torch tail == ONNX Runtime within {diff:.1g})")
+    result = train_tail(net, Rows(parts), y_train, Rows([(start.features, val_idx)]), start.labels[val_idx], lr=lr,
+                        epochs=epochs, patience=patience, batch_size=batch_size, seed=seed, class_weights=weights,
+                        log=log)
+    result.translation_diff = diff
+    result.net = net
+    return result
+
+
+def partial_metrics(planned: PlannedTail, r: PartialResult, views: int) -> dict[str, Any]:
+    t = planned.tail
+    return {"start": t.start, "start_shape": list(planned.shape), "end": t.end, "requested": t.requested,
+            "layers": [{"node": l.node, "op": l.op, "weights": list(l.weights), "parameters": l.parameters}
+                       for l in t.layers],
+            "trainable_parameters": t.trainable_parameters, "frozen_parameters": t.frozen_parameters,
+            "frozen_constants": len(t.frozen), "notes": list(t.notes),
+            "lr": r.lr, "epochs_run": r.epochs_run, "best_epoch": r.best_epoch, "stopped_early": r.stopped_early,
+            "improved": r.improved, "kept": "partial" if r.improved else "head-only",
+            "head_only": {k: round(v, 6) for k, v in r.head_only.items()},
+            "partial": {k: round(v, 6) for k, v in r.final.items()},
+            "translation_max_scaled_diff": r.translation_diff, "augmented_views": views,
+            "history": {k: [round(float(v), 6) for v in vals] for k, vals in r.history.items()},
+            "seconds": round(r.seconds, 4)}
