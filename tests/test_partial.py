@@ -12,7 +12,7 @@ import torch
 from onnx import TensorProto, helper, numpy_helper
 
 from porter.errors import UsageError
-from porter.graph.cuts import Cut, choose_cut
+from porter.graph.cuts import choose_cut
 from porter.graph.surgery import extract_backbone
 from porter.graph.tail import find_tail, write_back
 from porter.transfer import finetune
