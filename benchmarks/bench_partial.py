@@ -36,15 +36,51 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 sys.path.insert(0, str(ROOT / "examples" / "digits"))
 sys.path.insert(0, str(ROOT / "fixtures" / "backbone"))
 
-from bench_transfer import porter_test_accuracy, write_split  # noqa: E402 - one data split for both benchmarks
+from bench_transfer import write_split  # noqa: E402 - one data split for both benchmarks
 
 CLASSES = (5, 6, 7, 8, 9)
-# name -> (Keras file, the layer at porter's backbone cut, whether porter pools it)
+# name -> (Keras file, the layer at porter's backbone cut, whether porter pools it, input size, channels)
 TASKS = {
-    "classmap": (ROOT / "fixtures" / "heads" / "classmap.keras", "features", True),
-    "dense2": (ROOT / "fixtures" / "heads" / "dense2.keras", "gap", False),
-    "backbone": (ROOT / "fixtures" / "backbone" / "backbone.keras", "gap", False),
+    "classmap": (ROOT / "fixtures" / "heads" / "classmap.keras", "features", True, 32, 1),
+    "dense2": (ROOT / "fixtures" / "heads" / "dense2.keras", "gap", False, 32, 1),
+    "backbone": (ROOT / "fixtures" / "backbone" / "backbone.keras", "gap", False, 32, 1),
+    # a real pretrained MobileNetV2 (nsfwjs 4.3.0's TF.js layers-model, from npm), its head pool -> Flatten ->
+    # Dense(relu) -> Dropout -> Dense(relu) -> Dropout -> Dense(5, softmax); 224x224 RGB, pixels / 255
+    "mobilenetv2": (None, "average_pooling2d_1", False, 224, 3),
 }
+
+
+def nsfwjs_mobilenet(work: Path) -> Path:
+    """nsfwjs's MobileNetV2 as a .keras file, built from its model.json by porter's TF.js importer (both methods
+    start from this one file). Downloads the npm package on first use (cached in /tmp/porter-zoo)."""
+    from bench_tfjs_zoo import unpack_models
+
+    from porter.importers.tfjs import load_model_json, load_weights, open_source
+    from porter.importers.tfjs.layers import build_keras_model
+    from porter.sources import parse_source
+
+    d = unpack_models(Path("/tmp/porter-zoo"))["nsfwjs/mobilenet_v2"]
+    src = open_source(parse_source(f"tfjs:{d / 'model.json'}"))
+    mj = load_model_json(src)
+    model, _ = build_keras_model(mj.topology, load_weights(mj, src))
+    out = work / "nsfwjs_mobilenet_v2.keras"
+    model.save(out)
+    return out
+
+
+def test_accuracy(model, test_x, test_y) -> float:
+    import numpy as np
+    import onnxruntime as ort
+
+    from porter.imaging import preprocess
+    from porter.spec import ModelCard
+
+    card = ModelCard.from_onnx(model)
+    sess = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    x = preprocess(list(test_x[..., 0]), card.preprocess, channels=card.preprocess.channels)
+    labels = np.concatenate([sess.run(None, {sess.get_inputs()[0].name: x[i:i + 64]})[1]
+                             for i in range(0, len(x), 64)])
+    return float((np.array([int(card.labels[i]) for i in labels]) == test_y).mean())
 HEAD_EPOCHS, FINETUNE_EPOCHS, FINETUNE_LR = 20, 30, 1e-4
 
 
@@ -56,7 +92,7 @@ def porter_run(src: Path, train: Path, out: Path, test_x, test_y, **options) -> 
     r = finetune(src, train, out, cut="backbone", cache_dir=cache, progress=False, force=True, **options)
     wall = time.perf_counter() - t
     p = r.metrics["partial"]
-    row = {"wall_s": round(wall, 3), "test_accuracy": porter_test_accuracy(r.model, test_x, test_y),
+    row = {"wall_s": round(wall, 3), "test_accuracy": test_accuracy(r.model, test_x, test_y),
            "val_accuracy": r.val_accuracy}
     if p:
         row.update(layers=len(p["layers"]), layer_names=[l["node"] for l in p["layers"]],
@@ -66,7 +102,8 @@ def porter_run(src: Path, train: Path, out: Path, test_x, test_y, **options) -> 
     return row
 
 
-def keras_recipe(path: Path, layer: str, pool: bool, train_dir: Path, test_x, test_y, unfrozen: int) -> dict:
+def keras_recipe(path: Path, layer: str, pool: bool, train_dir: Path, test_x, test_y, unfrozen: int, size: int,
+                 channels: int) -> dict:
     import keras
     import numpy as np
     from PIL import Image
@@ -77,7 +114,13 @@ def keras_recipe(path: Path, layer: str, pool: bool, train_dir: Path, test_x, te
     keras.utils.set_random_seed(0)
     start = time.perf_counter()
     data = load_data(train_dir)
-    x = np.stack([np.asarray(Image.open(f)) for f in data.items])[..., None]
+    def pixels(im: Image.Image) -> np.ndarray:  # decoded and resized as porter's pipeline does (PIL, bilinear)
+        im = im.convert("L" if channels == 1 else "RGB").resize((size, size), Image.Resampling.BILINEAR)
+        a = np.asarray(im)
+        return a[..., None] if channels == 1 else a
+
+    x = np.stack([pixels(Image.open(f)) for f in data.items])
+    test_x = np.stack([pixels(Image.fromarray(t[..., 0])) for t in test_x])
     y = data.labels
     tr, va = stratified_split(y, data.classes, 0.2, 0)  # porter's own split
     loaded = keras.models.load_model(path)
@@ -97,7 +140,8 @@ def keras_recipe(path: Path, layer: str, pool: bool, train_dir: Path, test_x, te
     if unfrozen:
         t = time.perf_counter()
         base.trainable = True
-        weighted = [l for l in base.layers if l.weights and isinstance(l, (keras.layers.Conv2D, keras.layers.Dense))]
+        kinds = (keras.layers.Conv2D, keras.layers.DepthwiseConv2D, keras.layers.Dense)  # BatchNorm stays frozen
+        weighted = [l for l in base.layers if l.weights and isinstance(l, kinds)]
         for l in base.layers:
             l.trainable = l in weighted[-unfrozen:]
         model.compile(optimizer=keras.optimizers.Adam(FINETUNE_LR), loss="sparse_categorical_crossentropy",
@@ -114,19 +158,20 @@ def keras_recipe(path: Path, layer: str, pool: bool, train_dir: Path, test_x, te
 def run_task(name: str, work: Path, unfreeze: list[int]) -> dict:
     import porter
 
-    path, layer, pool = TASKS[name]
+    path, layer, pool, size, channels = TASKS[name]
     d = work / name
     test_x, test_y = write_split(CLASSES, d, 1)
+    path = path or nsfwjs_mobilenet(d)
     src = d / "backbone.onnx"
     porter.convert(str(path), src, preprocess="unit", force=True)
     row: dict = {"task": f"{name} (pretrained 0-4) -> digits 5-9", "train_images": len(list((d / "train").glob("*/*.png"))),
                  "test_images": int(len(test_y)), "porter": {}, "keras": {}}
     row["porter"][0] = porter_run(src, d / "train", d / "p0.onnx", test_x, test_y)
-    row["keras"][0] = keras_recipe(path, layer, pool, d / "train", test_x, test_y, 0)
+    row["keras"][0] = keras_recipe(path, layer, pool, d / "train", test_x, test_y, 0, size, channels)
     for n in unfreeze:
         p = porter_run(src, d / "train", d / f"p{n}.onnx", test_x, test_y, unfreeze=n)
         row["porter"][n] = p
-        row["keras"][n] = keras_recipe(path, layer, pool, d / "train", test_x, test_y, p["layers"])
+        row["keras"][n] = keras_recipe(path, layer, pool, d / "train", test_x, test_y, p["layers"], size, channels)
     n = max(unfreeze)
     row["porter_augment"] = porter_run(src, d / "train", d / "pa.onnx", test_x, test_y, unfreeze=n,
                                        augment="crop,rotate", views=2)

@@ -222,6 +222,9 @@ def add_finetune_parser(sub) -> None:
                    help="AdamW learning rate of that phase (default 0.0001, or --lr / 10)")
     g.add_argument("--finetune-epochs", type=int, default=30,
                    help="upper bound of that phase; early stopping on validation loss decides (default 30)")
+    g.add_argument("--train-precision", choices=["auto", "fp32", "bf16"], default="auto",
+                   help="the tail's training steps: bf16 autocast where the CPU has AMX or AVX512-BF16 (auto), "
+                        "or always fp32 / bf16; weights and checks stay fp32")
     g.add_argument("--augment", metavar="OPS",
                    help="comma-separated augmentations of the training images: flip, crop, rotate, color; their "
                         "features are computed once with the rest (validation stays unaugmented)")
@@ -255,7 +258,7 @@ def finetune_options(args: argparse.Namespace) -> dict:
                 label_column=args.label_column, device=args.device, feature_batch_size=args.feature_batch_size,
                 workers=args.workers, cache=not args.no_cache, progress=not args.quiet, force=args.force,
                 unfreeze=args.unfreeze, train_from=args.train_from, finetune_lr=args.finetune_lr,
-                finetune_epochs=args.finetune_epochs, views=args.views)
+                finetune_epochs=args.finetune_epochs, train_precision=args.train_precision, views=args.views)
     if args.augment is not None:
         opts["augment"] = args.augment
     if args.memory_budget is not None:

@@ -123,6 +123,16 @@ def _cpu_topology() -> tuple[int, int]:
     return logical, (len(cores) or logical)
 
 
+@functools.lru_cache(maxsize=1)
+def cpu_flags() -> frozenset[str]:
+    """The CPU's feature flags (``avx512_bf16``, ``amx_bf16``, ...) from /proc/cpuinfo; empty where unknown."""
+    try:
+        m = re.search(r"^(flags|Features)\s*:(.*)$", Path("/proc/cpuinfo").read_text(), re.M)
+    except OSError:
+        return frozenset()
+    return frozenset(m.group(2).split()) if m else frozenset()
+
+
 def _cpu_fingerprint() -> str:
     try:
         text = Path("/proc/cpuinfo").read_text()

@@ -65,6 +65,7 @@ class FinetuneOptions:
     train_from: str | None = None  # or: every layer from this tensor to the cut
     finetune_lr: float | None = None  # AdamW lr of that phase (default partial.DEFAULT_LR, or --lr / 10)
     finetune_epochs: int = 30  # upper bound; early stopping (patience) on the validation loss decides
+    train_precision: str = "auto"  # partial.PRECISIONS: the tail's training steps (bf16 autocast on AMX CPUs)
     augment: tuple[str, ...] = ()  # augment.AUGMENTS: views of the training images, featurized with the rest
     views: int | None = None  # augmented views per training image (default 2 with --augment)
     memory_budget: int | None = None  # bytes of features kept in memory; more goes to a memory-mapped file
@@ -116,6 +117,8 @@ class FinetuneOptions:
         need(self.finetune_lr is None or self.finetune_lr > 0, f"--finetune-lr must be positive, got {self.finetune_lr}")
         need(isinstance(self.finetune_epochs, int) and self.finetune_epochs >= 1,
              f"--finetune-epochs must be a positive integer, got {self.finetune_epochs}")
+        need(self.train_precision in ("auto", "fp32", "bf16"),
+             f"unknown --train-precision {self.train_precision!r}; choose one of: auto, fp32, bf16")
         need(self.views is None or (isinstance(self.views, int) and self.views >= 1),
              f"--views must be a positive integer, got {self.views}")
         need(self.views is None or bool(self.augment), "--views needs --augment (which transformations to apply)")
@@ -244,7 +247,7 @@ class FinetuneResult:
                          f"{p['trainable_parameters']:,} trainable, {p['frozen_parameters']:,} frozen parameters")
             kept = (f"best epoch {p['best_epoch']}/{p['epochs_run']}" if p["improved"] else
                     "no epoch beat the head alone: kept the head-only model, weights unchanged")
-            lines.append(f"  fine-tune: AdamW lr {p['lr']:g}, {kept}; head only val_loss {h['val_loss']:.4f} "
+            lines.append(f"  fine-tune: AdamW lr {p['lr']:g} ({p['precision']}), {kept}; head only val_loss {h['val_loss']:.4f} "
                          f"val_acc {h['val_accuracy']:.4f} -> partial val_loss {f['val_loss']:.4f} "
                          f"val_acc {f['val_accuracy']:.4f}")
         c = m["check"]
@@ -376,7 +379,8 @@ def finetune(source: Any, data: Any, output: str | os.PathLike | None = None, **
         partial = run_partial(tail, trained.head, cut, by_cut, by_view, train_idx, val_idx, lr=opts.tail_lr,
                               epochs=opts.finetune_epochs, patience=min(opts.patience, opts.finetune_epochs),
                               batch_size=opts.batch_size, seed=opts.seed, balance=opts.balance,
-                              n_classes=len(dataset.classes), log=log if opts.progress else None)
+                              n_classes=len(dataset.classes), precision=opts.train_precision,
+                              log=log if opts.progress else None)
         if partial.improved:
             from ..graph.tail import write_back
 

@@ -27,6 +27,7 @@ if TYPE_CHECKING:
     from ..graph.tail import Tail
     from .features import InputGeometry
 
+PRECISIONS = ("auto", "fp32", "bf16")
 DEFAULT_LR = 1e-4  # a tenth of the AdamW head's lowest default (1e-3): the pretrained layers move gently
 TRANSLATION_TOLERANCE = 1e-4  # torch tail vs ONNX Runtime, scaled by the features' magnitude
 EVAL_BATCH = 256
@@ -108,6 +109,7 @@ class PartialResult:
     translation_diff: float = 0.0
     seconds: float = 0.0
     net: Any = field(default=None, repr=False)  # the TailNet: tail + head on the tail's input
+    precision: str = "fp32"  # of the training steps
 
 
 class TailNet:
@@ -118,7 +120,12 @@ class TailNet:
         self.pool_axes = tuple(pool_axes) if pool_axes else None
 
     def features(self, x: "torch.Tensor") -> "torch.Tensor":
-        y = self.module(x.reshape(-1, *self.shape))
+        import torch
+
+        x = x.reshape(-1, *self.shape)
+        if x.dim() == 4:  # oneDNN's convolutions run channels-last without reordering (~10% per step, measured)
+            x = x.contiguous(memory_format=torch.channels_last)
+        y = self.module(x)
         if self.pool_axes:
             y = y.mean(dim=self.pool_axes)
         return y.reshape(len(y), -1)
@@ -166,9 +173,20 @@ def check_translation(net: TailNet, start_rows: np.ndarray, cut_rows: np.ndarray
     return diff
 
 
+def bf16_training(precision: str) -> bool:
+    """Whether training steps run under bf16 autocast: ``auto`` where the CPU computes bf16 natively (AMX or
+    AVX512-BF16: measured 2.5x faster on a 3x3 conv's forward + backward), fp32 elsewhere (emulated bf16 is slower).
+    Weights, optimizer state and every evaluation stay fp32."""
+    if precision == "auto":
+        from ..runtime.session import cpu_flags
+
+        return bool({"amx_bf16", "avx512_bf16"} & cpu_flags())
+    return precision == "bf16"
+
+
 def train_tail(net: TailNet, train: Rows, y_train: np.ndarray, val: Rows, y_val: np.ndarray, *, lr: float,
                epochs: int, patience: int, batch_size: int, seed: int, class_weights: np.ndarray | None = None,
-               log: Callable[[str], None] | None = None) -> PartialResult:
+               bf16: bool = False, log: Callable[[str], None] | None = None) -> PartialResult:
     """AdamW on the tail and the head together; the best epoch by validation loss is kept (0: the head alone)."""
     import torch
 
@@ -185,10 +203,12 @@ def train_tail(net: TailNet, train: Rows, y_train: np.ndarray, val: Rows, y_val:
         loss = float(torch.nn.functional.nll_loss(logp, y, weight=weight))
         return loss, float((p.argmax(1) == y).float().mean()), p.numpy()
 
-    def record(epoch: int) -> np.ndarray:
+    def record(epoch: int, train_scores: tuple[float, float] | None = None) -> np.ndarray:
+        """Validation loss and accuracy after the epoch; the training figures are the epoch's running mean (as
+        Keras reports them: a second pass over the training rows would cost a third of the epoch again)."""
         net.module.eval()
         net.head.eval()
-        tr_loss, tr_acc, _ = evaluate(train, yt)
+        tr_loss, tr_acc = train_scores if train_scores is not None else evaluate(train, yt)[:2]
         va_loss, va_acc, va_prob = evaluate(val, yv)
         for k, v in (("loss", tr_loss), ("accuracy", tr_acc), ("val_loss", va_loss), ("val_accuracy", va_acc)):
             history[k].append(v)
@@ -209,13 +229,18 @@ def train_tail(net: TailNet, train: Rows, y_train: np.ndarray, val: Rows, y_val:
             net.module.train()  # no tail layer behaves differently in training: normalization is frozen by design
             net.head.train()  # the head's dropout, if any
             perm = torch.randperm(n, generator=gen).numpy()
+            total_loss = correct = 0.0
             for i in range(0, n, bs):
                 idx = perm[i:i + bs]
                 opt.zero_grad()
-                loss = loss_fn(net(torch.from_numpy(train.take(idx))), yt[idx])
+                with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+                    logits = net(torch.from_numpy(train.take(idx)))
+                loss = loss_fn(logits.float(), yt[idx])
                 loss.backward()
                 opt.step()
-            prob = record(epoch)
+                total_loss += float(loss.detach()) * len(idx)
+                correct += float((logits.argmax(1) == yt[idx]).sum())
+            prob = record(epoch, (total_loss / n, correct / n))
             if not math.isfinite(history["loss"][-1]):
                 raise DataError(f"partial fine-tuning diverged at epoch {epoch}; give a lower --finetune-lr")
             va_loss = history["val_loss"][-1]
@@ -274,7 +299,8 @@ def plan_tail(model: "onnx.ModelProto", cut: "Cut", g: "InputGeometry", *, unfre
 
 def run_partial(planned: PlannedTail, head, cut: "Cut", by_cut: dict, by_view: dict, train_idx: np.ndarray,
                 val_idx: np.ndarray, *, lr: float, epochs: int, patience: int, batch_size: int, seed: int,
-                balance: bool, n_classes: int, log: Callable[[str], None] | None = None) -> PartialResult:
+                balance: bool, n_classes: int, precision: str = "auto",
+                log: Callable[[str], None] | None = None) -> PartialResult:
     """Prove the torch tail equals ONNX Runtime on held-out examples, then train tail + head (``train_tail``)."""
     from .train import class_weights
 
@@ -292,10 +318,13 @@ def run_partial(planned: PlannedTail, head, cut: "Cut", by_cut: dict, by_view: d
     if log:
         t = planned.tail
         log(f"porter: fine-tuning {t.describe()} with the head: {t.trainable_parameters:,} trainable parameters, "
-            f"AdamW lr {lr:g}, up to {epochs} epochs (torch tail == ONNX Runtime within {diff:.1g})")
+            f"AdamW lr {lr:g}, up to {epochs} epochs{' in bf16 autocast' if bf16_training(precision) else ''} "
+            f"(torch tail == ONNX Runtime within {diff:.1g})")
+    bf16 = bf16_training(precision)
     result = train_tail(net, Rows(parts), y_train, Rows([(start.features, val_idx)]), start.labels[val_idx], lr=lr,
                         epochs=epochs, patience=patience, batch_size=batch_size, seed=seed, class_weights=weights,
-                        log=log)
+                        bf16=bf16, log=log)
+    result.precision = "bf16 autocast" if bf16 else "fp32"
     result.translation_diff = diff
     result.net = net
     return result
@@ -308,7 +337,7 @@ def partial_metrics(planned: PlannedTail, r: PartialResult, views: int) -> dict[
                        for l in t.layers],
             "trainable_parameters": t.trainable_parameters, "frozen_parameters": t.frozen_parameters,
             "frozen_constants": len(t.frozen), "notes": list(t.notes),
-            "lr": r.lr, "epochs_run": r.epochs_run, "best_epoch": r.best_epoch, "stopped_early": r.stopped_early,
+            "lr": r.lr, "precision": r.precision, "epochs_run": r.epochs_run, "best_epoch": r.best_epoch, "stopped_early": r.stopped_early,
             "improved": r.improved, "kept": "partial" if r.improved else "head-only",
             "head_only": {k: round(v, 6) for k, v in r.head_only.items()},
             "partial": {k: round(v, 6) for k, v in r.final.items()},
