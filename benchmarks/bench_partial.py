@@ -130,6 +130,8 @@ def keras_recipe(path: Path, layer: str, pool: bool, train_dir: Path, test_x, te
     h = base(keras.layers.Rescaling(1.0 / 255)(inp), training=False)  # BatchNorm (if any) stays in inference mode
     if pool:
         h = keras.layers.GlobalAveragePooling2D()(h)
+    elif len(h.shape) > 2:  # N x 1 x 1 x C: porter flattens it
+        h = keras.layers.Flatten()(h)
     model = keras.Model(inp, keras.layers.Dense(len(data.classes), activation="softmax")(h))
     model.compile(optimizer="adam", loss="sparse_categorical_crossentropy", metrics=["accuracy"])
     model.fit(x[tr], y[tr], batch_size=32, epochs=HEAD_EPOCHS, validation_data=(x[va], y[va]), verbose=0)

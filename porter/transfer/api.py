@@ -20,160 +20,15 @@ import numpy as np
 
 from .. import __version__
 from ..errors import UsageError, ValidationError
-from ..options import DEVICES, as_floats, reject_unknown
-from ..spec import PRESETS, ModelCard, PreprocessSpec
+from ..spec import ModelCard, PreprocessSpec
 from .data import Dataset, load_data
 from .features import Features, InputGeometry, compute_features
-from .heads import HEADS
+from .inputs import batch_dim as batch_dim_of
+from .inputs import input_geometry, resolve_preprocess, sample_inputs
+from .options import FinetuneOptions
 
-VALIDATION_EXAMPLES = 16
 VALIDATION_ATOL = 1e-4
 VALIDATION_RTOL = 1e-3
-
-
-@dataclass(frozen=True)
-class FinetuneOptions:
-    """Everything ``porter finetune`` can be told; the CLI builds one of these, as a pipeline would."""
-
-    epochs: int = 100  # upper bound: early stopping on the validation loss decides
-    batch_size: int = 32
-    lr: float | None = None  # None: linear -> L-BFGS probe; mlp -> chosen from a small grid. Given: AdamW at this lr
-    weight_decay: float | None = None  # linear probe: the L2 strength; AdamW's weight decay (None: chosen)
-    head: str = "linear"  # linear | mlp
-    hidden: int = 256  # mlp hidden units
-    dropout: float | None = None  # default 0.0 for linear, 0.2 for mlp
-    patience: int = 20
-    val_split: float = 0.2
-    balance: bool = False  # class weights for imbalanced data
-    seed: int = 0
-    cut: str | None = None  # auto (default) | backbone | search | a tensor name (see porter.graph.cuts.plan_cuts)
-    image_size: tuple[int, int] | None = None  # (H, W) for backbones without a fixed size
-    preprocess: str | None = None  # raw | unit | tf | torch | caffe (default: the model's metadata)
-    mean: tuple[float, ...] | None = None
-    std: tuple[float, ...] | None = None
-    device: str = "auto"  # options.DEVICES (backbone inference; heads train on the CPU)
-    force: bool = False
-    label_column: str = "label"  # CSV data
-    preprocessed: bool = False  # array data that is already the model's input tensor
-    feature_batch_size: int = 64
-    cache: bool = True  # reuse / store backbone features
-    cache_dir: str | None = None
-    workers: int | None = None  # image decoding threads
-    progress: bool = True  # progress bar and per-epoch lines on stderr
-    # partial fine-tuning (LP-FT): after the head, train it with the last layers before the cut (partial.py)
-    unfreeze: int = 0  # the last N weight-carrying layers (Conv, Gemm, MatMul) before the cut
-    train_from: str | None = None  # or: every layer from this tensor to the cut
-    finetune_lr: float | None = None  # AdamW lr of that phase (default partial.DEFAULT_LR, or --lr / 10)
-    finetune_epochs: int = 30  # upper bound; early stopping (patience) on the validation loss decides
-    train_precision: str = "auto"  # partial.PRECISIONS: the tail's training steps (bf16 autocast on AMX CPUs)
-    augment: tuple[str, ...] = ()  # augment.AUGMENTS: views of the training images, featurized with the rest
-    views: int | None = None  # augmented views per training image (default 2 with --augment)
-    memory_budget: int | None = None  # bytes of features kept in memory; more goes to a memory-mapped file
-    convert_options: dict[str, Any] = field(default_factory=dict)  # for porter.convert when SOURCE isn't ONNX
-
-    @classmethod
-    def from_kwargs(cls, **kwargs: Any) -> "FinetuneOptions":
-        reject_unknown(cls, kwargs, "finetune")
-        if kwargs.get("image_size") is not None:
-            kwargs["image_size"] = _size(kwargs["image_size"])
-        for name in ("mean", "std"):
-            if kwargs.get(name) is not None:
-                kwargs[name] = as_floats(kwargs[name], name)
-        if "augment" in kwargs:
-            from .augment import parse_augment
-
-            kwargs["augment"] = parse_augment(kwargs["augment"])
-        if isinstance(kwargs.get("memory_budget"), str):
-            kwargs["memory_budget"] = parse_bytes(kwargs["memory_budget"], "--memory-budget")
-        opts = cls(**kwargs)
-        opts.check()
-        return opts
-
-    def check(self) -> None:
-        def need(ok: bool, msg: str) -> None:
-            if not ok:
-                raise UsageError(msg)
-
-        need(isinstance(self.epochs, int) and self.epochs >= 1, f"--epochs must be a positive integer, got {self.epochs}")
-        need(isinstance(self.batch_size, int) and self.batch_size >= 1, f"--batch-size must be a positive integer, got {self.batch_size}")
-        need(self.lr is None or self.lr > 0, f"--lr must be positive, got {self.lr}")
-        need(self.weight_decay is None or self.weight_decay >= 0,
-             f"--weight-decay must be 0 or more, got {self.weight_decay}")
-        need(self.head in HEADS, f"unknown head {self.head!r}; choose one of: {', '.join(HEADS)}")
-        need(isinstance(self.hidden, int) and self.hidden >= 1, f"--hidden must be a positive integer, got {self.hidden}")
-        need(self.dropout is None or 0.0 <= self.dropout < 1.0, f"--dropout must be in [0, 1), got {self.dropout}")
-        need(isinstance(self.patience, int) and self.patience >= 1, f"--patience must be a positive integer, got {self.patience}")
-        need(0.0 < self.val_split < 1.0, f"--val-split must be between 0 and 1 (exclusive), got {self.val_split}")
-        need(self.preprocess is None or self.preprocess in PRESETS,
-             f"unknown preprocessing {self.preprocess!r}; choose one of: {', '.join(PRESETS)}")
-        need(self.feature_batch_size >= 1, f"feature_batch_size must be positive, got {self.feature_batch_size}")
-        # checked here, before any data is read or a source converted (the backbone runs on it much later)
-        need(self.device in DEVICES, f"unknown device {self.device!r}; choose one of: {', '.join(DEVICES)}")
-        need(self.workers is None or (isinstance(self.workers, int) and self.workers >= 1),
-             f"--workers must be a positive integer, got {self.workers}")
-        need(isinstance(self.unfreeze, int) and self.unfreeze >= 0,
-             f"--unfreeze must be 0 or a positive number of layers, got {self.unfreeze}")
-        need(not (self.unfreeze and self.train_from), "give --unfreeze N or --train-from TENSOR, not both")
-        need(self.finetune_lr is None or self.finetune_lr > 0, f"--finetune-lr must be positive, got {self.finetune_lr}")
-        need(isinstance(self.finetune_epochs, int) and self.finetune_epochs >= 1,
-             f"--finetune-epochs must be a positive integer, got {self.finetune_epochs}")
-        need(self.train_precision in ("auto", "fp32", "bf16"),
-             f"unknown --train-precision {self.train_precision!r}; choose one of: auto, fp32, bf16")
-        need(self.views is None or (isinstance(self.views, int) and self.views >= 1),
-             f"--views must be a positive integer, got {self.views}")
-        need(self.views is None or bool(self.augment), "--views needs --augment (which transformations to apply)")
-        need(self.memory_budget is None or (isinstance(self.memory_budget, int) and self.memory_budget > 0),
-             f"--memory-budget must be a positive size, got {self.memory_budget}")
-
-    @property
-    def partial(self) -> bool:
-        """Partial fine-tuning asked for (``--unfreeze N`` with N >= 1, or ``--train-from``)."""
-        return bool(self.unfreeze or self.train_from)
-
-    @property
-    def view_count(self) -> int:
-        return (self.views or 2) if self.augment else 0
-
-    @property
-    def tail_lr(self) -> float:
-        from .partial import DEFAULT_LR
-
-        return self.finetune_lr or (self.lr / 10 if self.lr else DEFAULT_LR)
-
-    @property
-    def head_dropout(self) -> float:
-        return self.dropout if self.dropout is not None else (0.2 if self.head == "mlp" else 0.0)
-
-
-def parse_bytes(value: str, what: str) -> int:
-    """``512M``, ``2G``, ``1.5GiB``, ``1000000`` -> bytes."""
-    text = value.strip().upper().removesuffix("IB").removesuffix("B")
-    scale = {"K": 2**10, "M": 2**20, "G": 2**30, "T": 2**40}.get(text[-1:], 1)
-    try:
-        size = float(text[:-1] if scale > 1 else text) * scale
-    except ValueError:
-        raise UsageError(f"{what} {value!r} is not a size; give bytes or a number with K, M or G (e.g. 2G)") from None
-    if not size > 0 or size != size:
-        raise UsageError(f"{what} must be a positive size, got {value!r}")
-    return int(size)
-
-
-def _size(value: Any) -> tuple[int, int]:
-    if isinstance(value, str):
-        parts = value.replace("x", ",").split(",")
-    elif isinstance(value, int):
-        parts = [value, value]
-    else:
-        parts = list(value)
-    try:
-        size = tuple(int(p) for p in parts)
-    except (TypeError, ValueError):
-        raise UsageError(f"bad image size {value!r}: expected H,W such as 224,224") from None
-    if len(size) == 1:
-        size = size * 2
-    if len(size) != 2 or min(size) <= 0:
-        raise UsageError(f"bad image size {value!r}: expected two positive integers H,W such as 224,224")
-    return size  # type: ignore[return-value]
 
 
 @dataclass
@@ -198,67 +53,9 @@ class FinetuneResult:
         return self.metrics["final"]["val_accuracy"]
 
     def summary(self) -> str:
-        m = self.metrics
-        where = f" -> {self.path}" if self.path else ""
-        ex = m["examples"]
-        lines = [f"fine-tuned {self.card.source} on {m['data']['source']}: {len(self.labels)} classes, "
-                 f"{ex['train']} train / {ex['val']} val examples{where} in {self.seconds:.1f} s"]
-        cut = m["cut"]
-        pooled = ", average-pooled" if cut["pooled"] else ""
-        lines.append(f"  cut: {cut['tensor']} {cut['shape']}{pooled}, {cut['features']} features ({cut['reason']})")
-        if m["cut_search"]:
-            lines.append(f"  cut {cut['choice']} (linear probe; another cut replaces the backbone only if its "
-                         f"validation loss is lower by more than one standard error):")
-            for row in m["cut_search"]:
-                mark = "  <- chosen" if row["chosen"] else ""
-                lines.append(f"    {row['kind']:<10} {row['features']:>6}  val_loss {row['val_loss']:.4f}  "
-                             f"val_acc {row['val_accuracy']:.4f}  {row['tensor']}{mark}")
-        f = m["features"]
-        if f["cached"]:
-            lines.append(f"  features: from cache ({f['cache']})")
-        else:
-            lines.append(f"  features: {f['examples']} examples in {f['seconds']:.2f} s "
-                         f"({f['per_second']:,.0f}/s, {f['device']})")
-        t = m["training"]
-        final = m["final"]
-        shown = m["partial"]["head_only"] if m["partial"] else final  # the head's own scores, before the tail trains
-        scores = f"val_loss {shown['val_loss']:.4f}, val_acc {shown['val_accuracy']:.4f}"
-        if t["method"] == "lbfgs":
-            grid = m["regularization"]
-            how = "given" if t["weight_decay"] is not None else f"chosen on validation over {len(grid)} strengths"
-            refit = ", refit on train + validation" if t["refit_on_train_and_val"] else ""
-            lines.append(f"  head: linear probe (L-BFGS logistic regression), L2 {t['chosen']['l2']:.3g} {how}"
-                         f"{refit}; {scores}")
-        else:
-            stop = "early stop" if t["stopped_early"] else "all epochs"
-            tried = f" (best of {len(m['grid'])} settings)" if len(m["grid"]) > 1 else ""
-            lines.append(f"  head: {t['head']}, AdamW lr {t['chosen']['lr']:g} weight decay "
-                         f"{t['chosen']['weight_decay']:g}{tried}, best epoch {t['best_epoch']}/{t['epochs_run']} "
-                         f"({stop}); {scores}")
-        if m["augment"]:
-            a = m["augment"]
-            lines.append(f"  augment: {a['views']} view{'s' if a['views'] != 1 else ''} ({', '.join(a['ops'])}) of "
-                         f"each training image, {a['examples']} featurized in {a['seconds']:.2f} s")
-        if m["partial"]:
-            p = m["partial"]
-            h, f = p["head_only"], p["partial"]
-            lines.append(f"  tail: {len(p['layers'])} layer{'s' if len(p['layers']) != 1 else ''} from {p['start']} "
-                         f"{list(p['start_shape'])} ({', '.join(l['op'] for l in p['layers'])}): "
-                         f"{p['trainable_parameters']:,} trainable, {p['frozen_parameters']:,} frozen parameters")
-            kept = (f"best epoch {p['best_epoch']}/{p['epochs_run']}" if p["improved"] else
-                    "no epoch beat the head alone: kept the head-only model, weights unchanged")
-            lines.append(f"  fine-tune: AdamW lr {p['lr']:g} ({p['precision']}), {kept}; head only val_loss {h['val_loss']:.4f} "
-                         f"val_acc {h['val_accuracy']:.4f} -> partial val_loss {f['val_loss']:.4f} "
-                         f"val_acc {f['val_accuracy']:.4f}")
-        c = m["check"]
-        lines.append(f"  check: merged model == backbone + head (max |diff| {c['max_abs_diff']:.2g} on "
-                     f"{c['examples']} examples, labels agree)")
-        if m["data"]["skipped"]:
-            lines.append(f"  skipped: {len(m['data']['skipped'])} unreadable file(s), listed in the report")
-        if self.report:
-            lines.append("  report: " + ", ".join(str(p) for p in self.report.values()))
-        lines += [f"  note: {n}" for n in self.notes]
-        return "\n".join(lines)
+        from .report import summary_text
+
+        return summary_text(self.metrics, self.card.source, self.path, self.seconds, self.report, self.notes)
 
 
 # --- the pipeline -----------------------------------------------------------------------------------------------
@@ -299,8 +96,8 @@ def finetune(source: Any, data: Any, output: str | os.PathLike | None = None, **
     t = time.perf_counter()
     model, card, notes = _load_source(source, opts)
     timings["load"] = time.perf_counter() - t
-    geometry = _geometry(model, opts, card)
-    spec, note = _preprocess(card, opts, geometry)
+    geometry = input_geometry(model, opts, card)
+    spec, note = resolve_preprocess(card, opts, geometry)
     if note:
         notes.append(note)
 
@@ -389,7 +186,7 @@ def finetune(source: Any, data: Any, output: str | os.PathLike | None = None, **
 
     t = time.perf_counter()
     backbone = extract_backbone(model, cut)
-    batch_dim = _batch_dim(backbone)
+    batch_dim = batch_dim_of(backbone)
     head_model = head_to_onnx(trained.head, opset=opset_of(backbone), ir_version=backbone.ir_version,
                               batch_dim=batch_dim)
     merged = merge_head(backbone, head_model)
@@ -562,78 +359,6 @@ def _load_source(source: Any, opts: FinetuneOptions):
     return result.model, result.card, notes
 
 
-def _geometry(model, opts: FinetuneOptions, card: ModelCard) -> InputGeometry:
-    from ..graph.inspect import graph_inputs, image_geometry
-
-    inputs = graph_inputs(model)
-    if len(inputs) != 1:
-        raise UsageError(f"porter finetune needs a model with one input; this one has {len(inputs)} "
-                         f"({', '.join(i.name for i in inputs)})")
-    t = inputs[0]
-    geo = image_geometry(t.shape)
-    if geo is None:
-        if opts.image_size is not None:
-            raise UsageError(f"--image-size is for image models; this model's input {t.describe()} is not an image")
-        if t.dtype not in ("float32", "unknown"):
-            raise UsageError(f"the model input {t.describe()} is {t.dtype}; porter finetune feeds float32 vectors: "
-                             f"give a model with a float32 input (re-export it, or cut the integer input off)")
-        return InputGeometry(t.name, "vector", dims=t.shape)
-    if t.dtype not in ("float32", "unknown"):
-        raise UsageError(f"the model input {t.describe()} is {t.dtype}; porter finetune feeds float32 images, not "
-                         f"{t.dtype} pixels yet: re-export the model with a float32 image input (its own Cast then "
-                         f"does nothing) and give --preprocess raw")
-    layout, size, channels = geo
-    if opts.image_size is not None:
-        if size is not None and tuple(opts.image_size) != tuple(size):
-            raise UsageError(f"image size {opts.image_size[0]}x{opts.image_size[1]} doesn't fit the backbone: its "
-                             f"input {t.describe()} takes {size[0]}x{size[1]}; drop --image-size or give "
-                             f"{size[0]},{size[1]}")
-        size = tuple(opts.image_size)
-    elif size is None and card.preprocess is not None and card.preprocess.size:
-        size = tuple(card.preprocess.size)
-    return InputGeometry(t.name, "image", layout, size, channels, dims=t.shape)
-
-
-def _preprocess(card: ModelCard, opts: FinetuneOptions, g: InputGeometry) -> tuple[PreprocessSpec | None, str | None]:
-    known = card.preprocess
-    if g.kind != "image":
-        if opts.preprocess or opts.mean or opts.std:
-            raise UsageError("--preprocess/--mean/--std describe image inputs; this model takes vectors")
-        return known, None
-    spec = PreprocessSpec.resolve(known, mode=opts.preprocess, mean=opts.mean, std=opts.std, layout=g.layout,
-                                  size=g.size, channels=g.channels)
-    if spec is None:
-        return (PreprocessSpec.preset("raw", layout=g.layout, size=g.size, channels=g.channels),
-                "the model records no preprocessing; feeding raw 0..255 pixels (give --preprocess unit|tf|torch|caffe "
-                "if the backbone was trained on normalized input)")
-    return spec, None
-
-
-def _batch_dim(model) -> str | int:
-    dims = model.graph.input[0].type.tensor_type.shape.dim
-    if dims and dims[0].HasField("dim_param"):
-        return dims[0].dim_param
-    if dims and dims[0].HasField("dim_value"):
-        return dims[0].dim_value
-    return "batch"
-
-
-def _sample_inputs(dataset: Dataset, feats: Features, g: InputGeometry, spec: PreprocessSpec | None,
-                   positions: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """Up to VALIDATION_EXAMPLES model inputs, spread over the data (or ``positions``), and their positions in
-    ``feats``."""
-    from ..imaging import load_image, to_tensor
-
-    among = np.arange(len(feats.index)) if positions is None else np.asarray(positions)
-    n = len(among)
-    pos = among[np.unique(np.linspace(0, n - 1, min(n, VALIDATION_EXAMPLES)).round().astype(np.int64))]
-    idx = feats.index[pos]
-    if dataset.kind == "vectors":
-        return np.ascontiguousarray(dataset.x[idx], np.float32), pos
-    images = [load_image(dataset.items[i], g.size, name=dataset.names[i]) for i in idx]
-    return to_tensor(images, spec, g.channels), pos
-
-
 def _check_merged(merged, backbone, reference, dataset: Dataset, feats: Features, g: InputGeometry,
                   spec: PreprocessSpec | None, positions: np.ndarray | None = None) -> dict[str, Any]:
     """The merged model's outputs == ``reference`` (torch: features -> probabilities) on the features ``backbone``
@@ -641,7 +366,7 @@ def _check_merged(merged, backbone, reference, dataset: Dataset, feats: Features
     from ..graph.validate import difference
     from ..runtime.predictor import Predictor
 
-    x, pos = _sample_inputs(dataset, feats, g, spec, positions)
+    x, pos = sample_inputs(dataset, feats, g, spec, positions)
 
     def run(model) -> list[np.ndarray]:
         p = Predictor(model, device="cpu", scores="raw", cache=False, spin=False)

@@ -26,6 +26,72 @@ def report_paths(output: str | Path, partial: bool = False) -> dict[str, Path]:
     return paths
 
 
+def summary_text(metrics: dict[str, Any], source: str, path: Path | None, seconds: float,
+                 report: dict[str, Path], notes: Sequence[str]) -> str:
+    """What ``porter finetune`` prints: one line per step, the figures from ``metrics``."""
+    m = metrics
+    where = f" -> {path}" if path else ""
+    ex = m["examples"]
+    lines = [f"fine-tuned {source} on {m['data']['source']}: {len(m['labels'])} classes, "
+             f"{ex['train']} train / {ex['val']} val examples{where} in {seconds:.1f} s"]
+    cut = m["cut"]
+    pooled = ", average-pooled" if cut["pooled"] else ""
+    lines.append(f"  cut: {cut['tensor']} {cut['shape']}{pooled}, {cut['features']} features ({cut['reason']})")
+    if m["cut_search"]:
+        lines.append(f"  cut {cut['choice']} (linear probe; another cut replaces the backbone only if its "
+                     f"validation loss is lower by more than one standard error):")
+        for row in m["cut_search"]:
+            mark = "  <- chosen" if row["chosen"] else ""
+            lines.append(f"    {row['kind']:<10} {row['features']:>6}  val_loss {row['val_loss']:.4f}  "
+                         f"val_acc {row['val_accuracy']:.4f}  {row['tensor']}{mark}")
+    f = m["features"]
+    if f["cached"]:
+        lines.append(f"  features: from cache ({f['cache']})")
+    else:
+        lines.append(f"  features: {f['examples']} examples in {f['seconds']:.2f} s "
+                     f"({f['per_second']:,.0f}/s, {f['device']})")
+    t = m["training"]
+    final = m["final"]
+    shown = m["partial"]["head_only"] if m["partial"] else final  # the head's own scores, before the tail trains
+    scores = f"val_loss {shown['val_loss']:.4f}, val_acc {shown['val_accuracy']:.4f}"
+    if t["method"] == "lbfgs":
+        grid = m["regularization"]
+        how = "given" if t["weight_decay"] is not None else f"chosen on validation over {len(grid)} strengths"
+        refit = ", refit on train + validation" if t["refit_on_train_and_val"] else ""
+        lines.append(f"  head: linear probe (L-BFGS logistic regression), L2 {t['chosen']['l2']:.3g} {how}"
+                     f"{refit}; {scores}")
+    else:
+        stop = "early stop" if t["stopped_early"] else "all epochs"
+        tried = f" (best of {len(m['grid'])} settings)" if len(m["grid"]) > 1 else ""
+        lines.append(f"  head: {t['head']}, AdamW lr {t['chosen']['lr']:g} weight decay "
+                     f"{t['chosen']['weight_decay']:g}{tried}, best epoch {t['best_epoch']}/{t['epochs_run']} "
+                     f"({stop}); {scores}")
+    if m["augment"]:
+        a = m["augment"]
+        lines.append(f"  augment: {a['views']} view{'s' if a['views'] != 1 else ''} ({', '.join(a['ops'])}) of "
+                     f"each training image, {a['examples']} featurized in {a['seconds']:.2f} s")
+    if m["partial"]:
+        p = m["partial"]
+        h, f = p["head_only"], p["partial"]
+        lines.append(f"  tail: {len(p['layers'])} layer{'s' if len(p['layers']) != 1 else ''} from {p['start']} "
+                     f"{list(p['start_shape'])} ({', '.join(l['op'] for l in p['layers'])}): "
+                     f"{p['trainable_parameters']:,} trainable, {p['frozen_parameters']:,} frozen parameters")
+        kept = (f"best epoch {p['best_epoch']}/{p['epochs_run']}" if p["improved"] else
+                "no epoch beat the head alone: kept the head-only model, weights unchanged")
+        lines.append(f"  fine-tune: AdamW lr {p['lr']:g} ({p['precision']}), {kept}; head only val_loss {h['val_loss']:.4f} "
+                     f"val_acc {h['val_accuracy']:.4f} -> partial val_loss {f['val_loss']:.4f} "
+                     f"val_acc {f['val_accuracy']:.4f}")
+    c = m["check"]
+    lines.append(f"  check: merged model == backbone + head (max |diff| {c['max_abs_diff']:.2g} on "
+                 f"{c['examples']} examples, labels agree)")
+    if m["data"]["skipped"]:
+        lines.append(f"  skipped: {len(m['data']['skipped'])} unreadable file(s), listed in the report")
+    if report:
+        lines.append("  report: " + ", ".join(str(p) for p in report.values()))
+    lines += [f"  note: {n}" for n in notes]
+    return "\n".join(lines)
+
+
 def classification_metrics(y_true: np.ndarray, y_pred: np.ndarray, classes: Sequence[str]) -> dict[str, Any]:
     """Accuracy, per-class precision/recall/F1/support and the confusion matrix (rows: true, cols: predicted)."""
     k = len(classes)
