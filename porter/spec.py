@@ -162,6 +162,9 @@ class ModelCard:
     batch: dict[str, Any] | None = None  # graph.batch.BatchPlan.to_dict(): dynamic / freed / fixed at a size
     source_form: str | None = None  # sources.SourceRef.form: "object" / "module" = an in-memory model
     weights: str | None = None  # the named pretrained weights the source was built with (keras.applications)
+    # multi-task heads: [{"name", "type": classification|regression, "labels": [...] | "mean"/"std" (the target's
+    # units), "outputs": [...]}]; None for single-task models (``labels`` then names the classes)
+    tasks: tuple[dict[str, Any], ...] | None = None
 
     @property
     def in_memory(self) -> bool:
@@ -195,6 +198,8 @@ class ModelCard:
             m["porter.source_form"] = self.source_form
         if self.weights is not None:
             m["porter.weights"] = self.weights
+        if self.tasks is not None:
+            m["porter.tasks"] = json.dumps(list(self.tasks), sort_keys=True)
         return m
 
     @classmethod
@@ -216,6 +221,7 @@ class ModelCard:
             batch=json.loads(props["porter.batch"]) if "porter.batch" in props else None,
             source_form=props.get("porter.source_form"),
             weights=props.get("porter.weights"),
+            tasks=_tasks(props["porter.tasks"]) if "porter.tasks" in props else None,
         )
 
     @classmethod
@@ -229,3 +235,23 @@ class ModelCard:
         for key, value in keep + sorted(self.to_metadata().items()):
             entry = model.metadata_props.add()
             entry.key, entry.value = key, value
+
+
+def _tasks(text: str) -> tuple[dict[str, Any], ...] | None:
+    """``porter.tasks`` read defensively (metadata is untrusted): malformed entries make it None, not a crash."""
+    try:
+        raw = json.loads(text)
+    except ValueError:
+        return None
+    if not isinstance(raw, list):
+        return None
+    tasks = []
+    for t in raw:
+        if not isinstance(t, dict) or not isinstance(t.get("name"), str) or t.get("type") not in (
+                "classification", "regression"):
+            return None
+        if t["type"] == "classification" and not (isinstance(t.get("labels"), list)
+                                                  and all(isinstance(l, str) for l in t["labels"])):
+            return None
+        tasks.append(t)
+    return tuple(tasks)

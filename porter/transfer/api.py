@@ -83,6 +83,15 @@ def finetune(source: Any, data: Any, output: str | os.PathLike | None = None, **
     timings: dict[str, float] = {}
     opts = FinetuneOptions.from_kwargs(**options)
     log = _logger(opts.progress)
+    if isinstance(data, (str, os.PathLike)):
+        from .tables import is_table, parse_tasks
+
+        if is_table(Path(data).expanduser(), parse_tasks(opts.tasks), opts.path_column):
+            from .multitask import finetune_tasks
+
+            return finetune_tasks(source, Path(data).expanduser(), output, opts, start)
+    elif opts.tasks:
+        raise UsageError("--task needs a table (a CSV or JSON Lines file with one column per task)")
     paths = report_paths(output, opts.partial) if output is not None else {}
     if output is not None:
         for p in [Path(output), *paths.values()]:

@@ -50,6 +50,9 @@ class FinetuneOptions:
     augment: tuple[str, ...] = ()  # augment.AUGMENTS: views of the training images, featurized with the rest
     views: int | None = None  # augmented views per training image (default 2 with --augment)
     memory_budget: int | None = None  # bytes of features kept in memory; more goes to a memory-mapped file
+    # several targets (tables.py): a CSV / JSON Lines table with one column per task
+    tasks: tuple[str, ...] = ()  # NAME[:classification|regression]; default: every non-path column of an image table
+    path_column: str = "path"  # the table's image-path column
     convert_options: dict[str, Any] = field(default_factory=dict)  # for porter.convert when SOURCE isn't ONNX
 
     @classmethod
@@ -60,6 +63,10 @@ class FinetuneOptions:
         for name in ("mean", "std"):
             if kwargs.get(name) is not None:
                 kwargs[name] = as_floats(kwargs[name], name)
+        if isinstance(kwargs.get("tasks"), str):
+            kwargs["tasks"] = (kwargs["tasks"],)
+        elif kwargs.get("tasks") is not None:
+            kwargs["tasks"] = tuple(kwargs["tasks"])
         if "augment" in kwargs:
             from .augment import parse_augment
 

@@ -29,6 +29,10 @@ def report_paths(output: str | Path, partial: bool = False) -> dict[str, Path]:
 def summary_text(metrics: dict[str, Any], source: str, path: Path | None, seconds: float,
                  report: dict[str, Path], notes: Sequence[str]) -> str:
     """What ``porter finetune`` prints: one line per step, the figures from ``metrics``."""
+    if "tasks" in metrics:
+        from .multitask import tasks_summary
+
+        return tasks_summary(metrics, source, path, seconds, report, notes)
     m = metrics
     where = f" -> {path}" if path else ""
     ex = m["examples"]
