@@ -194,7 +194,8 @@ def add_finetune_parser(sub) -> None:
                                    "with labels and preprocessing, plus a report (NAME.metrics.json, "
                                    "NAME.training.png, NAME.confusion.png) beside it.")
     p.add_argument("source", help="an ONNX file, or any source porter converts (keras:..., torchhub:..., tfjs:..., a path)")
-    p.add_argument("data", help="an image folder with one subfolder per class, or a CSV file with a label column")
+    p.add_argument("data", help="an image folder with one subfolder per class, a CSV file with a label column, or a "
+                                "CSV / JSON Lines table with one column per task (--task)")
     p.add_argument("-o", "--output", required=True, help="the ONNX file to write")
     g = p.add_argument_group("training")
     g.add_argument("--epochs", type=int, default=100, help="AdamW: upper bound; early stopping on validation loss decides (default 100)")
@@ -232,6 +233,11 @@ def add_finetune_parser(sub) -> None:
     g.add_argument("--memory-budget", metavar="SIZE",
                    help="features kept in memory up to this size (e.g. 2G); beyond it they stream from a "
                         "memory-mapped file (default: a quarter of the available memory)")
+    g = p.add_argument_group("several tasks (DATA is a CSV or JSON Lines table, one column per task)")
+    g.add_argument("--task", action="append", metavar="NAME[:TYPE]", dest="tasks",
+                   help="a target column, TYPE classification or regression (default: inferred from the column); "
+                        "repeat for each task. Default for a table with an image-path column: every other column")
+    g.add_argument("--path-column", default="path", help="the table's column of image paths (default path)")
     g = p.add_argument_group("model and data")
     g.add_argument("--cut", metavar="MODE|TENSOR",
                    help="auto (default: search the candidate cuts while their features take at most 2x the "
@@ -258,7 +264,8 @@ def finetune_options(args: argparse.Namespace) -> dict:
                 label_column=args.label_column, device=args.device, feature_batch_size=args.feature_batch_size,
                 workers=args.workers, cache=not args.no_cache, progress=not args.quiet, force=args.force,
                 unfreeze=args.unfreeze, train_from=args.train_from, finetune_lr=args.finetune_lr,
-                finetune_epochs=args.finetune_epochs, train_precision=args.train_precision, views=args.views)
+                finetune_epochs=args.finetune_epochs, train_precision=args.train_precision, views=args.views,
+                tasks=tuple(args.tasks or ()), path_column=args.path_column)
     if args.augment is not None:
         opts["augment"] = args.augment
     if args.memory_budget is not None:
@@ -345,6 +352,7 @@ def run_predict(args: argparse.Namespace) -> int:
     for note in predictor.notes:
         print(f"porter: {note}", file=sys.stderr)
     writer = PredictionWriter(sys.stdout, args.format, top_k=args.top_k, classifier=predictor.is_classifier,
+                              tasks=predictor.tasks,
                               path_width=max(len(str(p)) for p in paths))
     failed = 0
     for prediction in predictor.iter_predictions([str(p) for p in paths], top_k=args.top_k, errors="report"):

@@ -63,6 +63,14 @@ class InspectReport:
                 from .graph.batch import BatchPlan
 
                 lines.append(f"  {BatchPlan.from_dict(c.batch).describe()}")
+            for t in c.tasks or ():
+                if t["type"] == "classification":
+                    what = f"{len(t['labels'])} classes: {', '.join(t['labels'][:6])}{', ...' if len(t['labels']) > 6 else ''}"
+                else:
+                    u = t.get("units") or {}
+                    what = (f"a value (training range {u['min']:.4g} to {u['max']:.4g}, mean {u['mean']:.4g})"
+                            if {"min", "max", "mean"} <= set(u) else "a value")
+                lines.append(f"  task {t['name']} ({t['type']}): {what}")
             if c.cut:
                 lines.append(f"  cut: {c.cut}")
             if c.training:

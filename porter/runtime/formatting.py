@@ -5,11 +5,11 @@ from __future__ import annotations
 import csv
 import json
 import math
-from typing import TextIO
+from typing import Sequence, TextIO
 
 import numpy as np
 
-from .predictor import Prediction
+from .results import Prediction
 
 FORMATS = ("table", "csv", "json")
 
@@ -18,13 +18,14 @@ class PredictionWriter:
     """Stream Predictions to ``out`` in ``fmt``; ``close()`` finishes the document (the JSON array's ``]``)."""
 
     def __init__(self, out: TextIO, fmt: str = "table", top_k: int = 1, path_width: int = 20,
-                 classifier: bool = True):
+                 classifier: bool = True, tasks: Sequence[dict] | None = None):
         if fmt not in FORMATS:
             raise ValueError(fmt)
         self.out, self.fmt, self.top_k = out, fmt, top_k
         self.path_width = max(4, min(path_width, 80))
         self.count = 0
-        self._raw = not classifier
+        self._raw = not classifier and not tasks
+        self.tasks = list(tasks or [])  # a multi-task model: one column group per task
         self._csv = csv.writer(out, lineterminator="\n") if fmt == "csv" else None
 
     def write(self, p: Prediction) -> None:
@@ -44,6 +45,22 @@ class PredictionWriter:
             self.out.flush()
 
     def _write_csv(self, p: Prediction, first: bool) -> None:
+        if self.tasks:
+            if first:
+                head = ["path"]
+                for t in self.tasks:
+                    head += ([f"{t['name']}_label", f"{t['name']}_score"] if t["type"] == "classification" else
+                             [f"{t['name']}_value"])
+                self._csv.writerow(head + ["error"])
+            row: list = [p.source]
+            for t in self.tasks:
+                r = (p.tasks or {}).get(t["name"])
+                if t["type"] == "classification":
+                    row += [r["label"], _num(r["score"])] if r else ["", ""]
+                else:
+                    row += [_num(r["value"])] if r else [""]
+            self._csv.writerow(row + [p.error or ""])
+            return
         if first:
             if self._raw:
                 self._csv.writerow(["path", "output", "shape", "values", "error"])
@@ -74,11 +91,24 @@ class PredictionWriter:
         if len(path) > self.path_width:
             path = "..." + path[-(self.path_width - 3):]
         if first:
-            if not self._raw:
+            if self.tasks:
+                self.out.write(f"{'path'.ljust(self.path_width)}  " +
+                               "; ".join(f"{t['name']} ({t['type']})" for t in self.tasks) + "\n")
+            elif not self._raw:
                 extra = "  top-k" if self.top_k > 1 else ""
                 self.out.write(f"{'path'.ljust(self.path_width)}  {'label':<20}  {'score':>8}{extra}\n")
         if p.error:
             self.out.write(f"{path.ljust(self.path_width)}  ERROR: {p.error}\n")
+            return
+        if p.tasks is not None:
+            parts = []
+            for name, r in p.tasks.items():
+                if "value" in r:
+                    parts.append(f"{name}: {r['value']:.6g}")
+                else:
+                    top = ", ".join(f"{x['label']} {x['score']:.4f}" for x in r["top_k"][:max(1, self.top_k)])
+                    parts.append(f"{name}: {top}")
+            self.out.write(f"{path.ljust(self.path_width)}  {'; '.join(parts)}\n")
             return
         if p.outputs is not None:
             parts = []

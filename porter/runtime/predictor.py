@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import contextlib
 import os
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, Callable, Iterator, Mapping, Sequence
 
@@ -41,6 +41,7 @@ from .feeds import as_sources, bind_and_run, check_feed, feeds_dict, host_array,
 from .pipeline import ImageLayout, PipelineStats, plan_batches, run_images
 from .precision import PrecisionReport, compare_precision, convert_to_fp16
 from .signature import SCORE_MODES, ModelSignature, probabilities
+from .results import Prediction, task_results
 
 DEFAULT_BATCH = 32
 MAX_STREAMS = 4  # concurrent CPU inference streams by default (each holds one batch's activations)
@@ -48,34 +49,6 @@ STREAMS_MAX_MODEL_BYTES = 1 << 30  # bigger models get streams only when asked (
 
 __all__ = ["DEFAULT_BATCH", "PipelineStats", "PrecisionReport", "Prediction", "Predictor", "SCORE_MODES",
            "compare_precision", "convert_to_fp16", "load", "plan_batches", "probabilities"]
-
-@dataclass(frozen=True)
-class Prediction:
-    """One input's result. Classifiers fill label/index/score/top_k; other models fill ``outputs``."""
-
-    source: str | None
-    label: str | int | None = None  # the class name from the model's labels, else the index
-    index: int | None = None
-    score: float | None = None
-    top_k: tuple[tuple[str | int, float], ...] = ()
-    outputs: dict[str, np.ndarray] | None = None
-    error: str | None = None
-
-    @property
-    def ok(self) -> bool:
-        return self.error is None
-
-    def to_dict(self) -> dict[str, Any]:
-        d: dict[str, Any] = {"path": self.source}
-        if self.error is not None:
-            d["error"] = self.error
-            return d
-        if self.outputs is not None:
-            d["outputs"] = {k: np.asarray(v).tolist() for k, v in self.outputs.items()}
-            return d
-        d.update(label=self.label, score=self.score, top_k=[{"label": l, "score": s} for l, s in self.top_k])
-        return d
-
 
 
 def load(model: Any, device: str = "auto", fp16: bool = False, batch_size: int | None = None,
@@ -164,6 +137,7 @@ class Predictor:
     output_names = property(lambda self: self.signature.output_names)
     preprocess = property(lambda self: self.signature.preprocess)
     labels = property(lambda self: self.signature.labels)
+    tasks = property(lambda self: self.signature.tasks)
     score_output = property(lambda self: self.signature.score_output)
     score_transform = property(lambda self: self.signature.score_transform)
     fixed_batch = property(lambda self: self.signature.fixed_batch, doc="The only batch size the model takes, or None.")
@@ -275,13 +249,17 @@ class Predictor:
         """
         if preprocessed:
             outputs = self.run_batched(inputs, batch_size=batch_size)
+            if self.tasks:
+                n = len(next(iter(outputs.values())))
+                return [Prediction(None, tasks=task_results(self.tasks, {k: v[i] for k, v in outputs.items()}, top_k))
+                        for i in range(n)]
             if not self.is_classifier:
                 return outputs
             n = len(outputs[self.score_output])
             return [self._classify(outputs[self.score_output][i], None, top_k) for i in range(n)]
         results = list(self.iter_predictions(as_sources(inputs), top_k=top_k, errors="raise",
                                              batch_size=batch_size))
-        if self.is_classifier:
+        if self.is_classifier or self.tasks:
             return results
         return {name: np.concatenate([r.outputs[name] for r in results]) for name in self.output_names} if results else {}
 
@@ -427,6 +405,9 @@ class Predictor:
     def _predictions(self, out: dict[str, np.ndarray], indices: list[int], sources: Sequence[Any],
                      top_k: int) -> dict[int, Prediction]:
         """One batch's outputs as Predictions: labels and top-k for classifiers, else each source's rows."""
+        if self.tasks:
+            return {i: Prediction(source=_source_name(sources[i], i), tasks=task_results(self.tasks, rows, top_k))
+                    for i, rows in self._rows(out, indices).items()}
         if not self.is_classifier:
             return {i: Prediction(source=_source_name(sources[i], i), outputs=rows)
                     for i, rows in self._rows(out, indices).items()}

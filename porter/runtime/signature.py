@@ -12,6 +12,8 @@ otherwise the model emits logits and porter applies a softmax. The decision is m
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
+
 import numpy as np
 
 from ..errors import DataError, UsageError
@@ -36,6 +38,7 @@ class ModelSignature:
     score_transform: str  # none | softmax | exp: what turns the score output into probabilities
     labels: tuple[str, ...] | None
     notes: tuple[str, ...] = ()
+    tasks: tuple[dict[str, Any], ...] | None = None  # a multi-task model's tasks (porter.tasks), when its outputs match
 
     @classmethod
     def read(cls, model, card: ModelCard | None, name: str, preprocess: PreprocessSpec | str | None = None,
@@ -46,10 +49,11 @@ class ModelSignature:
         notes: list[str] = []
         image = _image_input(inputs)
         spec = _resolve_preprocess(image, card, preprocess, name, inputs, notes)
-        score_output, transform = _classifier(model, outputs, scores)
+        tasks = _tasks(card, outputs, notes)
+        score_output, transform = _classifier(model, outputs, scores) if tasks is None else (None, "none")
         labels = _labels(score_output, outputs, card, notes)
         return cls(name, inputs, outputs, _fixed_batch(inputs), image, spec, score_output, transform, labels,
-                   tuple(notes))
+                   tuple(notes), tasks)
 
     @property
     def input_names(self) -> list[str]:
@@ -198,6 +202,19 @@ def _classifier(model, outputs: tuple[TensorInfo, ...], scores: str) -> tuple[st
         return out.name, "softmax"
     producer = _producer_op(model, out.name)
     return out.name, {"Softmax": "none", "Sigmoid": "none", "LogSoftmax": "exp"}.get(producer, "softmax")
+
+
+def _tasks(card: ModelCard | None, outputs, notes: list[str]) -> tuple[dict[str, Any], ...] | None:
+    """The card's tasks, when every output they name is an output of the model (metadata is untrusted)."""
+    if card is None or not card.tasks:
+        return None
+    names = {t.name for t in outputs}
+    expected = {"classification": ("probabilities", "label"), "regression": ("value",)}
+    for t in card.tasks:
+        if any(f"{t['name']}/{o}" not in names for o in expected[t["type"]]):
+            notes.append(f"the metadata's task {t['name']!r} names outputs the model doesn't have; showing raw outputs")
+            return None
+    return card.tasks
 
 
 def _labels(score_output: str | None, outputs, card: ModelCard | None, notes: list[str]) -> tuple[str, ...] | None:
