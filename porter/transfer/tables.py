@@ -146,7 +146,8 @@ def _number(cell: str) -> float | None:
     return v if math.isfinite(v) else None
 
 
-def _task(spec: TaskSpec, cells: list[str], path: Path, first_row: int) -> Task:
+def _task(spec: TaskSpec, cells: list[str], path: Path, row_numbers: Sequence[int]) -> Task:
+    """The task from its column's cells (``row_numbers``: each cell's 1-based data row, for messages)."""
     present = [(i, c) for i, c in enumerate(cells) if c.lower() not in MISSING]
     numbers = {i: _number(c) for i, c in present}
     numeric = all(v is not None for v in numbers.values())
@@ -160,7 +161,7 @@ def _task(spec: TaskSpec, cells: list[str], path: Path, first_row: int) -> Task:
     if kind == "regression":
         bad = next((i for i, _ in present if numbers[i] is None), None)
         if bad is not None:
-            raise DataError(f"{path}: row {bad + first_row}, column {spec.name!r}: {cells[bad][:40]!r} is not a number "
+            raise DataError(f"{path}: row {row_numbers[bad]}, column {spec.name!r}: {cells[bad][:40]!r} is not a number "
                             f"(a regression target); fix the cell or give --task {spec.name}:classification")
         values = np.full(n, np.nan)
         for i, _ in present:
@@ -199,7 +200,7 @@ def load_table(path: Path, tasks: Sequence[TaskSpec], path_column: str = "path")
     cells = {t.name: [row[cols[t.name]].strip() for row in rows] for t in tasks}
     unlabelled = [r for r in range(len(rows)) if all(cells[t.name][r].lower() in MISSING for t in tasks)]
     keep = [r for r in range(len(rows)) if r not in set(unlabelled)]
-    built = [_task(t, [cells[t.name][r] for r in keep], path, 1) for t in tasks]
+    built = [_task(t, [cells[t.name][r] for r in keep], path, [r + 1 for r in keep]) for t in tasks]
     for t in built:
         if t.type == "classification" and len(t.classes) < 2:
             raise DataError(f"task {t.name!r} has {len(t.classes)} class{'es' if len(t.classes) != 1 else ''} "
