@@ -159,6 +159,10 @@ def test_bad_tables_are_one_line_errors(tmp_path, model):
     vectors.write_text("a,b,kind\n1,2,x\n3,4,y\n")
     with pytest.raises(DataError, match="no column 'label'"):
         finetune(model, vectors, progress=False)  # without --task it is the single-label CSV of old
+    from model_builders import make_folder
+
+    with pytest.raises(UsageError, match="--task needs a table"):
+        finetune(model, make_folder(tmp_path / "folder"), tasks=["color"], progress=False)
     out = tmp_path / "never.onnx"
     with pytest.raises(UsageError, match="train one task"):
         finetune(model, table, out, tasks=["color"], unfreeze=1, progress=False)

@@ -90,8 +90,9 @@ def finetune(source: Any, data: Any, output: str | os.PathLike | None = None, **
             from .multitask import finetune_tasks
 
             return finetune_tasks(source, Path(data).expanduser(), output, opts, start)
-    elif opts.tasks:
-        raise UsageError("--task needs a table (a CSV or JSON Lines file with one column per task)")
+    if opts.tasks:
+        raise UsageError(f"--task needs a table (a CSV or JSON Lines file with one column per task), not "
+                         f"{data if isinstance(data, (str, os.PathLike)) else type(data).__name__}")
     paths = report_paths(output, opts.partial) if output is not None else {}
     if output is not None:
         for p in [Path(output), *paths.values()]:
