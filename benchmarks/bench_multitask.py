@@ -6,7 +6,8 @@ Data: the digits 5-9 training split of bench_transfer (449 PNGs, 32x32 grey) as 
 ``digit`` (5 classes), ``parity`` (even / odd) and ``ink`` (the mean pixel value, a number; regression); every
 tenth ``parity`` cell is left blank (masked). Backbone: fixtures/backbone/backbone.keras converted to ONNX (pretrained
 on digits 0-4). Measured in one process, each run with an empty feature cache (a per-task run extracts features
-again: that is what N separate models cost): the three tasks jointly vs three single-task runs. Per-task validation
+again: that is what N separate models cost): the three tasks jointly vs three single-task runs, and the three
+tasks on a shared trainable trunk (``--shared-hidden 128``, trained jointly). Per-task validation
 figures side by side (a regression task alone is split by a seeded shuffle, jointly stratified on the first
 classification task, so its figure can differ by the split). Target (issue 17): N tasks cost <= 1.5x one task, with equal per-task figures.
 """
@@ -77,11 +78,16 @@ def main(argv=None) -> int:
 
         joint_s, joint = timed(TASKS)
         singles = [timed([t]) for t in TASKS]
+        t = time.perf_counter()
+        trunk = finetune(src, data, tasks=TASKS, shared_hidden=128, cache=False, progress=False)
+        trunk_s = time.perf_counter() - t
     finally:
         shutil.rmtree(work, ignore_errors=True)
     rows = {"joint_s": round(joint_s, 3), "single_s": [round(s, 3) for s, _ in singles],
             "joint": {t["name"]: figure(t) for t in joint.metrics["tasks"]},
-            "single": {r.metrics["tasks"][0]["name"]: figure(r.metrics["tasks"][0]) for _, r in singles}}
+            "single": {r.metrics["tasks"][0]["name"]: figure(r.metrics["tasks"][0]) for _, r in singles},
+            "shared_trunk_s": round(trunk_s, 3), "shared_trunk": {t["name"]: figure(t) for t in trunk.metrics["tasks"]},
+            "shared_trunk_epochs": trunk.metrics["shared_trunk"]["epochs_run"]}
     if args.json:
         print(json.dumps(rows, indent=2))
         return 0
@@ -89,7 +95,9 @@ def main(argv=None) -> int:
     print(f"3 tasks jointly: {joint_s:.2f} s; one task per run: {', '.join(f'{s:.2f}' for s in rows['single_s'])} s "
           f"(sum {sum(rows['single_s']):.2f} s)")
     for name in rows["joint"]:
-        print(f"  {name:<8} joint {rows['joint'][name]:.4f}  alone {rows['single'][name]:.4f}")
+        print(f"  {name:<8} joint {rows['joint'][name]:.4f}  alone {rows['single'][name]:.4f}  "
+              f"shared trunk (128 units) {rows['shared_trunk'][name]:.4f}")
+    print(f"  shared trunk: {rows['shared_trunk_s']:.2f} s, {rows['shared_trunk_epochs']} epochs")
     ok = joint_s <= 1.5 * one and all(abs(rows["joint"][n] - rows["single"][n]) <= 0.01 for n in rows["joint"])
     print(f"  {'ok  ' if joint_s <= 1.5 * one else 'MISS'} joint / one single-task run (mean): {joint_s / one:.2f}x (<= 1.5x); "
           f"vs all three runs: {joint_s / sum(rows['single_s']):.2f}x")

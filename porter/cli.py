@@ -238,6 +238,11 @@ def add_finetune_parser(sub) -> None:
                    help="a target column, TYPE classification or regression (default: inferred from the column); "
                         "repeat for each task. Default for a table with an image-path column: every other column")
     g.add_argument("--path-column", default="path", help="the table's column of image paths (default path)")
+    g.add_argument("--shared-hidden", type=int, default=None, metavar="N",
+                   help="a shared trainable layer of N units before the task heads, all trained jointly (AdamW, "
+                        "early stopping on the weighted sum of validation losses); default: each head solved alone")
+    g.add_argument("--task-weight", action="append", metavar="NAME=W", dest="task_weights",
+                   help="weight of a task's loss with --shared-hidden (default: 1 / its initial loss)")
     g = p.add_argument_group("model and data")
     g.add_argument("--cut", metavar="MODE|TENSOR",
                    help="auto (default: search the candidate cuts while their features take at most 2x the "
@@ -265,7 +270,8 @@ def finetune_options(args: argparse.Namespace) -> dict:
                 workers=args.workers, cache=not args.no_cache, progress=not args.quiet, force=args.force,
                 unfreeze=args.unfreeze, train_from=args.train_from, finetune_lr=args.finetune_lr,
                 finetune_epochs=args.finetune_epochs, train_precision=args.train_precision, views=args.views,
-                tasks=tuple(args.tasks or ()), path_column=args.path_column)
+                tasks=tuple(args.tasks or ()), path_column=args.path_column, shared_hidden=args.shared_hidden,
+                task_weights=tuple(args.task_weights) if args.task_weights else None)
     if args.augment is not None:
         opts["augment"] = args.augment
     if args.memory_budget is not None:

@@ -217,3 +217,53 @@ def test_malformed_task_metadata_falls_back_to_raw_outputs(tmp_path, model):
         if p.key == "porter.tasks":
             p.value = "{not json"
     assert ModelCard.from_onnx(m).tasks is None
+
+
+def test_shared_trunk_trains_jointly_and_exports_one_trunk(tmp_path, model):
+    table, rows = image_table(tmp_path)
+    out = tmp_path / "trunk.onnx"
+    r = finetune(model, table, out, tasks=["color", "area:regression"], shared_hidden=16, epochs=150, lr=1e-2,
+                 progress=False)
+    j = r.metrics["shared_trunk"]
+    assert j["hidden"] == 16 and 1 <= j["best_epoch"] <= j["epochs_run"] <= 150
+    # default weights: each task's loss normalized by its initial value
+    assert j["weights"]["color"] == pytest.approx(1 / j["initial_losses"][0])
+    assert j["weights"]["area"] == pytest.approx(1 / j["initial_losses"][1])
+    m = onnx.load(out)
+    gemms = [n for n in m.graph.node if n.op_type == "Gemm" and n.output[0].startswith("porter/head/")]
+    assert len(gemms) == 3  # the trunk once, then one layer per task
+    assert r.metrics["tasks"][0]["validation"]["accuracy"] >= 0.8
+    # the ONNX equals the trunk + task layers computed by hand
+    from porter.graph.cuts import choose_cut
+    from porter.graph.surgery import extract_backbone
+    from porter.imaging import preprocess
+
+    x = preprocess([tmp_path / x["path"] for x in rows], ModelCard.from_onnx(m).preprocess, channels=3)
+    (feats,) = run(extract_backbone(onnx.load(model), choose_cut(onnx.load(model))), x)
+    prob, label, value = run(m, x)
+    trunk_w = {t.name: t for t in m.graph.initializer}
+    from onnx import numpy_helper
+
+    arr = lambda n: numpy_helper.to_array(trunk_w[n]).astype(np.float64)  # noqa: E731
+    h = np.maximum(((feats - arr("porter/head/trunk/mean")) / arr("porter/head/trunk/std")) @ arr("porter/head/trunk/W").T
+                   + arr("porter/head/trunk/b"), 0)
+    y = h @ arr("porter/head/1_area/W0").T + arr("porter/head/1_area/b0")
+    np.testing.assert_allclose(value, y[:, 0], rtol=1e-4, atol=1e-3)
+    again = finetune(model, table, tasks=["color", "area:regression"], shared_hidden=16, epochs=150, lr=1e-2,
+                     progress=False)
+    assert again.model.SerializeToString() == r.model.SerializeToString()  # seeded
+    w = finetune(model, table, tasks=["color", "area:regression"], shared_hidden=16, epochs=5,
+                 task_weights=["area=0"], progress=False)
+    assert w.metrics["shared_trunk"]["weights"]["area"] == 0.0
+
+
+def test_task_weights_are_checked(tmp_path, model):
+    table, _ = image_table(tmp_path)
+    with pytest.raises(UsageError, match="no task 'age'"):
+        finetune(model, table, tasks=["color"], shared_hidden=8, task_weights=["age=2"], progress=False)
+    with pytest.raises(UsageError, match="must be a number"):
+        finetune(model, table, tasks=["color"], shared_hidden=8, task_weights=["color=lots"], progress=False)
+    with pytest.raises(UsageError, match="weights the joint loss of --shared-hidden"):
+        finetune(model, table, tasks=["color"], task_weights=["color=2"], progress=False)
+    with pytest.raises(UsageError, match="--shared-hidden must be a positive"):
+        finetune(model, table, tasks=["color"], shared_hidden=0, progress=False)

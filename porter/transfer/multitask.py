@@ -76,6 +76,27 @@ def fit_ridge(x_train: np.ndarray, y_train: np.ndarray, x_val: np.ndarray, y_val
 
 
 @dataclass
+class SharedTrunk:
+    """``--shared-hidden``: standardize, Linear(features, hidden), ReLU -- shared by every task's layer."""
+
+    mean: np.ndarray
+    std: np.ndarray
+    weight: np.ndarray  # hidden x features
+    bias: np.ndarray
+
+
+@dataclass
+class JointHead:
+    """A task's layer on the trunk's output: W (classes or 1 x hidden), b; a regression's scaling folded in."""
+
+    weight: np.ndarray
+    bias: np.ndarray
+
+    def apply(self, hidden: np.ndarray) -> np.ndarray:
+        return hidden @ self.weight.T.astype(np.float64) + self.bias
+
+
+@dataclass
 class TaskResult:
     task: Task
     head: Any  # torch linear head (classification) or RegressionHead
@@ -131,26 +152,43 @@ def output_names(task: Task) -> list[str]:
 
 
 def heads_to_onnx(results: Sequence[TaskResult], *, opset: int, ir_version: int, batch_dim: str | int | None,
-                  in_features: int):
-    """One ONNX head: ``HEAD_INPUT`` -> per task ``<task>/probabilities`` + ``<task>/label`` or ``<task>/value``."""
+                  in_features: int, trunk: "SharedTrunk | None" = None):
+    """One ONNX head: ``HEAD_INPUT`` -> per task ``<task>/probabilities`` + ``<task>/label`` or ``<task>/value``;
+    with a shared trunk, standardize -> Gemm -> Relu once, every task's layer on its output."""
     import onnx
     from onnx import TensorProto, helper, numpy_helper
 
     from .heads import head_layers
 
     nodes, inits, outputs = [], [], []
+
+    def standardize(p: str, mean, std) -> str:
+        inits.extend([numpy_helper.from_array(np.asarray(mean, np.float32), f"{p}/mean"),
+                      numpy_helper.from_array(np.asarray(std, np.float32), f"{p}/std")])
+        nodes.extend([helper.make_node("Sub", [HEAD_INPUT, f"{p}/mean"], [f"{p}/centred"]),
+                      helper.make_node("Div", [f"{p}/centred", f"{p}/std"], [f"{p}/standardized"])])
+        return f"{p}/standardized"
+
+    shared = None
+    if trunk is not None:
+        x = standardize("porter/head/trunk", trunk.mean, trunk.std)
+        inits += [numpy_helper.from_array(trunk.weight, "porter/head/trunk/W"),
+                  numpy_helper.from_array(trunk.bias, "porter/head/trunk/b")]
+        nodes += [helper.make_node("Gemm", [x, "porter/head/trunk/W", "porter/head/trunk/b"], ["porter/head/trunk/h"],
+                                   transB=1),
+                  helper.make_node("Relu", ["porter/head/trunk/h"], ["porter/head/trunk/relu"])]
+        shared = "porter/head/trunk/relu"
     for k, r in enumerate(results):
         t = r.task
         p = f"porter/head/{k}_{re.sub(r'[^A-Za-z0-9_]', '_', t.name)}"
-        if t.type == "classification":
+        if shared is not None:
+            layers, x = [(r.head.weight, r.head.bias)], shared
+        elif t.type == "classification":
             mean, std, layers = head_layers(r.head)
+            x = standardize(p, mean, std)
         else:
-            mean, std = r.head.mean.astype(np.float32), r.head.std.astype(np.float32)
             layers = [(r.head.weight.astype(np.float32)[None, :], np.array([r.head.bias], np.float32))]
-        inits += [numpy_helper.from_array(mean, f"{p}/mean"), numpy_helper.from_array(std, f"{p}/std")]
-        nodes += [helper.make_node("Sub", [HEAD_INPUT, f"{p}/mean"], [f"{p}/centred"]),
-                  helper.make_node("Div", [f"{p}/centred", f"{p}/std"], [f"{p}/standardized"])]
-        x = f"{p}/standardized"
+            x = standardize(p, r.head.mean, r.head.std)
         for i, (w, b) in enumerate(layers):
             inits += [numpy_helper.from_array(w, f"{p}/W{i}"), numpy_helper.from_array(b, f"{p}/b{i}")]
             nodes.append(helper.make_node("Gemm", [x, f"{p}/W{i}", f"{p}/b{i}"], [f"{p}/dense{i}"], transB=1))
@@ -178,11 +216,24 @@ def heads_to_onnx(results: Sequence[TaskResult], *, opset: int, ir_version: int,
     return model
 
 
-def reference_outputs(results: Sequence[TaskResult], features: np.ndarray) -> dict[str, np.ndarray]:
+def reference_outputs(results: Sequence[TaskResult], features: np.ndarray,
+                      trunk: SharedTrunk | None = None) -> dict[str, np.ndarray]:
     """What every output should be, computed from the heads directly (torch / numpy), for the merge check."""
     from .heads import predict_proba
 
     out = {}
+    if trunk is not None:
+        z = (np.asarray(features, np.float64) - trunk.mean) / trunk.std
+        hidden = np.maximum(z @ trunk.weight.T.astype(np.float64) + trunk.bias, 0.0)
+        for r in results:
+            y = r.head.apply(hidden)
+            if r.task.type == "classification":
+                e = np.exp(y - y.max(1, keepdims=True))
+                out[f"{r.task.name}/probabilities"] = e / e.sum(1, keepdims=True)
+                out[f"{r.task.name}/label"] = y.argmax(1)
+            else:
+                out[f"{r.task.name}/value"] = y[:, 0]
+        return out
     for r in results:
         if r.task.type == "classification":
             prob = predict_proba(r.head, features)
@@ -205,6 +256,124 @@ def card_tasks(results: Sequence[TaskResult]) -> tuple[dict[str, Any], ...]:
             d["units"] = {"mean": float(y.mean()), "std": float(y.std()), "min": float(y.min()), "max": float(y.max())}
         tasks.append(d)
     return tuple(tasks)
+
+
+def fit_joint(features: np.ndarray, rows: np.ndarray, tasks: Sequence[Task], train_idx: np.ndarray,
+              val_idx: np.ndarray, *, hidden: int, weights: dict[str, float], epochs: int, patience: int,
+              batch_size: int, seed: int, dropout: float = 0.0, lr: float = 1e-3,
+              log: Callable[[str], None] | None = None) -> tuple[SharedTrunk, list[TaskResult], dict[str, Any]]:
+    """The shared trunk and every task's layer trained together (AdamW, ``lr`` default 1e-3, weight decay 1e-4): the loss is
+    the weighted sum of the tasks' masked losses (cross-entropy; MSE on the standardized target), each weight
+    ``weights.get(task)`` or, by default, 1 / that task's initial loss (no task drowns the others); early stopping
+    on the same weighted sum on validation, the best epoch restored."""
+    import copy
+    import math
+
+    import torch
+
+    from ..errors import DataError
+    from .heads import standardization
+    from .report import classification_metrics
+
+    start = time.perf_counter()
+    mean, std = standardization(features[train_idx])
+    x = torch.from_numpy(((features - mean) / std).astype(np.float32))
+    targets, masks, scales = [], [], []
+    for t in tasks:
+        if t.type == "classification":
+            y = torch.from_numpy(t.labels[rows].astype(np.int64))
+            targets.append(y), masks.append(y >= 0), scales.append(None)
+        else:
+            v = t.values[rows]
+            ok = np.isfinite(v)
+            ym, ys = float(v[train_idx][ok[train_idx]].mean()), float(v[train_idx][ok[train_idx]].std()) or 1.0
+            targets.append(torch.from_numpy(np.where(ok, (v - ym) / ys, 0.0).astype(np.float32)))
+            masks.append(torch.from_numpy(ok)), scales.append((ym, ys))
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        trunk = torch.nn.Linear(x.shape[1], hidden)
+        heads = torch.nn.ModuleList(torch.nn.Linear(hidden, len(t.classes) if t.type == "classification" else 1)
+                                    for t in tasks)
+        drop = torch.nn.Dropout(dropout)
+        params = list(trunk.parameters()) + list(heads.parameters())
+
+        def losses(idx: torch.Tensor, train: bool) -> list[torch.Tensor]:
+            h = torch.relu(trunk(x[idx]))
+            h = drop(h) if train else h
+            out = []
+            for t, head, y, m in zip(tasks, heads, targets, masks):
+                sel = m[idx]
+                if not bool(sel.any()):
+                    out.append(torch.zeros(()))
+                    continue
+                pred = head(h[sel])
+                out.append(torch.nn.functional.cross_entropy(pred, y[idx][sel]) if t.type == "classification" else
+                           torch.nn.functional.mse_loss(pred[:, 0], y[idx][sel]))
+            return out
+
+        tr, va = torch.from_numpy(train_idx), torch.from_numpy(val_idx)
+        with torch.no_grad():
+            initial = [float(v) for v in losses(tr, False)]
+        w = [float(weights[t.name]) if t.name in weights else 1.0 / max(initial[k], 1e-6)
+             for k, t in enumerate(tasks)]
+        opt = torch.optim.AdamW(params, lr=lr, weight_decay=1e-4)
+        gen = torch.Generator().manual_seed(seed)
+        history: dict[str, list[float]] = {"loss": [], "val_loss": []}
+        best, best_state, best_epoch, since, epoch = math.inf, None, 0, 0, 0
+        for epoch in range(1, epochs + 1):
+            trunk.train(), heads.train(), drop.train()
+            perm = tr[torch.randperm(len(tr), generator=gen)]
+            for i in range(0, len(perm), batch_size):
+                opt.zero_grad()
+                loss = sum(wk * lk for wk, lk in zip(w, losses(perm[i:i + batch_size], True)))
+                loss.backward()
+                opt.step()
+            trunk.eval(), heads.eval(), drop.eval()
+            with torch.no_grad():
+                tl = float(sum(wk * lk for wk, lk in zip(w, losses(tr, False))))
+                vl = float(sum(wk * lk for wk, lk in zip(w, losses(va, False))))
+            history["loss"].append(tl), history["val_loss"].append(vl)
+            if not math.isfinite(tl):
+                raise DataError(f"joint training diverged at epoch {epoch}")
+            if vl < best - max(1e-7, 1e-4 * abs(best)) if math.isfinite(best) else True:
+                best, best_epoch, since = vl, epoch, 0
+                best_state = copy.deepcopy((trunk.state_dict(), heads.state_dict()))
+            else:
+                since += 1
+                if since >= patience:
+                    break
+        trunk.load_state_dict(best_state[0]), heads.load_state_dict(best_state[1])
+    shared = SharedTrunk(mean.astype(np.float32), std.astype(np.float32),
+                         trunk.weight.detach().numpy().copy(), trunk.bias.detach().numpy().copy())
+    results = []
+    for t, head, scale in zip(tasks, heads, scales):
+        W, b = head.weight.detach().numpy().astype(np.float64), head.bias.detach().numpy().astype(np.float64)
+        if scale is not None:  # back to the column's units
+            W, b = W * scale[1], b * scale[1] + scale[0]
+        jh = JointHead(W.astype(np.float32), b.astype(np.float32))
+        results.append(TaskResult(t, jh, 0, 0, {}, {"hidden": hidden, "weight": w[len(results)]}, [], 0.0))
+    ref = reference_outputs(results, features[val_idx], shared)
+    for r in results:
+        t = r.task
+        lab = t.labelled[rows]
+        tr_k, va_k = train_idx[lab[train_idx]], val_idx[lab[val_idx]]
+        sel = lab[val_idx]
+        if t.type == "classification":
+            y = t.labels[rows][va_k]
+            prob = ref[f"{t.name}/probabilities"][sel]
+            r.validation = classification_metrics(y, prob.argmax(1), t.classes)
+            r.validation["loss"] = float(-np.log(np.clip(prob[np.arange(len(y)), y], 1e-12, 1)).mean())
+        else:
+            r.validation = regression_metrics(t.values[rows][va_k], ref[f"{t.name}/value"][sel])
+        r.train_rows, r.val_rows = int(len(tr_k)), int(len(va_k))
+        if log:
+            fig = (f"val_acc {r.validation['accuracy']:.4f}" if t.type == "classification" else
+                   f"val R² {r.validation['r2']:.4f}, RMSE {r.validation['rmse']:.4g}")
+            log(f"porter: task {t.name} ({t.type}, shared trunk): {fig}")
+    info = {"hidden": hidden, "lr": lr, "weights": dict(zip([t.name for t in tasks], w)), "initial_losses": initial,
+            "best_epoch": best_epoch, "epochs_run": epoch, "history": history,
+            "seconds": round(time.perf_counter() - start, 4)}
+    return shared, results, info
 
 
 # --- the pipeline -----------------------------------------------------------------------------------------------
@@ -247,9 +416,9 @@ def finetune_tasks(source: Any, table, output, opts, start: float):
     if opts.partial or opts.augment:
         raise UsageError("--unfreeze, --train-from and --augment train one task; give one label column (or an image "
                          "folder) to use them")
-    if opts.head != "linear" or opts.lr is not None:
-        raise UsageError("several tasks train linear heads solved to their optimum (the probe, ridge); --head mlp "
-                         "and --lr are single-task options")
+    if opts.head != "linear" or (opts.lr is not None and not opts.shared_hidden):
+        raise UsageError("several tasks train linear heads solved to their optimum (the probe, ridge), or a shared "
+                         "trunk (--shared-hidden N, whose AdamW takes --lr); --head mlp is a single-task option")
     log = _logger(opts.progress)
     timings: dict[str, float] = {}
     t0 = time.perf_counter()
@@ -287,15 +456,27 @@ def finetune_tasks(source: Any, table, output, opts, start: float):
     rows = feats.index
     t0 = time.perf_counter()
     train_idx, val_idx = task_split(tasks, rows, opts.val_split, opts.seed)
-    config = TrainConfig(weight_decay=opts.weight_decay, balance=opts.balance, seed=opts.seed)
     x = np.asarray(feats.features, np.float32)
-    results = fit_tasks(x, rows, tasks, train_idx, val_idx, config, log if opts.progress else None)
+    weights = parse_task_weights(opts.task_weights, tasks)
+    trunk, joint = None, None
+    if opts.shared_hidden:
+        trunk, results, joint = fit_joint(x, rows, tasks, train_idx, val_idx, hidden=opts.shared_hidden,
+                                          weights=weights, epochs=opts.epochs, patience=opts.patience,
+                                          batch_size=opts.batch_size, seed=opts.seed, dropout=opts.dropout or 0.0,
+                                          lr=opts.lr or 1e-3,
+                                          log=log if opts.progress else None)
+    else:
+        if weights:
+            raise UsageError("--task-weight weights the joint loss of --shared-hidden; without it every task's head "
+                             "is solved on its own")
+        config = TrainConfig(weight_decay=opts.weight_decay, balance=opts.balance, seed=opts.seed)
+        results = fit_tasks(x, rows, tasks, train_idx, val_idx, config, log if opts.progress else None)
     timings["train"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
     backbone = extract_backbone(model, cut)
     head = heads_to_onnx(results, opset=opset_of(backbone), ir_version=backbone.ir_version,
-                         batch_dim=batch_dim(backbone), in_features=x.shape[1])
+                         batch_dim=batch_dim(backbone), in_features=x.shape[1], trunk=trunk)
     merged = merge_head(backbone, head)
     sample, pos = sample_inputs(dataset, feats, geometry, spec, val_idx)
 
@@ -303,7 +484,7 @@ def finetune_tasks(source: Any, table, output, opts, start: float):
         return Predictor(m, device="cpu", scores="raw", cache=False, spin=False).run_batched(sample)
 
     fresh = run(backbone)["porter/features"]
-    want = reference_outputs(results, np.asarray(fresh, np.float32))
+    want = reference_outputs(results, np.asarray(fresh, np.float32), trunk)
     got = run(merged)
     check: dict[str, Any] = {"examples": int(len(sample)), "atol": CHECK_ATOL, "rtol": CHECK_RTOL, "outputs": {}}
     problems = []
@@ -343,7 +524,7 @@ def finetune_tasks(source: Any, table, output, opts, start: float):
                    "labelled": int(r.task.labelled.sum()), "chosen": r.chosen, "curve": r.curve,
                    "validation": r.validation, "outputs": output_names(r.task), "seconds": round(r.seconds, 4)}
                   for r in results],
-        "check": check, "timings": {k: round(v, 4) for k, v in timings.items()}, "notes": notes,
+        "shared_trunk": joint, "check": check, "timings": {k: round(v, 4) for k, v in timings.items()}, "notes": notes,
         "seed": opts.seed, "val_split": opts.val_split,
     }
     new_card = card.with_(labels=None, preprocess=spec, cut=cut.name, tasks=card_tasks(results),
@@ -374,6 +555,27 @@ def finetune_tasks(source: Any, table, output, opts, start: float):
                           feats.cached, [r.head for r in results])
 
 
+def parse_task_weights(values: Sequence[str] | dict | None, tasks: Sequence[Task]) -> dict[str, float]:
+    """``["age=2", "pose=0.5"]`` (or a dict) -> {task: weight}; unknown tasks and bad numbers refused."""
+    from ..errors import UsageError
+
+    if not values:
+        return {}
+    items = values.items() if isinstance(values, dict) else [str(v).partition("=")[::2] for v in values]
+    names = {t.name for t in tasks}
+    out = {}
+    for name, w in items:
+        if name not in names:
+            raise UsageError(f"--task-weight {name}=...: no task {name!r} (tasks: {', '.join(sorted(names))})")
+        try:
+            out[name] = float(w)
+        except (TypeError, ValueError):
+            raise UsageError(f"--task-weight {name}={w}: the weight must be a number") from None
+        if not out[name] >= 0 or out[name] == float("inf"):
+            raise UsageError(f"--task-weight {name}={w}: the weight must be 0 or more")
+    return out
+
+
 def tasks_summary(m: dict[str, Any], source: str, path, seconds: float, report: dict, notes: Sequence[str]) -> str:
     where = f" -> {path}" if path else ""
     ex = m["examples"]
@@ -383,10 +585,18 @@ def tasks_summary(m: dict[str, Any], source: str, path, seconds: float, report: 
     f = m["features"]
     lines.append(f"  features: from cache ({f['cache']})" if f["cached"] else
                  f"  features: {f['examples']} examples in {f['seconds']:.2f} s ({f['device']})")
+    j = m.get("shared_trunk")
+    if j:
+        lines.append(f"  shared trunk: {j['hidden']} hidden units, trained jointly (AdamW), best epoch "
+                     f"{j['best_epoch']}/{j['epochs_run']}; task weights "
+                     + ", ".join(f"{k} {v:.3g}" for k, v in j["weights"].items()))
     for t in m["tasks"]:
         how = "inferred" if t["inferred"] else "given"
         v = t["validation"]
-        if t["type"] == "classification":
+        if j:
+            fig = (f"val_acc {v['accuracy']:.4f}, val_loss {v['loss']:.4f}" if t["type"] == "classification" else
+                   f"val R² {v['r2']:.4f}, MAE {v['mae']:.4g}, RMSE {v['rmse']:.4g}")
+        elif t["type"] == "classification":
             fig = (f"{len(t['classes'])} classes; linear probe L2 {t['chosen']['l2']:.3g}; val_acc {v['accuracy']:.4f}, "
                    f"val_loss {v['loss']:.4f}")
         else:

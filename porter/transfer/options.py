@@ -53,6 +53,8 @@ class FinetuneOptions:
     # several targets (tables.py): a CSV / JSON Lines table with one column per task
     tasks: tuple[str, ...] = ()  # NAME[:classification|regression]; default: every non-path column of an image table
     path_column: str = "path"  # the table's image-path column
+    shared_hidden: int | None = None  # a shared trainable layer before the task heads, trained jointly
+    task_weights: tuple[str, ...] | dict | None = None  # NAME=W: the joint loss weights (default: 1 / initial loss)
     convert_options: dict[str, Any] = field(default_factory=dict)  # for porter.convert when SOURCE isn't ONNX
 
     @classmethod
@@ -107,6 +109,8 @@ class FinetuneOptions:
              f"--finetune-epochs must be a positive integer, got {self.finetune_epochs}")
         need(self.train_precision in ("auto", "fp32", "bf16"),
              f"unknown --train-precision {self.train_precision!r}; choose one of: auto, fp32, bf16")
+        need(self.shared_hidden is None or (isinstance(self.shared_hidden, int) and self.shared_hidden >= 1),
+             f"--shared-hidden must be a positive number of units, got {self.shared_hidden}")
         need(self.views is None or (isinstance(self.views, int) and self.views >= 1),
              f"--views must be a positive integer, got {self.views}")
         need(self.views is None or bool(self.augment), "--views needs --augment (which transformations to apply)")
