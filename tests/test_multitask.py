@@ -70,7 +70,9 @@ def test_image_table_gives_one_model_with_an_output_group_per_task(tmp_path, mod
     assert tasks["area"]["labelled"] == sum(1 for x in rows if x["area"] != "")
     unlabelled = [f"row {i + 1}" for i, x in enumerate(rows) if x["color"] == "" and x["area"] == ""]
     assert r.metrics["data"]["unlabelled_rows"] == unlabelled and any("no label for any task" in n for n in r.notes)
-    assert out.with_name("tasks.metrics.json").is_file() and out.with_name("tasks.color.confusion.png").is_file()
+    assert set(r.report.values()) == {out.with_name(f"tasks.{n}") for n in (
+        "metrics.json", "color.confusion.png", "color.training.png", "area.training.png")}
+    assert all(p.stat().st_size > 0 for p in r.report.values())
     assert "task area (regression, given)" in r.summary() and "task color (classification, inferred)" in r.summary()
 
     # the outputs equal the heads computed by hand on the backbone's features, on every image
@@ -224,6 +226,9 @@ def test_shared_trunk_trains_jointly_and_exports_one_trunk(tmp_path, model):
     out = tmp_path / "trunk.onnx"
     r = finetune(model, table, out, tasks=["color", "area:regression"], shared_hidden=16, epochs=150, lr=1e-2,
                  progress=False)
+    assert set(r.report.values()) == {out.with_name(f"trunk.{n}") for n in (
+        "metrics.json", "color.confusion.png", "shared.training.png")}
+    assert all(p.is_file() for p in r.report.values())
     j = r.metrics["shared_trunk"]
     assert j["hidden"] == 16 and 1 <= j["best_epoch"] <= j["epochs_run"] <= 150
     # default weights: each task's loss normalized by its initial value

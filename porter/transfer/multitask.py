@@ -381,16 +381,23 @@ def fit_joint(features: np.ndarray, rows: np.ndarray, tasks: Sequence[Task], tra
 CHECK_ATOL, CHECK_RTOL = 1e-4, 1e-3
 
 
-def report_paths(output, tasks: Sequence[Task]) -> dict[str, Any]:
+def report_paths(output, tasks: Sequence[Task], shared: bool = False) -> dict[str, Any]:
+    """The report beside ``output``: metrics, a training curve per task (its L2 / ridge strength curve), a
+    confusion matrix per classification task; with a shared trunk, the joint training's loss curves instead of
+    the per-task strength curves."""
     from pathlib import Path
 
     out = Path(output)
     stem = out.name[: -len(out.suffix)] if out.suffix else out.name
     paths = {"metrics": out.with_name(f"{stem}.metrics.json")}
-    for k, t in enumerate(tasks):
+    for t in tasks:
+        safe = re.sub(r"[^A-Za-z0-9_.-]", "_", t.name)
+        if not shared:
+            paths[f"training/{t.name}"] = out.with_name(f"{stem}.{safe}.training.png")
         if t.type == "classification":
-            safe = re.sub(r"[^A-Za-z0-9_.-]", "_", t.name)
             paths[f"confusion/{t.name}"] = out.with_name(f"{stem}.{safe}.confusion.png")
+    if shared:
+        paths["training/shared"] = out.with_name(f"{stem}.shared.training.png")
     return paths
 
 
@@ -409,7 +416,7 @@ def finetune_tasks(source: Any, table, output, opts, start: float):
     from .api import FinetuneResult, _load_source, _logger, _prefetch_imports
     from .features import compute_features
     from .inputs import batch_dim, input_geometry, resolve_preprocess, sample_inputs
-    from .report import confusion_png, metrics_json
+    from .report import confusion_png, metrics_json, regularization_png, series_png
     from .tables import load_table, parse_tasks, task_split
     from .train import TrainConfig
 
@@ -424,7 +431,7 @@ def finetune_tasks(source: Any, table, output, opts, start: float):
     t0 = time.perf_counter()
     dataset, tasks = load_table(Path(table), parse_tasks(opts.tasks), opts.path_column)
     timings["data"] = time.perf_counter() - t0
-    paths = report_paths(output, tasks) if output is not None else {}
+    paths = report_paths(output, tasks, bool(opts.shared_hidden)) if output is not None else {}
     if output is not None:
         for p in [Path(output), *paths.values()]:
             check_output(p, opts.force)
@@ -543,9 +550,25 @@ def finetune_tasks(source: Any, table, output, opts, start: float):
     if output is not None:
         blobs = {paths["metrics"]: metrics_json(metrics), Path(output): merged.SerializeToString()}
         for r in results:
+            name = r.task.name
             if r.task.type == "classification":
-                blobs[paths[f"confusion/{r.task.name}"]] = confusion_png(
-                    r.validation["confusion_matrix"], r.task.classes, f"{r.task.name}: validation confusion matrix")
+                blobs[paths[f"confusion/{name}"]] = confusion_png(
+                    r.validation["confusion_matrix"], r.task.classes, f"{name}: validation confusion matrix")
+            if joint:  # every task trained at once: its figures sit in the shared curve
+                continue
+            if r.task.type == "classification":
+                blobs[paths[f"training/{name}"]] = regularization_png(r.curve, r.chosen["l2"], (),
+                                                                      f"{name}: linear probe")
+            else:
+                blobs[paths[f"training/{name}"]] = series_png(
+                    [c["alpha"] for c in r.curve], {"train RMSE": [c["train_rmse"] for c in r.curve],
+                                                    "validation RMSE": [c["val_rmse"] for c in r.curve]},
+                    xlabel="ridge strength (x rows)", mark=r.chosen["alpha"], log_x=True, title=f"{name}: ridge")
+        if joint:
+            h = joint["history"]
+            blobs[paths["training/shared"]] = series_png(
+                range(1, len(h["loss"]) + 1), {"train (weighted)": h["loss"], "validation (weighted)": h["val_loss"]},
+                xlabel="epoch", mark=joint["best_epoch"], title=f"shared trunk ({joint['hidden']} units)")
         with contextlib.ExitStack() as stack:  # all temp files written, then all renamed; a failure leaves none
             temps = {p: stack.enter_context(atomic_path(p, opts.force)) for p in blobs}
             for p, data in blobs.items():

@@ -176,6 +176,31 @@ def regularization_png(curve: Sequence[dict], chosen: float, search: Sequence[di
     return _png(fig)
 
 
+def series_png(x: Sequence[float], series: dict[str, Sequence[float]], *, xlabel: str, mark: float | None = None,
+               log_x: bool = False, title: str = "") -> bytes:
+    """One panel of named series over ``x`` (a ridge strength curve, a joint training's losses), ``mark`` a
+    dashed line at the chosen x."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(5.5, 3.6), dpi=100)
+    FigureCanvasAgg(fig)
+    ax = fig.subplots(1, 1)
+    for name, ys in series.items():
+        ax.plot(list(x), list(ys), marker="o" if len(x) < 30 else None, markersize=3, label=name)
+    if mark is not None:
+        ax.axvline(mark, color="grey", linestyle="--", linewidth=1, label=f"chosen ({mark:.3g})")
+    if log_x:
+        ax.set_xscale("log")
+    ax.set_xlabel(xlabel)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    if title:
+        ax.set_title(title, fontsize=10)
+    fig.subplots_adjust(left=0.12, right=0.97, bottom=0.14, top=0.88)
+    return _png(fig)
+
+
 def confusion_png(cm: Sequence[Sequence[int]], classes: Sequence[str], title: str = "") -> bytes:
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
