@@ -431,6 +431,10 @@ def finetune_tasks(source: Any, table, output, opts, start: float):
     t0 = time.perf_counter()
     dataset, tasks = load_table(Path(table), parse_tasks(opts.tasks), opts.path_column)
     timings["data"] = time.perf_counter() - t0
+    weights = parse_task_weights(opts.task_weights, tasks)  # checked before any work
+    if weights and not opts.shared_hidden:
+        raise UsageError("--task-weight weights the joint loss of --shared-hidden; without it every task's head is "
+                         "solved on its own")
     paths = report_paths(output, tasks, bool(opts.shared_hidden)) if output is not None else {}
     if output is not None:
         for p in [Path(output), *paths.values()]:
@@ -464,7 +468,6 @@ def finetune_tasks(source: Any, table, output, opts, start: float):
     t0 = time.perf_counter()
     train_idx, val_idx = task_split(tasks, rows, opts.val_split, opts.seed)
     x = np.asarray(feats.features, np.float32)
-    weights = parse_task_weights(opts.task_weights, tasks)
     trunk, joint = None, None
     if opts.shared_hidden:
         trunk, results, joint = fit_joint(x, rows, tasks, train_idx, val_idx, hidden=opts.shared_hidden,
@@ -473,9 +476,6 @@ def finetune_tasks(source: Any, table, output, opts, start: float):
                                           lr=opts.lr or 1e-3,
                                           log=log if opts.progress else None)
     else:
-        if weights:
-            raise UsageError("--task-weight weights the joint loss of --shared-hidden; without it every task's head "
-                             "is solved on its own")
         config = TrainConfig(weight_decay=opts.weight_decay, balance=opts.balance, seed=opts.seed)
         results = fit_tasks(x, rows, tasks, train_idx, val_idx, config, log if opts.progress else None)
     timings["train"] = time.perf_counter() - t0
