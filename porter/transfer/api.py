@@ -87,7 +87,7 @@ def finetune(source: Any, data: Any, output: str | os.PathLike | None = None, **
         from .tables import is_table, parse_tasks
 
         if is_table(Path(data).expanduser(), parse_tasks(opts.tasks), opts.path_column):
-            from .multitask import finetune_tasks
+            from .multitask_run import finetune_tasks
 
             return finetune_tasks(source, Path(data).expanduser(), output, opts, start)
     if opts.tasks:

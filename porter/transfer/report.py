@@ -30,7 +30,7 @@ def summary_text(metrics: dict[str, Any], source: str, path: Path | None, second
                  report: dict[str, Path], notes: Sequence[str]) -> str:
     """What ``porter finetune`` prints: one line per step, the figures from ``metrics``."""
     if "tasks" in metrics:
-        from .multitask import tasks_summary
+        from .multitask_run import tasks_summary
 
         return tasks_summary(metrics, source, path, seconds, report, notes)
     m = metrics
