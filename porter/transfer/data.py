@@ -134,23 +134,8 @@ def _scan(folder: Path) -> list[os.DirEntry]:
 # --- CSV --------------------------------------------------------------------------------------------------------
 
 def from_csv(path: Path, label_column: str = "label") -> Dataset:
-    try:
-        with open(path, newline="", encoding="utf-8-sig") as f:
-            sample = f.read(65536)
-            f.seek(0)
-            try:
-                dialect = csv.Sniffer().sniff(sample, delimiters=",;\t")
-            except csv.Error:
-                dialect = csv.excel
-            rows = list(csv.reader(f, dialect))
-    except OSError as e:
-        raise DataError(f"can't read {path}: {e.strerror}") from None
-    except UnicodeDecodeError:
-        raise DataError(f"{path} is not a UTF-8 text CSV file") from None
-    rows = [r for r in rows if any(cell.strip() for cell in r)]
-    if not rows:
-        raise DataError(f"CSV file {path} is empty; it needs a header row and one row per example")
-    header = [h.strip() for h in rows[0]]
+    header, rows = read_rows(path)
+    rows = [header] + rows
     if label_column not in header:
         raise DataError(f"CSV file {path} has no column {label_column!r} (columns: {', '.join(header[:12])}"
                         f"{', ...' if len(header) > 12 else ''}); name the label column with --label-column")
@@ -189,6 +174,58 @@ def from_csv(path: Path, label_column: str = "label") -> Dataset:
                 "label": label_column})
     names = [f"row {r}" for r in range(1, len(raw_labels) + 1)]
     return Dataset("vectors", classes, labels, names, fp, str(path), x=x)
+
+
+def read_rows(path: Path, limit: int | None = None) -> tuple[list[str], list[list[str]]]:
+    """(header, data rows of strings) from a CSV/TSV (dialect sniffed) or JSON Lines file; blank lines dropped;
+    ``limit``: stop after that many data rows."""
+    try:
+        if path.suffix.lower() in (".jsonl", ".ndjson"):
+            header: list[str] = []
+            objs = []
+            with open(path, encoding="utf-8") as f:
+                for n, line in enumerate(f, start=1):
+                    if not line.strip():
+                        continue
+                    try:
+                        obj = json.loads(line)
+                    except ValueError as e:
+                        raise DataError(f"{path}: line {n} is not JSON ({e.msg})") from None
+                    if not isinstance(obj, dict):
+                        raise DataError(f"{path}: line {n} is not a JSON object")
+                    for k in obj:
+                        if k not in header:
+                            header.append(str(k))
+                    objs.append(obj)
+                    if limit is not None and len(objs) >= limit:
+                        break
+            rows = [["" if o.get(h) is None else str(o[h]) if not isinstance(o.get(h), (dict, list)) else
+                     json.dumps(o[h]) for h in header] for o in objs]
+            return header, rows
+        with open(path, newline="", encoding="utf-8-sig") as f:
+            sample = f.read(65536)
+            f.seek(0)
+            try:
+                dialect = csv.Sniffer().sniff(sample, delimiters=",;\t")
+            except csv.Error:
+                dialect = csv.excel
+            reader = csv.reader(f, dialect)
+            rows = []
+            for r in reader:
+                if any(c.strip() for c in r):
+                    rows.append(r)
+                    if limit is not None and len(rows) > limit:
+                        break
+    except OSError as e:
+        raise DataError(f"can't read {path}: {e.strerror}") from None
+    except UnicodeDecodeError:
+        raise DataError(f"{path} is not a UTF-8 text file") from None
+    except RecursionError:
+        raise DataError(f"{path}: a JSON value nests too deeply") from None
+    if not rows:
+        raise DataError(f"{path} is empty; it needs a header row and one row per example")
+    header = [h.strip() for h in rows[0]]
+    return header, rows[1:]
 
 
 # --- arrays -----------------------------------------------------------------------------------------------------

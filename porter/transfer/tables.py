@@ -9,8 +9,6 @@ skipped. Each task is ``NAME[:classification|regression]``; the type, when not g
 
 from __future__ import annotations
 
-import csv
-import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,7 +17,7 @@ from typing import Sequence
 import numpy as np
 
 from ..errors import DataError, UsageError
-from .data import Dataset, _hash, _label_name
+from .data import Dataset, _hash, _label_name, read_rows
 
 TASK_TYPES = ("classification", "regression")
 MISSING = ("", "na", "nan", "null", "none", "n/a")
@@ -83,59 +81,8 @@ def is_table(path: Path, tasks: Sequence[TaskSpec], path_column: str) -> bool:
         return True
     if path.suffix.lower() not in (".csv", ".tsv"):
         return False
-    header, _ = _read(path, limit=1)
+    header, _ = read_rows(path, limit=1)
     return path_column in header
-
-
-def _read(path: Path, limit: int | None = None) -> tuple[list[str], list[list[str]]]:
-    """(header, rows of strings) from a CSV/TSV or JSON Lines file."""
-    try:
-        if path.suffix.lower() in (".jsonl", ".ndjson"):
-            header: list[str] = []
-            objs = []
-            with open(path, encoding="utf-8") as f:
-                for n, line in enumerate(f, start=1):
-                    if not line.strip():
-                        continue
-                    try:
-                        obj = json.loads(line)
-                    except ValueError as e:
-                        raise DataError(f"{path}: line {n} is not JSON ({e.msg})") from None
-                    if not isinstance(obj, dict):
-                        raise DataError(f"{path}: line {n} is not a JSON object")
-                    for k in obj:
-                        if k not in header:
-                            header.append(str(k))
-                    objs.append(obj)
-                    if limit is not None and len(objs) >= limit:
-                        break
-            rows = [["" if o.get(h) is None else str(o[h]) if not isinstance(o.get(h), (dict, list)) else
-                     json.dumps(o[h]) for h in header] for o in objs]
-            return header, rows
-        with open(path, newline="", encoding="utf-8-sig") as f:
-            sample = f.read(65536)
-            f.seek(0)
-            try:
-                dialect = csv.Sniffer().sniff(sample, delimiters=",;\t")
-            except csv.Error:
-                dialect = csv.excel
-            reader = csv.reader(f, dialect)
-            rows = []
-            for r in reader:
-                if any(c.strip() for c in r):
-                    rows.append(r)
-                    if limit is not None and len(rows) > limit:
-                        break
-    except OSError as e:
-        raise DataError(f"can't read {path}: {e.strerror}") from None
-    except UnicodeDecodeError:
-        raise DataError(f"{path} is not a UTF-8 text file") from None
-    except RecursionError:
-        raise DataError(f"{path}: a JSON value nests too deeply") from None
-    if not rows:
-        raise DataError(f"{path} is empty; it needs a header row and one row per example")
-    header = [h.strip() for h in rows[0]]
-    return header, rows[1:]
 
 
 def _number(cell: str) -> float | None:
@@ -179,7 +126,7 @@ def _task(spec: TaskSpec, cells: list[str], path: Path, row_numbers: Sequence[in
 def load_table(path: Path, tasks: Sequence[TaskSpec], path_column: str = "path") -> tuple[Dataset, list[Task]]:
     """The table as a Dataset (images or vectors; ``labels``: the first classification task's, for the
     stratified split) and its tasks."""
-    header, rows = _read(path)
+    header, rows = read_rows(path)
     if not rows:
         raise DataError(f"{path} has a header but no data rows")
     width = len(header)
