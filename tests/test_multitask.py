@@ -272,3 +272,15 @@ def test_task_weights_are_checked(tmp_path, model):
         finetune(model, table, tasks=["color"], task_weights=["color=2"], progress=False)
     with pytest.raises(UsageError, match="--shared-hidden must be a positive"):
         finetune(model, table, tasks=["color"], shared_hidden=0, progress=False)
+
+
+def test_ridge_follows_the_optimum_below_its_grid():
+    from porter.transfer.multitask import RIDGE_FLOOR, RIDGE_GRID, fit_ridge
+
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((80, 6))
+    y = x @ np.array([1.0, -2.0, 0.5, 0.0, 3.0, 1.5]) + 7.0  # noiseless: the weakest penalty fits best
+    head, val = fit_ridge(x[:60], y[:60], x[60:], y[60:])
+    alphas = [c["alpha"] for c in head.curve]
+    assert head.alpha < min(RIDGE_GRID) and head.alpha >= RIDGE_FLOOR and alphas == sorted(alphas)
+    assert val["r2"] > 0.9999 and np.allclose(head.predict(x[60:]), y[60:], atol=1e-2)

@@ -20,6 +20,7 @@ import numpy as np
 from .tables import Task
 
 RIDGE_GRID = tuple(10.0 ** e for e in range(-4, 4))  # times the number of training rows
+RIDGE_FLOOR = 1e-8  # a best strength at the grid's low edge is followed down, a decade at a time, to here
 HEAD_INPUT = "porter/head/features"
 
 
@@ -58,7 +59,9 @@ def fit_ridge(x_train: np.ndarray, y_train: np.ndarray, x_val: np.ndarray, y_val
     mean, std, ym, ys, u, s, vt, uy = solve(x_train, y_train)
     n = len(x_train)
     curve, best = [], None
-    for lam in RIDGE_GRID:
+    grid = list(RIDGE_GRID)
+    while grid:
+        lam = grid.pop(0)
         w = vt.T @ (s / (s ** 2 + lam * n) * uy) * ys
         pred = ((x_val.astype(np.float64) - mean) / std) @ w + ym
         fit = ((x_train.astype(np.float64) - mean) / std) @ w + ym
@@ -67,6 +70,9 @@ def fit_ridge(x_train: np.ndarray, y_train: np.ndarray, x_val: np.ndarray, y_val
                       "val_r2": m["r2"]})
         if best is None or m["rmse"] < best[1]["rmse"]:
             best = (lam, m, pred)
+        if not grid and best[0] == min(c["alpha"] for c in curve) and best[0] / 10 >= RIDGE_FLOOR:
+            grid.append(best[0] / 10)  # the weakest strength won: the optimum may lie below the grid
+    curve.sort(key=lambda c: c["alpha"])
     lam, val_metrics, val_pred = best
     x_all, y_all = np.concatenate([x_train, x_val]), np.concatenate([y_train, y_val])
     mean, std, ym, ys, u, s, vt, uy = solve(x_all, y_all)
