@@ -95,3 +95,22 @@ def save_onnx(model, path: str | os.PathLike, force: bool) -> Path:
         onnx.save_model(copy, str(tmp), save_as_external_data=True, all_tensors_to_one_file=True,
                         location=data_name, size_threshold=EXTERNAL_THRESHOLD)
     return out
+
+
+def save_onnx_with_files(model, path: str | os.PathLike, files: "dict[Path, bytes]", force: bool) -> Path:
+    """The model and the files beside it (a report), all or nothing: every temp file is written, then all are
+    renamed, so a failure leaves none; a model over 2 GB goes through ``save_onnx`` (external data) last."""
+    import contextlib
+
+    out = Path(path)
+    blobs = dict(files)
+    small = model.ByteSize() < TWO_GB
+    if small:
+        blobs[out] = model.SerializeToString()
+    with contextlib.ExitStack() as stack:
+        temps = {p: stack.enter_context(atomic_path(p, force)) for p in blobs}
+        for p, data in blobs.items():
+            temps[p].write_bytes(data)
+    if not small:
+        save_onnx(model, out, force)
+    return out

@@ -284,3 +284,15 @@ def test_ridge_follows_the_optimum_below_its_grid():
     alphas = [c["alpha"] for c in head.curve]
     assert head.alpha < min(RIDGE_GRID) and head.alpha >= RIDGE_FLOOR and alphas == sorted(alphas)
     assert val["r2"] > 0.9999 and np.allclose(head.predict(x[60:]), y[60:], atol=1e-2)
+
+
+def test_task_names_that_sanitize_alike_get_their_own_report_files(tmp_path):
+    from porter.transfer.multitask_run import report_paths
+    from porter.transfer.tables import Task
+
+    tasks = [Task("a b", "classification", False, ("x", "y")), Task("a_b", "classification", False, ("x", "y")),
+             Task("shared", "regression", False)]
+    paths = report_paths(tmp_path / "m.onnx", tasks, shared=True)
+    assert len(set(paths.values())) == len(paths)  # nothing written over another
+    assert paths["confusion/a b"].name == "m.a_b.confusion.png" and paths["confusion/a_b"].name == "m.a_b-2.confusion.png"
+    assert paths["training/shared"].name == "m.shared.training.png"

@@ -6,11 +6,7 @@ head ONNX at the backbone's opset -> merged model -> check (merged == backbone +
 
 from __future__ import annotations
 
-import contextlib
-import importlib
 import os
-import sys
-import threading
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -26,6 +22,7 @@ from .features import Features, InputGeometry, compute_features
 from .inputs import batch_dim as batch_dim_of
 from .inputs import input_geometry, resolve_preprocess, sample_inputs
 from .options import FinetuneOptions
+from .steps import load_source, logger, prefetch_imports
 
 VALIDATION_ATOL = 1e-4
 VALIDATION_RTOL = 1e-3
@@ -82,7 +79,7 @@ def finetune(source: Any, data: Any, output: str | os.PathLike | None = None, **
     start = time.perf_counter()
     timings: dict[str, float] = {}
     opts = FinetuneOptions.from_kwargs(**options)
-    log = _logger(opts.progress)
+    log = logger(opts.progress)
     if isinstance(data, (str, os.PathLike)):
         from .tables import is_table, parse_tasks
 
@@ -98,13 +95,13 @@ def finetune(source: Any, data: Any, output: str | os.PathLike | None = None, **
         for p in [Path(output), *paths.values()]:
             check_output(p, opts.force)  # before any work
 
-    _prefetch_imports(report=output is not None)
+    prefetch_imports(report=output is not None)
     t = time.perf_counter()
     dataset = load_data(data, label_column=opts.label_column, preprocessed=opts.preprocessed)
     timings["data"] = time.perf_counter() - t
 
     t = time.perf_counter()
-    model, card, notes = _load_source(source, opts)
+    model, card, notes = load_source(source, opts)
     timings["load"] = time.perf_counter() - t
     geometry = input_geometry(model, opts, card)
     spec, note = resolve_preprocess(card, opts, geometry)
@@ -286,25 +283,6 @@ def finetune(source: Any, data: Any, output: str | os.PathLike | None = None, **
 
 # --- steps ------------------------------------------------------------------------------------------------------
 
-def _prefetch_imports(report: bool) -> None:
-    """Import in the background what training and the report need later, overlapping feature extraction:
-    torch.optim's first optimizer imports torch._dynamo (~1.3 s), the report matplotlib (~0.6 s)."""
-    modules = ["torch._dynamo"] + (["matplotlib.backends.backend_agg", "matplotlib.figure"] if report else [])
-    modules = [m for m in modules if m not in sys.modules]
-
-    def load() -> None:
-        for name in modules:
-            try:
-                importlib.import_module(name)
-            except Exception:  # noqa: BLE001 - the real import later reports a real failure
-                pass
-
-    if modules:
-        # not a daemon: the interpreter waits for it before finalizing (a daemon thread still importing at exit
-        # crashed it: "PyThreadState_Get ... finalizing"); the CLI leaves at once on Ctrl-C (os._exit)
-        threading.Thread(target=load, name="porter-prefetch-imports", daemon=False).start()
-
-
 def _search_cuts(cuts, fit, config, y_val, log) -> tuple[Any, Any, list[dict[str, Any]]]:
     """(chosen cut, its trained head when the probe is the final head too, the search table).
 
@@ -329,44 +307,6 @@ def _search_cuts(cuts, fit, config, y_val, log) -> tuple[Any, Any, list[dict[str
             log(f"porter: cut {c.name} ({c.kind}, {width} features): val_loss {r.val_loss:.4f}, "
                 f"val_acc {r.val_accuracy:.4f}{'  <- chosen' if i == best else ''}")
     return cuts[best], fits[best] if probe is config else None, table
-
-
-def _logger(enabled: bool):
-    def log(line: str) -> None:
-        if enabled:
-            print(line, file=sys.stderr, flush=True)
-
-    return log
-
-
-def _load_source(source: Any, opts: FinetuneOptions):
-    """(model, card, notes): an ONNX model as is, anything else through porter.convert (with parity)."""
-    import onnx
-
-    from ..files import load_onnx_file
-    from ..sources import parse_source
-
-    notes: list[str] = []
-    if isinstance(source, onnx.ModelProto):
-        model = source
-        card = ModelCard.from_onnx(model) or ModelCard(source=model.graph.name or "onnx-model", framework="onnx",
-                                                       porter_version=__version__)
-        return model, card, notes
-    ref = parse_source(os.fspath(source) if isinstance(source, os.PathLike) else source)
-    if ref.importer == "onnx":
-        if opts.convert_options:
-            raise UsageError(f"{ref} is already ONNX; convert options ({', '.join(sorted(opts.convert_options))}) "
-                             f"don't apply to it")
-        model = load_onnx_file(ref.location)
-        card = ModelCard.from_onnx(model) or ModelCard(source=str(ref), framework="onnx", porter_version=__version__)
-        return model, card, notes
-    from ..conversion import convert
-
-    result = convert(ref, None, **opts.convert_options)
-    notes += list(result.notes)
-    if result.parity is not None:
-        notes.append(f"converted {ref} first: {result.parity.summary()}")
-    return result.model, result.card, notes
 
 
 def _check_merged(merged, backbone, reference, dataset: Dataset, feats: Features, g: InputGeometry,
@@ -444,7 +384,7 @@ def _card(card: ModelCard, dataset: Dataset, spec, cut: str, metrics: dict, sour
 
 def _write(model, output: Path, paths: dict[str, Path], metrics: dict, classes: Sequence[str], trained,
            force: bool) -> Path:
-    from ..outputs import TWO_GB, atomic_path, save_onnx
+    from ..outputs import save_onnx_with_files
     from .report import confusion_png, curves_png, metrics_json, regularization_png
 
     title = f"{output.name}: val acc {metrics['final']['val_accuracy']:.4f}"
@@ -459,13 +399,4 @@ def _write(model, output: Path, paths: dict[str, Path], metrics: dict, classes: 
         p = metrics["partial"]
         blobs[paths["finetune"]] = curves_png(p["history"], p["best_epoch"], f"{output.name}: partial fine-tuning of "
                                               f"{len(p['layers'])} layers (epoch 0: the head alone)", first_epoch=0)
-    small = model.ByteSize() < TWO_GB
-    if small:
-        blobs[output] = model.SerializeToString()
-    with contextlib.ExitStack() as stack:  # all temp files written, then all renamed; a failure leaves none
-        temps = {p: stack.enter_context(atomic_path(p, force)) for p in blobs}
-        for p, data in blobs.items():
-            temps[p].write_bytes(data)
-    if not small:
-        save_onnx(model, output, force)
-    return output
+    return save_onnx_with_files(model, output, blobs, force)

@@ -24,8 +24,12 @@ def report_paths(output, tasks: Sequence[Task], shared: bool = False) -> dict[st
     out = Path(output)
     stem = out.name[: -len(out.suffix)] if out.suffix else out.name
     paths = {"metrics": out.with_name(f"{stem}.metrics.json")}
-    for t in tasks:
+    used: set[str] = set()
+    for k, t in enumerate(tasks):
         safe = re.sub(r"[^A-Za-z0-9_.-]", "_", t.name)
+        if safe in used or safe == "shared":  # two names that sanitize alike ("a b", "a_b") get their position
+            safe = f"{safe}-{k + 1}"
+        used.add(safe)
         if not shared:
             paths[f"training/{t.name}"] = out.with_name(f"{stem}.{safe}.training.png")
         if t.type == "classification":
@@ -37,7 +41,6 @@ def report_paths(output, tasks: Sequence[Task], shared: bool = False) -> dict[st
 
 def finetune_tasks(source: Any, table, output, opts, start: float):
     """``porter.finetune`` on a table of several targets: one backbone pass, a head per task, one ONNX."""
-    import contextlib
     from pathlib import Path
 
     from .. import __version__
@@ -45,9 +48,10 @@ def finetune_tasks(source: Any, table, output, opts, start: float):
     from ..graph.cuts import plan_cuts
     from ..graph.inspect import format_shape, opset_of
     from ..graph.surgery import extract_backbone, merge_head
-    from ..outputs import atomic_path, check_output
+    from ..outputs import check_output, save_onnx_with_files
     from ..runtime.predictor import Predictor
-    from .api import FinetuneResult, _load_source, _logger, _prefetch_imports
+    from .api import FinetuneResult
+    from .steps import load_source, logger, prefetch_imports
     from .features import compute_features
     from .inputs import batch_dim, input_geometry, resolve_preprocess, sample_inputs
     from .report import confusion_png, metrics_json, regularization_png, series_png
@@ -60,7 +64,7 @@ def finetune_tasks(source: Any, table, output, opts, start: float):
     if opts.head != "linear" or (opts.lr is not None and not opts.shared_hidden):
         raise UsageError("several tasks train linear heads solved to their optimum (the probe, ridge), or a shared "
                          "trunk (--shared-hidden N, whose AdamW takes --lr); --head mlp is a single-task option")
-    log = _logger(opts.progress)
+    log = logger(opts.progress)
     timings: dict[str, float] = {}
     t0 = time.perf_counter()
     dataset, tasks = load_table(Path(table), parse_tasks(opts.tasks), opts.path_column)
@@ -73,9 +77,9 @@ def finetune_tasks(source: Any, table, output, opts, start: float):
     if output is not None:
         for p in [Path(output), *paths.values()]:
             check_output(p, opts.force)
-    _prefetch_imports(report=output is not None)
+    prefetch_imports(report=output is not None)
     t0 = time.perf_counter()
-    model, card, notes = _load_source(source, opts)
+    model, card, notes = load_source(source, opts)
     timings["load"] = time.perf_counter() - t0
     geometry = input_geometry(model, opts, card)
     spec, note = resolve_preprocess(card, opts, geometry)
@@ -182,7 +186,7 @@ def finetune_tasks(source: Any, table, output, opts, start: float):
     metrics["seconds"] = round(time.perf_counter() - start, 4)
     path = None
     if output is not None:
-        blobs = {paths["metrics"]: metrics_json(metrics), Path(output): merged.SerializeToString()}
+        blobs = {paths["metrics"]: metrics_json(metrics)}
         for r in results:
             name = r.task.name
             if r.task.type == "classification":
@@ -203,11 +207,7 @@ def finetune_tasks(source: Any, table, output, opts, start: float):
             blobs[paths["training/shared"]] = series_png(
                 range(1, len(h["loss"]) + 1), {"train (weighted)": h["loss"], "validation (weighted)": h["val_loss"]},
                 xlabel="epoch", mark=joint["best_epoch"], title=f"shared trunk ({joint['hidden']} units)")
-        with contextlib.ExitStack() as stack:  # all temp files written, then all renamed; a failure leaves none
-            temps = {p: stack.enter_context(atomic_path(p, opts.force)) for p in blobs}
-            for p, data in blobs.items():
-                temps[p].write_bytes(data)
-        path = Path(output)
+        path = save_onnx_with_files(merged, output, blobs, opts.force)
     return FinetuneResult(merged, path, new_card, metrics, paths, time.perf_counter() - start, timings, notes,
                           feats.cached, [r.head for r in results])
 
