@@ -191,6 +191,7 @@ def test_partial_finetune_writes_the_tail_back_and_equals_tail_plus_head(tmp_pat
     assert out.with_name("tuned.finetune.png").stat().st_size > 0
     assert r.card.training["partial_layers"] == 3 and r.card.training["partial_kept"] == "partial"
     assert "tail: 3 layers from mp" in r.summary() and "head only val_loss" in r.summary()
+    assert "check: merged model == torch tail + head on the tail's cached input" in r.summary()
 
     # the shipped model is the original graph with the tail's weights written in, plus the head
     original = onnx.load(src)

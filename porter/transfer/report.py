@@ -86,8 +86,10 @@ def summary_text(metrics: dict[str, Any], source: str, path: Path | None, second
                      f"val_acc {h['val_accuracy']:.4f} -> partial val_loss {f['val_loss']:.4f} "
                      f"val_acc {f['val_accuracy']:.4f}")
     c = m["check"]
-    lines.append(f"  check: merged model == backbone + head (max |diff| {c['max_abs_diff']:.2g} on "
-                 f"{c['examples']} examples, labels agree)")
+    what = ("torch tail + head on the tail's cached input" if m["partial"] else "backbone + head")
+    held = " validation" if m["partial"] else ""
+    lines.append(f"  check: merged model == {what} (max |diff| {c['max_abs_diff']:.2g} on "
+                 f"{c['examples']}{held} examples, labels agree)")
     if m["data"]["skipped"]:
         lines.append(f"  skipped: {len(m['data']['skipped'])} unreadable file(s), listed in the report")
     if report:
