@@ -165,6 +165,8 @@ class ModelCard:
     # multi-task heads: [{"name", "type": classification|regression, "labels": [...] | "mean"/"std" (the target's
     # units), "outputs": [...]}]; None for single-task models (``labels`` then names the classes)
     tasks: tuple[dict[str, Any], ...] | None = None
+    # porter quantize: how the int8 model was made (method, samples, nodes kept in float) and its measured gate
+    quantization: dict[str, Any] | None = None
 
     @property
     def in_memory(self) -> bool:
@@ -200,6 +202,8 @@ class ModelCard:
             m["porter.weights"] = self.weights
         if self.tasks is not None:
             m["porter.tasks"] = json.dumps(list(self.tasks), sort_keys=True)
+        if self.quantization is not None:
+            m["porter.quantization"] = json.dumps(self.quantization, sort_keys=True)
         return m
 
     @classmethod
@@ -222,6 +226,7 @@ class ModelCard:
             source_form=props.get("porter.source_form"),
             weights=props.get("porter.weights"),
             tasks=_tasks(props["porter.tasks"]) if "porter.tasks" in props else None,
+            quantization=_json_dict(props.get("porter.quantization")),
         )
 
     @classmethod
@@ -235,6 +240,17 @@ class ModelCard:
         for key, value in keep + sorted(self.to_metadata().items()):
             entry = model.metadata_props.add()
             entry.key, entry.value = key, value
+
+
+def _json_dict(text: str | None) -> dict[str, Any] | None:
+    """A JSON object from metadata (untrusted): anything else is None, not a crash."""
+    if text is None:
+        return None
+    try:
+        value = json.loads(text)
+    except ValueError:
+        return None
+    return value if isinstance(value, dict) else None
 
 
 def _tasks(text: str) -> tuple[dict[str, Any], ...] | None:

@@ -23,14 +23,16 @@ class PrecisionReport:
 
     rows: int
     max_abs_diff: dict[str, float]
-    top1_agreement: float | None  # over rows whose fp32 top-1 isn't a near tie; None for non-classifiers
+    top1_agreement: float | None  # share of rows whose top-1 is fp32's; None for non-classifiers
     passed: bool
     problems: list[str] = field(default_factory=list)
+    mean_abs_diff: dict[str, float] = field(default_factory=dict)
+    precision: str = "fp16"  # what was compared with fp32: fp16 | bf16 | int8
 
     def describe(self) -> str:
         diff = ", ".join(f"{k} {v:.3g}" for k, v in self.max_abs_diff.items())
-        agree = f"top-1 agreement {self.top1_agreement:.0%}, " if self.top1_agreement is not None else ""
-        return f"fp16 vs fp32 on {self.rows} inputs: {agree}max abs diff {diff}"
+        agree = f"top-1 agreement {self.top1_agreement:.1%}, " if self.top1_agreement is not None else ""
+        return f"{self.precision} vs fp32 on {self.rows} inputs: {agree}max abs diff {diff}"
 
 
 def convert_to_fp16(model):
@@ -48,10 +50,13 @@ def convert_to_fp16(model):
 
 
 def compare_precision(ref: Mapping[str, np.ndarray], got: Mapping[str, np.ndarray], score_output: str | None,
-                      tolerance: float = FP16_TOLERANCE, tie_margin: float = 1e-3) -> PrecisionReport:
-    """Compare a reduced-precision run with fp32: non-finite values, max abs diff, top-1 agreement."""
+                      tolerance: float = FP16_TOLERANCE, tie_margin: float = 1e-3,
+                      precision: str = "fp16") -> PrecisionReport:
+    """Compare a reduced-precision run with fp32: non-finite values, max and mean abs diff, top-1 agreement.
+    ``tolerance`` bounds the max abs diff (relative to max(1, max |fp32|)); ``math.inf``: report it only."""
     problems = []
     diffs = {}
+    means = {}
     rows = 0
     for name, r in ref.items():
         r = np.asarray(r)
@@ -62,11 +67,12 @@ def compare_precision(ref: Mapping[str, np.ndarray], got: Mapping[str, np.ndarra
                 problems.append(f"{name} differs")
             continue
         if not np.all(np.isfinite(g)):
-            problems.append(f"{name} has {int(np.sum(~np.isfinite(g)))} non-finite values (fp16 overflow)")
+            problems.append(f"{name} has {int(np.sum(~np.isfinite(g)))} non-finite values ({precision} overflow)")
             diffs[name] = float("inf")
             continue
         diff = difference(g, r) if r.size else Difference(0.0, 0.0, 0.0)
         diffs[name] = diff.max_abs
+        means[name] = float(np.mean(np.abs(g.astype(np.float64) - r))) if r.size else 0.0
         if diff.scaled > tolerance:
             scale = max(1.0, float(np.max(np.abs(r))))
             problems.append(f"{name} max abs diff {diff.max_abs:.3g} exceeds {tolerance * scale:.3g}")
@@ -83,4 +89,4 @@ def compare_precision(ref: Mapping[str, np.ndarray], got: Mapping[str, np.ndarra
         if np.any(clear):
             problems.append(f"top-1 differs on {int(np.sum(clear))} of {len(r)} inputs")
     return PrecisionReport(rows=rows, max_abs_diff=diffs, top1_agreement=agreement, passed=not problems,
-                           problems=problems)
+                           problems=problems, mean_abs_diff=means, precision=precision)
