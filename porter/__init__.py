@@ -4,6 +4,7 @@ Public API (imports are lazy: ``import porter`` loads neither TensorFlow nor tor
 
     porter.convert(source, output=None, **options) -> ConvertResult
     porter.finetune(source, data, output=None, **options) -> FinetuneResult
+    porter.quantize(model, calibrate, output=None, **options) -> QuantizeResult
     porter.load(model, device="auto", fp16=False, batch_size=32) -> Predictor
     porter.inspect(model) -> InspectReport
 and the errors in ``porter.errors`` (PorterError and its subclasses).
@@ -25,6 +26,8 @@ _LAZY = {
     "ConvertResult": ("porter.conversion", "ConvertResult"),
     "finetune": ("porter.transfer.api", "finetune"),
     "load": ("porter.runtime.predictor", "load"),
+    "quantize": ("porter.quantization.api", "quantize"),
+    "QuantizeResult": ("porter.quantization.api", "QuantizeResult"),
     "inspect": ("porter.inspection", "inspect_model"),
     "ModelCard": ("porter.spec", "ModelCard"),
     "PreprocessSpec": ("porter.spec", "PreprocessSpec"),

@@ -71,6 +71,8 @@ class InspectReport:
                     what = (f"a value (training range {u['min']:.4g} to {u['max']:.4g}, mean {u['mean']:.4g})"
                             if {"min", "max", "mean"} <= set(u) else "a value")
                 lines.append(f"  task {t['name']} ({t['type']}): {what}")
+            if c.quantization:
+                lines.append(f"  {describe_quantization(c.quantization)}")
             if c.cut:
                 lines.append(f"  cut: {c.cut}")
             if c.training:
@@ -85,6 +87,27 @@ class InspectReport:
                          "backbone's width, --cut search all):" if self.cuts else "  cut candidates: none found")
             lines += [f"    {cut.kind:<10} {cut.describe()}" for cut in self.cuts]
         return "\n".join(lines)
+
+
+def describe_quantization(q: dict[str, Any]) -> str:
+    """One line for ``porter.quantization`` (metadata: any field may be missing or odd)."""
+    gate = q.get("gate") if isinstance(q.get("gate"), dict) else {}
+    parts = [f"quantization: int8 {q.get('format', '?')} ({q.get('weights', '?')} weights, "
+             f"{q.get('activations', '?')} activations), {q.get('method', '?')} calibration on "
+             f"{q.get('samples', '?')} images"]
+    excluded = q.get("excluded") if isinstance(q.get("excluded"), list) else []
+    parts.append(f"{len(excluded)} node(s) kept in float" + (f" ({', '.join(map(str, excluded[:6]))}"
+                                                           f"{', ...' if len(excluded) > 6 else ''})" if excluded else ""))
+    agree, drop = gate.get("top1_agreement"), gate.get("drop_points")
+    if isinstance(agree, (int, float)) and isinstance(drop, (int, float)):
+        parts.append(f"gate on {gate.get('inputs', '?')} held-out images: top-1 agreement {agree:.1%} "
+                     f"(drop {drop:.1f} of {q.get('max_drop_points', '?')} points allowed)")
+    elif isinstance(gate.get("relative_error"), (int, float)):
+        parts.append(f"gate on {gate.get('inputs', '?')} held-out inputs: relative error {gate['relative_error']:.1%}")
+    a32, a8 = gate.get("accuracy_fp32"), gate.get("accuracy_int8")
+    if isinstance(a32, (int, float)) and isinstance(a8, (int, float)):
+        parts.append(f"accuracy fp32 {a32:.1%}, int8 {a8:.1%}")
+    return "; ".join(parts)
 
 
 def _cut_dict(cut: Any) -> dict[str, Any]:

@@ -19,8 +19,10 @@ ALLOWED = {
     "importers": FOUNDATION | {"graph", "sources"},
     "inspection": FOUNDATION | {"graph"},
     "conversion": FOUNDATION | {"graph", "sources", "importers", "runtime"},
-    "transfer": FOUNDATION | {"graph", "sources", "runtime", "conversion"},
-    "cli": FOUNDATION | {"graph", "sources", "runtime", "importers", "conversion", "transfer", "inspection"},
+    "quantization": FOUNDATION | {"graph", "runtime"},
+    "transfer": FOUNDATION | {"graph", "sources", "runtime", "conversion", "quantization"},
+    "cli": FOUNDATION | {"graph", "sources", "runtime", "importers", "conversion", "quantization", "transfer",
+            "inspection"},
     "__main__": {"cli"},
     "porter": {"errors"},  # porter/__init__.py: everything else is imported lazily, on first use
 }

@@ -28,12 +28,9 @@ import numpy as np
 from ..errors import ModelLoadError, UsageError, ValidationError, first_line
 from ..spec import ModelCard
 from . import data as D
-from .gate import Agreement, NodeDamage, diverging_nodes, measure
+from .gate import Agreement, diverging_nodes, measure
 
-METHODS = ("minmax", "entropy", "percentile")
-DEFAULT_METHOD = "minmax"  # measured best on real MobileNetV2 images (benchmarks/bench_quantize.py)
-DEFAULT_SAMPLES = 100
-DEFAULT_EVAL_SAMPLES = 500
+from . import DEFAULT_EVAL_SAMPLES, DEFAULT_METHOD, DEFAULT_SAMPLES, METHODS
 MAX_FLOAT_SHARE = 0.25  # more than this many of the quantizable nodes in float: int8 is not worth it, refuse
 QUANTIZED_OPS = ("Conv", "Gemm", "MatMul", "ConvTranspose")  # the nodes whose weights int8 carries
 DIAGNOSE_INPUTS = 16  # inputs the SQNR comparison runs on (every activation of both models is kept)
@@ -85,14 +82,7 @@ def quantize(model: Any, calibrate: Any, output: str | os.PathLike | None = None
     proto = _read(model)
     if any(n.op_type in ("QuantizeLinear", "DequantizeLinear", "QLinearConv", "ConvInteger") for n in proto.graph.node):
         raise UsageError("this model is already quantized; quantize the fp32 model it came from")
-    fp32 = Predictor(proto, device="cpu")
-    cal, ev = _samples(fp32, calibrate, eval, samples, eval_samples, seed)
-    notes = []
-    truth = _true_labels(ev, fp32, notes)
-    if cal.skipped or ev.skipped:
-        notes.append(f"{len(cal.skipped) + len(ev.skipped)} unreadable images skipped")
-    log(f"calibrating on {len(cal)} inputs, gating on {len(ev)} held-out inputs")
-    ref = fp32.run_batched(ev.tensors)
+    notes: list[str] = []
     with tempfile.TemporaryDirectory(prefix="porter-quantize-") as tmp:
         work = Path(tmp)
         prepared = _prepare(proto, work, notes)
@@ -101,6 +91,13 @@ def quantize(model: Any, calibrate: Any, output: str | os.PathLike | None = None
         if unknown:
             raise UsageError(f"--exclude names no node of the model: {', '.join(unknown[:5])}; give ONNX node "
                              f"names (as the quantize log prints them, e.g. {names[0]!r})")
+        fp32 = Predictor(proto, device="cpu")
+        cal, ev = _samples(fp32, calibrate, eval, samples, eval_samples, seed)
+        truth = _true_labels(ev, fp32, notes)
+        if cal.skipped or ev.skipped:
+            notes.append(f"{len(cal.skipped) + len(ev.skipped)} unreadable images skipped")
+        log(f"calibrating on {len(cal)} inputs, gating on {len(ev)} held-out inputs")
+        ref = fp32.run_batched(ev.tensors)
         quantizable = [n.name for n in prepared.graph.node if n.op_type in QUANTIZED_OPS]
         limit = max(1, int(len(quantizable) * MAX_FLOAT_SHARE))
         prepared_path = work / "prepared.onnx"

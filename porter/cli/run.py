@@ -1,0 +1,120 @@
+"""``porter predict`` and ``porter bench``: running a model."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+from ..errors import UsageError
+from ..options import DEVICES
+from ..spec import PRESETS
+from .args import command
+
+
+def add_predict_parser(sub) -> None:
+    p = sub.add_parser("predict", help="classify images (or run any image model) with ONNX Runtime",
+                       description="Run an ONNX model on image files and directories (recursive), preprocessing them "
+                                   "as the model's porter metadata says. Decoding runs in parallel with inference; a "
+                                   "file that can't be read (or that the model fails on) is reported on its own line "
+                                   "and the exit code is non-zero.")
+    p.add_argument("model", help="an ONNX file (from porter convert or finetune)")
+    p.add_argument("inputs", nargs="+", metavar="INPUT", help="image files or directories")
+    p.add_argument("--top-k", type=int, default=5, help="classes to report per image (default 5)")
+    p.add_argument("--format", choices=["table", "csv", "json"], default="table", help="output format (default table)")
+    p.add_argument("--device", choices=DEVICES, default="auto", help="where to run (default auto: CUDA if it works, else CPU)")
+    p.add_argument("--batch-size", type=int, default=None, help="images per batch (default 32)")
+    p.add_argument("--fp16", action="store_true", help="run in half precision (GPU), checked against fp32 first")
+    p.add_argument("--preprocess", choices=list(PRESETS),
+                   help="normalization for a model without porter metadata (overrides the metadata)")
+    p.add_argument("--fast-decode", action="store_true",
+                   help="decode JPEGs much larger than the model's input at 1/2, 1/4 or 1/8 scale (2-3x faster on "
+                        "camera photos; pixels within a level or two of exact decoding)")
+    p.add_argument("--decode-workers", type=int, default=None, metavar="N",
+                   help="image-decoding threads (default: one per CPU, 2 to 8)")
+    p.add_argument("--streams", type=int, default=None, metavar="N",
+                   help="CPU: concurrent inference streams, each with its share of the cores, for runs of 4+ "
+                        "batches per stream (default: one per core, up to 4; 1 runs each batch on all cores)")
+
+
+def add_bench_parser(sub) -> None:
+    p = sub.add_parser("bench", help="measure latency and throughput with ONNX Runtime",
+                       description="Warm up, then time the model per batch size: p50/p95 latency and throughput. "
+                                   "--against-source also runs the original framework model on the same inputs.")
+    p.add_argument("model", help="an ONNX file")
+    p.add_argument("--batch-sizes", default="1,8,32", help="comma-separated batch sizes (default 1,8,32)")
+    p.add_argument("--device", choices=DEVICES, default="auto", help="where to run (default auto)")
+    p.add_argument("--fp16", action="store_true", help="run in half precision (GPU), checked against fp32 first")
+    p.add_argument("--against-source", action="store_true",
+                   help="also time the source model (rebuilt from the metadata's source reference) and print ratios")
+    p.add_argument("--trust-repo", action="store_true",
+                   help="with --against-source: allow rebuilding a torchhub source (it runs the repo's hubconf.py)")
+    p.add_argument("--unsafe", action="store_true",
+                   help="with --against-source: allow Keras Lambda layers in the source (they run code from the file)")
+    p.add_argument("--seconds", type=float, default=1.0, help="minimum timed seconds per batch size (default 1)")
+    p.add_argument("--warmup", type=int, default=3, help="untimed runs before timing (default 3)")
+    p.add_argument("--streams", type=int, default=1, metavar="N",
+                   help="CPU: time N concurrent streams sharing the cores, as porter predict runs long jobs "
+                        "(throughput = the streams' rates added up; default 1)")
+    p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+
+
+@command("predict")
+def run_predict(args: argparse.Namespace) -> int:
+    from ..imaging import list_images
+    from ..runtime import load
+    from ..runtime.formatting import PredictionWriter
+
+    if args.top_k < 1:
+        raise UsageError(f"--top-k must be at least 1, got {args.top_k}")
+    paths = list_images(args.inputs)
+    # decoding threads share the CPU with inference: ORT's idle workers should sleep, not spin
+    predictor = load(args.model, device=args.device, fp16=args.fp16, batch_size=args.batch_size,
+                     preprocess=args.preprocess, spin=False, decode_workers=args.decode_workers,
+                     fast_decode=args.fast_decode, streams=args.streams)
+    predictor.image_spec()  # a model that can't take images fails here, before any output
+    print(f"porter: {predictor.describe()}", file=sys.stderr)
+    for note in predictor.notes:
+        print(f"porter: {note}", file=sys.stderr)
+    writer = PredictionWriter(sys.stdout, args.format, top_k=args.top_k, classifier=predictor.is_classifier,
+                              tasks=predictor.tasks,
+                              path_width=max(len(str(p)) for p in paths))
+    failed = 0
+    for prediction in predictor.iter_predictions([str(p) for p in paths], top_k=args.top_k, errors="report"):
+        failed += prediction.error is not None
+        writer.write(prediction)
+    writer.close()
+    stats = predictor.last_stats
+    print(f"porter: {stats.describe()}", file=sys.stderr)
+    if stats.seconds >= 2 and stats.first_batch_seconds + stats.decode_wait_seconds > 0.25 * stats.seconds:
+        tips = ([f"more --decode-workers (now {predictor.decode_workers})"]
+                if predictor.decode_workers < (os.cpu_count() or 1) else [])
+        tips += [] if args.fast_decode else ["--fast-decode for large JPEGs"]
+        if tips:
+            print(f"porter: decoding is the bottleneck; try {' or '.join(tips)}", file=sys.stderr)
+    if failed:
+        print(f"porter: error: {failed} of {len(paths)} inputs failed; see their error fields", file=sys.stderr)
+        return 1
+    return 0
+
+
+@command("bench")
+def run_bench(args: argparse.Namespace) -> int:
+    from ..runtime import load
+    import json
+
+    from ..runtime.bench import bench, parse_batch_sizes
+
+    sizes = parse_batch_sizes(args.batch_sizes)
+    predictor = load(args.model, device=args.device, fp16=args.fp16, batch_size=max(sizes))
+    source = None
+    if args.against_source:
+        from ..conversion import rebuild_source
+
+        source = lambda: rebuild_source(predictor, trust_repo=args.trust_repo, unsafe=args.unsafe)  # noqa: E731
+    report = bench(predictor, sizes, warmup=args.warmup, min_seconds=args.seconds, source=source,
+                   streams=args.streams)
+    print(json.dumps(report.to_dict(), indent=2) if args.json else report.to_table())
+    return 0
+
+
