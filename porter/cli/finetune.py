@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import sys
 
 from ..options import DEVICES
 from .args import add_preprocess_args, add_source_args, command, parse_dims, parse_floats, source_options
@@ -56,6 +57,12 @@ def add_finetune_parser(sub) -> None:
     g.add_argument("--memory-budget", metavar="SIZE",
                    help="features kept in memory up to this size (e.g. 2G); beyond it they stream from a "
                         "memory-mapped file (default: a quarter of the available memory)")
+    g = p.add_argument_group("int8")
+    g.add_argument("--int8", action="store_true",
+                   help="also write NAME.int8.onnx: quantized as porter quantize does, calibrated on the training "
+                        "split, kept only if its top-1 agreement with fp32 on the validation split holds --max-drop")
+    g.add_argument("--max-drop", type=float, default=1.0,
+                   help="with --int8: points of top-1 agreement with fp32 it may lose (default 1)")
     g = p.add_argument_group("several tasks (DATA is a CSV or JSON Lines table, one column per task)")
     g.add_argument("--task", action="append", metavar="NAME[:TYPE]", dest="tasks",
                    help="a target column, TYPE classification or regression (default: inferred from the column); "
@@ -94,7 +101,8 @@ def finetune_options(args: argparse.Namespace) -> dict:
                 unfreeze=args.unfreeze, train_from=args.train_from, finetune_lr=args.finetune_lr,
                 finetune_epochs=args.finetune_epochs, train_precision=args.train_precision, views=args.views,
                 tasks=tuple(args.tasks or ()), path_column=args.path_column, shared_hidden=args.shared_hidden,
-                task_weights=tuple(args.task_weights) if args.task_weights else None)
+                task_weights=tuple(args.task_weights) if args.task_weights else None, int8=args.int8,
+                max_drop=args.max_drop)
     if args.augment is not None:
         opts["augment"] = args.augment
     if args.memory_budget is not None:
@@ -111,6 +119,9 @@ def run_finetune(args: argparse.Namespace) -> int:
 
     result = finetune(args.source, args.data, args.output, **finetune_options(args))
     print(result.summary())
+    if result.int8_refusal:
+        print(f"porter: error: int8 model not written ({result.path} is): {result.int8_refusal}", file=sys.stderr)
+        return 1
     return 0
 
 

@@ -216,6 +216,13 @@ def merge_head(backbone: onnx.ModelProto, head: onnx.ModelProto) -> onnx.ModelPr
                                   name=backbone.graph.name.removesuffix("_backbone") + "_finetuned")
     del merged.metadata_props[:]
     merged.ir_version = backbone.ir_version
+    # merge_models lists a domain twice when the backbone imports several (e.g. "" and ai.onnx.ml); ORT's
+    # quantizer, among others, refuses such a model: one entry per domain, its highest version
+    versions: dict[str, int] = {}
+    for o in merged.opset_import:
+        versions[o.domain] = max(o.version, versions.get(o.domain, 0))
+    del merged.opset_import[:]
+    merged.opset_import.extend(onnx.helper.make_opsetid(d, v) for d, v in versions.items())
     onnx.checker.check_model(merged)
     return merged
 

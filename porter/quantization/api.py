@@ -70,18 +70,40 @@ def quantize(model: Any, calibrate: Any, output: str | os.PathLike | None = None
     ``max_drop``: points of top-1 agreement with fp32 a classifier may lose (default 1); ``max_error``: relative
     RMS output error for other models. ``exclude``: node names kept in float from the start.
     """
-    from ..runtime.predictor import Predictor
 
     t0 = time.perf_counter()
-    log = log or (lambda line: None)
     method = _check(method, samples, eval_samples, max_drop, max_error)
     if output is not None:
         from ..outputs import check_output
 
         check_output(output, force)
     proto = _read(model)
-    if any(n.op_type in ("QuantizeLinear", "DequantizeLinear", "QLinearConv", "ConvInteger") for n in proto.graph.node):
-        raise UsageError("this model is already quantized; quantize the fp32 model it came from")
+    _refuse_quantized(proto)
+
+    def samples_for(fp32) -> tuple[D.Samples, D.Samples]:
+        return _samples(fp32, calibrate, eval, samples, eval_samples, seed)
+
+    source = str(calibrate) if isinstance(calibrate, (str, os.PathLike)) else "tensors"
+    result = quantize_samples(proto, samples_for, method=method, max_drop=max_drop, max_error=max_error,
+                              exclude=exclude, log=log, record={"seed": seed, "calibration": source})
+    if output is not None:
+        from ..outputs import save_onnx
+
+        result.output = save_onnx(result.model, output, force)
+    result.seconds = time.perf_counter() - t0
+    return result
+
+
+def quantize_samples(proto, samples_for, *, method: str = DEFAULT_METHOD, max_drop: float = 1.0,
+                     max_error: float = 0.1, exclude: Sequence[str] = (), log=None,
+                     record: dict[str, Any] | None = None) -> QuantizeResult:
+    """The steps on an fp32 ModelProto: ``samples_for(fp32 Predictor)`` gives the (calibration, gate) Samples.
+    Returns the int8 model (not written) with ``porter.quantization`` recorded; raises ValidationError when the
+    gate can't be met."""
+    from ..runtime.predictor import Predictor
+
+    t0 = time.perf_counter()
+    log = log or (lambda line: None)
     notes: list[str] = []
     with tempfile.TemporaryDirectory(prefix="porter-quantize-") as tmp:
         work = Path(tmp)
@@ -92,17 +114,19 @@ def quantize(model: Any, calibrate: Any, output: str | os.PathLike | None = None
             raise UsageError(f"--exclude names no node of the model: {', '.join(unknown[:5])}; give ONNX node "
                              f"names (as the quantize log prints them, e.g. {names[0]!r})")
         fp32 = Predictor(proto, device="cpu")
-        cal, ev = _samples(fp32, calibrate, eval, samples, eval_samples, seed)
+        cal, ev = samples_for(fp32)
         truth = _true_labels(ev, fp32, notes)
         if cal.skipped or ev.skipped:
             notes.append(f"{len(cal.skipped) + len(ev.skipped)} unreadable images skipped")
         log(f"calibrating on {len(cal)} inputs, gating on {len(ev)} held-out inputs")
         ref = fp32.run_batched(ev.tensors)
-        quantizable = [n.name for n in prepared.graph.node if n.op_type in QUANTIZED_OPS]
+        kinds = {n.name: n.op_type for n in prepared.graph.node}
+        weighty = lambda nodes: [n for n in nodes if kinds.get(n) in QUANTIZED_OPS]  # noqa: E731
+        quantizable = weighty(names)
         limit = max(1, int(len(quantizable) * MAX_FLOAT_SHARE))
         prepared_path = work / "prepared.onnx"
         _save(prepared, prepared_path)
-        cache = work / "calibration.json"
+        cache = work / "calibration.json"  # ORT's calibration cache: every round quantizes from the same ranges
         excluded = list(exclude)
         rounds: list[dict[str, Any]] = []
         step = 1
@@ -116,28 +140,8 @@ def quantize(model: Any, calibrate: Any, output: str | os.PathLike | None = None
             log(f"round {len(rounds)}: {len(excluded)} node(s) in float: {agreement.describe()}")
             if agreement.passes(max_drop, max_error):
                 break
-            kinds = {n.name: n.op_type for n in prepared.graph.node}
-            weighty = lambda nodes: [n for n in nodes if kinds.get(n) in QUANTIZED_OPS]  # noqa: E731
-            damage = diverging_nodes(prepared_path, qpath, lambda: _reader(ev.rows(range(min(
-                DIAGNOSE_INPUTS, len(ev)))), fp32), work)
-            by_tensor = {d.tensor: d for d in damage}
-            take, budget = [], step
-            for d in damage:
-                if d.db_lost <= 0:
-                    break
-                # the tensors it reads stay quantized while their producers are (ORT puts a Q/DQ pair after a
-                # quantized node's output): the damaged computation runs in float only with those producers
-                group = list(d.nodes) + [n for x in d.feeds if x in by_tensor for n in by_tensor[x].nodes]
-                new = [n for n in dict.fromkeys(group) if n not in excluded and n not in take]
-                if not new:
-                    continue
-                if len(weighty(excluded + take + new)) > limit:
-                    continue
-                take += new
-                budget -= 1
-                log(f"keeping in float: {', '.join(new)} (SQNR falls {d.db_lost:.1f} dB at {d.tensor})")
-                if budget == 0:
-                    break
+            take = _next_exclusions(diverging_nodes(prepared_path, qpath, lambda: _reader(ev.rows(range(min(
+                DIAGNOSE_INPUTS, len(ev)))), fp32), work), excluded, step, limit, weighty, kinds, log)
             if not take:
                 raise ValidationError(_refusal(agreement, max_drop, max_error, weighty(excluded), limit,
                                                len(quantizable)))
@@ -145,18 +149,46 @@ def quantize(model: Any, calibrate: Any, output: str | os.PathLike | None = None
             step *= 2
         qmodel = _onnx().load_model_from_string(qbytes)
     card = (ModelCard.from_onnx(proto) or ModelCard(source="onnx", framework="onnx", porter_version=_version()))
-    record = {"format": "QDQ", "weights": "int8 per-channel", "activations": "uint8", "method": method,
-              "samples": len(cal), "seed": seed, "excluded": excluded, "gate": agreement.to_dict(),
-              "max_drop_points": max_drop, "calibration": str(calibrate) if isinstance(calibrate, (str, os.PathLike))
-              else "tensors", "rounds": len(rounds)}
-    card.with_(quantization=record).apply_to(qmodel)
-    result = QuantizeResult(None, qmodel, agreement, excluded, method, len(cal), rounds, notes)
-    if output is not None:
-        from ..outputs import save_onnx
+    meta = {"format": "QDQ", "weights": "int8 per-channel", "activations": "uint8", "method": method,
+            "samples": len(cal), "excluded": excluded, "gate": agreement.to_dict(), "max_drop_points": max_drop,
+            "rounds": len(rounds), **(record or {})}
+    card.with_(quantization=meta).apply_to(qmodel)
+    return QuantizeResult(None, qmodel, agreement, excluded, method, len(cal), rounds, notes,
+                          time.perf_counter() - t0)
 
-        result.output = save_onnx(qmodel, output, force)
-    result.seconds = time.perf_counter() - t0
-    return result
+
+def _next_exclusions(damage, excluded: list[str], step: int, limit: int, weighty, kinds: dict[str, str],
+                     log) -> list[str]:
+    """The nodes to keep in float next: the ``step`` worst-damaged segments that still fit within ``limit``
+    weight-carrying float nodes, each with what keeps the damaged tensors in float."""
+    from onnxruntime.quantization.registry import QDQRegistry
+
+    quantized_ops = set(QDQRegistry) | {"Add", "Mul", "Concat", "Softmax"}  # the ops ORT's QDQ pass touches
+    by_tensor = {d.tensor: d for d in damage}
+    take: list[str] = []
+    for d in damage:
+        if d.db_lost <= 0 or step == 0:
+            break
+        # A tensor stays quantized while its producer or any reader is (ORT puts a Q/DQ pair on it for either).
+        # Its own rounding the culprit: keep it float with its readers. Else the damage came from what it was
+        # computed from: keep that computation float with the producers of the tensors it reads.
+        producers = [n for x in d.feeds if x in by_tensor for n in by_tensor[x].nodes]
+        group = list(d.nodes) + (list(d.readers) if d.rounding_dominates else producers)
+        new = [n for n in dict.fromkeys(group) if n not in excluded and n not in take]
+        if not any(kinds.get(n) in quantized_ops for n in new):  # nothing ORT quantizes: it would change nothing
+            group += list(d.readers) + producers
+        new = [n for n in dict.fromkeys(group) if n not in excluded and n not in take]
+        if not new or len(weighty(excluded + take + new)) > limit:
+            continue
+        take += new
+        step -= 1
+        log(f"keeping in float: {', '.join(new)} (SQNR falls {d.db_lost:.1f} dB at {d.tensor})")
+    return take
+
+
+def _refuse_quantized(proto) -> None:
+    if any(n.op_type in ("QuantizeLinear", "DequantizeLinear", "QLinearConv", "ConvInteger") for n in proto.graph.node):
+        raise UsageError("this model is already quantized; quantize the fp32 model it came from")
 
 
 def _check(method: str, samples: int, eval_samples: int, max_drop: float, max_error: float) -> str:

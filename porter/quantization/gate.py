@@ -96,6 +96,14 @@ class NodeDamage:
     db_lost: float  # SQNR of its worst compared input minus SQNR of ``tensor`` (float vs int8), in dB
     sqnr: float
     feeds: tuple[str, ...] = ()  # the compared tensors it reads
+    own_sqnr: float = SQNR_CEILING  # of ``tensor``'s own rounding (before vs after its Q/DQ pair in the int8 model)
+    readers: tuple[str, ...] = ()  # the nodes reading ``tensor``
+
+    @property
+    def rounding_dominates(self) -> bool:
+        """Most of the noise at ``tensor`` is its own rounding (its range is the problem), not what it was computed
+        from: keeping it in float means keeping its readers in float too."""
+        return self.own_sqnr <= self.sqnr + 3.0
 
     def describe(self) -> str:
         return f"{'+'.join(self.nodes)} ({'+'.join(self.ops)}, -{self.db_lost:.1f} dB at {self.tensor})"
@@ -118,13 +126,19 @@ def diverging_nodes(float_model: Path, qdq_model: Path, reader_factory, work: Pa
         modify_model_output_intermediate_tensors(str(qdq_model), str(aug_qdq))
         float_acts = collect_activations(str(aug_float), reader_factory())
         qdq_acts = collect_activations(str(aug_qdq), reader_factory())
-    errors = compute_activation_error(create_activation_matching(qdq_acts, float_acts))
+    matching = create_activation_matching(qdq_acts, float_acts)
+    errors = compute_activation_error(matching)
     # capped at what 8 bits can carry: a tensor int8 represents exactly (8-bit pixels / 255) is not 300 dB cleaner
     # than the rest, and must not make the next node look like it lost 300 dB
     sqnr = {name: min(SQNR_CEILING, e["xmodel_err"]) for name, e in errors.items()
             if "xmodel_err" in e and not math.isnan(e["xmodel_err"])}
+    own = {name: _rounding_sqnr(m) for name, m in matching.items() if m.get("float") and m.get("pre_qdq")}
     graph = onnx.load(str(float_model), load_external_data=False).graph
     producer = {o: n for n in graph.node for o in n.output}
+    readers: dict[str, list[str]] = {}
+    for n in graph.node:
+        for x in n.input:
+            readers.setdefault(x, []).append(n.name)
     ceiling = SQNR_CEILING  # graph inputs and weights that were not compared
 
     def segment(tensor: str) -> tuple[list[Any], list[float], list[str]]:
@@ -157,6 +171,18 @@ def diverging_nodes(float_model: Path, qdq_model: Path, reader_factory, work: Pa
         nodes, inputs, feeds = segment(tensor)
         nodes.reverse()
         damage.append(NodeDamage(tuple(n.name for n in nodes), tuple(n.op_type for n in nodes), tensor,
-                                 min(inputs, default=ceiling) - value, value, tuple(dict.fromkeys(feeds))))
+                                 min(inputs, default=ceiling) - value, value, tuple(dict.fromkeys(feeds)),
+                                 own.get(tensor, SQNR_CEILING), tuple(readers.get(tensor, ()))))
     damage.sort(key=lambda d: -d.db_lost)
     return damage
+
+
+def _rounding_sqnr(match: dict[str, Any]) -> float:
+    """A tensor's own rounding noise (before vs after its Q/DQ pair) against the float model's signal there, dB.
+    (Against its own pre-rounding value instead, a tensor already ruined upstream would look ruined by rounding.)"""
+    signal = float(np.linalg.norm(np.concatenate([np.ravel(a) for a in match["float"]])))
+    noise = float(np.linalg.norm(np.concatenate([np.ravel(a) - np.ravel(b) for a, b in
+                                                 zip(match["pre_qdq"], match["post_qdq"])])))
+    if noise <= 1e-30:
+        return SQNR_CEILING
+    return min(SQNR_CEILING, 20.0 * math.log10(max(signal, 1e-30) / noise))

@@ -40,6 +40,8 @@ class FinetuneResult:
     notes: list[str] = field(default_factory=list)
     features_cached: bool = False
     head: Any = field(default=None, repr=False)  # the trained torch head (unfolded)
+    int8: Any = None  # --int8: the quantization.api.QuantizeResult (its model written as NAME.int8.onnx)
+    int8_refusal: str | None = None  # --int8 asked for, but the gate refused it (the fp32 model is still written)
 
     @property
     def labels(self) -> tuple[str, ...]:
@@ -73,6 +75,7 @@ def finetune(source: Any, data: Any, output: str | os.PathLike | None = None, **
     from ..outputs import check_output
     from .heads import head_to_onnx
     from .partial import partial_metrics
+    from .int8 import int8_metrics, int8_path, quantize_finetuned
     from .report import classification_metrics, report_paths
     from .train import TrainConfig, stratified_split, train_head
 
@@ -91,8 +94,9 @@ def finetune(source: Any, data: Any, output: str | os.PathLike | None = None, **
         raise UsageError(f"--task needs a table (a CSV or JSON Lines file with one column per task), not "
                          f"{data if isinstance(data, (str, os.PathLike)) else type(data).__name__}")
     paths = report_paths(output, opts.partial) if output is not None else {}
+    int8_out = int8_path(output) if output is not None and opts.int8 else None
     if output is not None:
-        for p in [Path(output), *paths.values()]:
+        for p in [Path(output), *paths.values(), *([int8_out] if int8_out else [])]:
             check_output(p, opts.force)  # before any work
 
     prefetch_imports(report=output is not None)
@@ -272,13 +276,24 @@ def finetune(source: Any, data: Any, output: str | os.PathLike | None = None, **
     new_card = _card(card, dataset, spec, cut.name, metrics, source, check)
     new_card.apply_to(merged)
     merged.producer_name, merged.producer_version = "porter", __version__
+    int8 = refusal = None
+    if opts.int8:
+        t = time.perf_counter()
+        int8, refusal = quantize_finetuned(merged, dataset, first.index[train_idx], first.index[val_idx],
+                                           opts.max_drop, opts.seed, log)
+        timings["int8"] = time.perf_counter() - t
+        metrics["int8"] = int8_metrics(int8, refusal, int8_out if int8 is not None else None)
     metrics["seconds"] = round(time.perf_counter() - start, 4)
 
     path = None
     if output is not None:
-        path = _write(merged, Path(output), paths, metrics, dataset.classes, trained, opts.force)
-    return FinetuneResult(merged, path, new_card, metrics, paths, time.perf_counter() - start, timings, notes,
-                          feats.cached, trained.head)
+        extra = {int8_out: int8.model} if int8 is not None and int8_out is not None else {}
+        path = _write(merged, Path(output), paths, metrics, dataset.classes, trained, opts.force, extra)
+    result = FinetuneResult(merged, path, new_card, metrics, paths, time.perf_counter() - start, timings, notes,
+                            feats.cached, trained.head, int8, refusal)
+    if int8 is not None:
+        int8.output = int8_out
+    return result
 
 
 # --- steps ------------------------------------------------------------------------------------------------------
@@ -383,7 +398,8 @@ def _card(card: ModelCard, dataset: Dataset, spec, cut: str, metrics: dict, sour
 
 
 def _write(model, output: Path, paths: dict[str, Path], metrics: dict, classes: Sequence[str], trained,
-           force: bool) -> Path:
+           force: bool, models: dict[Path, Any] | None = None) -> Path:
+    """The model, its report and ``models`` (other ONNX files beside it: the int8 copy), all or nothing."""
     from ..outputs import save_onnx_with_files
     from .report import confusion_png, curves_png, metrics_json, regularization_png
 
@@ -399,4 +415,5 @@ def _write(model, output: Path, paths: dict[str, Path], metrics: dict, classes: 
         p = metrics["partial"]
         blobs[paths["finetune"]] = curves_png(p["history"], p["best_epoch"], f"{output.name}: partial fine-tuning of "
                                               f"{len(p['layers'])} layers (epoch 0: the head alone)", first_epoch=0)
+    blobs.update({p: m.SerializeToString() for p, m in (models or {}).items()})
     return save_onnx_with_files(model, output, blobs, force)

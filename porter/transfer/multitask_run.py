@@ -58,6 +58,9 @@ def finetune_tasks(source: Any, table, output, opts, start: float):
     from .tables import load_table, parse_tasks, task_split
     from .train import TrainConfig
 
+    if opts.int8:
+        raise UsageError("--int8 quantizes single-task models; quantize a multi-task model with porter quantize "
+                         "MODEL --calibrate IMAGES (its gate then bounds the outputs' relative error)")
     if opts.partial or opts.augment:
         raise UsageError("--unfreeze, --train-from and --augment train one task; give one label column (or an image "
                          "folder) to use them")

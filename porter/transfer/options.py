@@ -55,6 +55,10 @@ class FinetuneOptions:
     path_column: str = "path"  # the table's image-path column
     shared_hidden: int | None = None  # a shared trainable layer before the task heads, trained jointly
     task_weights: tuple[str, ...] | dict | None = None  # NAME=W: the joint loss weights (default: 1 / initial loss)
+    # int8 (porter.quantization): the fine-tuned model quantized too, calibrated on the training split, gated on
+    # the validation split (top-1 agreement with fp32 within max_drop points), written beside it as NAME.int8.onnx
+    int8: bool = False
+    max_drop: float = 1.0
     convert_options: dict[str, Any] = field(default_factory=dict)  # for porter.convert when SOURCE isn't ONNX
 
     @classmethod
@@ -104,6 +108,7 @@ class FinetuneOptions:
         need(isinstance(self.unfreeze, int) and self.unfreeze >= 0,
              f"--unfreeze must be 0 or a positive number of layers, got {self.unfreeze}")
         need(not (self.unfreeze and self.train_from), "give --unfreeze N or --train-from TENSOR, not both")
+        need(0 <= self.max_drop <= 100, f"--max-drop is points of top-1 agreement (0 to 100), got {self.max_drop}")
         need(self.finetune_lr is None or self.finetune_lr > 0, f"--finetune-lr must be positive, got {self.finetune_lr}")
         need(isinstance(self.finetune_epochs, int) and self.finetune_epochs >= 1,
              f"--finetune-epochs must be a positive integer, got {self.finetune_epochs}")

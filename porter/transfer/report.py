@@ -90,6 +90,16 @@ def summary_text(metrics: dict[str, Any], source: str, path: Path | None, second
     held = " validation" if m["partial"] else ""
     lines.append(f"  check: merged model == {what} (max |diff| {c['max_abs_diff']:.2g} on "
                  f"{c['examples']}{held} examples, labels agree)")
+    q = m.get("int8")
+    if q and q.get("refused"):
+        lines.append(f"  int8: not written: {q['refused']}")
+    elif q:
+        g = q["gate"]
+        kept = f", {len(q['excluded'])} node(s) kept in float" if q["excluded"] else ""
+        where = f" -> {q['path']}" if q.get("path") else ""
+        lines.append(f"  int8: {q['method']} calibration on {q['samples']} training images{kept}; on {g['inputs']} "
+                     f"validation examples: val_acc fp32 {q['val_accuracy_fp32']:.4f}, int8 "
+                     f"{q['val_accuracy_int8']:.4f}, top-1 agreement {g['top1_agreement']:.1%}{where}")
     if m["data"]["skipped"]:
         lines.append(f"  skipped: {len(m['data']['skipped'])} unreadable file(s), listed in the report")
     if report:
