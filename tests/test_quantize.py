@@ -162,3 +162,31 @@ def test_malformed_quantization_metadata_is_not_a_crash(tmp_path, porter_cli):
     ModelCard.from_onnx(model2).with_(quantization={"gate": "odd", "excluded": 3}).apply_to(model2)
     r = porter_cli("inspect", save(model2, tmp_path / "odd.onnx"))
     assert r.returncode == 0 and "quantization: int8" in r.stdout
+
+
+def test_finetune_int8_writes_a_gated_int8_model_beside_it(tmp_path, images):
+    src = save(colour_net(), tmp_path / "backbone.onnx")
+    result = porter.finetune(src, images, tmp_path / "ft.onnx", progress=False, int8=True)
+    q = result.metrics["int8"]
+    assert result.int8 is not None and result.int8_refusal is None
+    assert (tmp_path / "ft.int8.onnx").is_file() and q["path"] == str(tmp_path / "ft.int8.onnx")
+    assert q["gate"]["inputs"] == result.metrics["examples"]["val"] and q["gate"]["drop_points"] <= 1.0
+    assert q["val_accuracy_fp32"] is not None and q["val_accuracy_int8"] is not None
+    card = ModelCard.from_onnx(onnx.load(str(tmp_path / "ft.int8.onnx")))
+    assert card.labels == result.card.labels and card.quantization["calibration"].startswith("the fine-tuning")
+    assert "int8:" in result.summary() and "val_acc fp32" in result.summary()
+    int8 = porter.load(tmp_path / "ft.int8.onnx", device="cpu")
+    paths = sorted(str(p) for p in images.rglob("*.png"))[:20]
+    same = np.mean([a.label == b.label for a, b in zip(int8.predict(paths), porter.load(result.path).predict(paths))])
+    assert same >= 0.9
+
+
+def test_finetune_int8_refused_keeps_the_fp32_model(tmp_path, images, porter_cli):
+    src = save(colour_net(depth=3, broken_at=1), tmp_path / "backbone.onnx")
+    r = porter_cli("finetune", src, images, "-o", tmp_path / "ft.onnx", "--int8", "--quiet")
+    assert r.returncode == 1
+    assert (tmp_path / "ft.onnx").is_file() and not (tmp_path / "ft.int8.onnx").exists()
+    assert "int8: not written:" in r.stdout
+    assert r.stderr.strip().splitlines()[-1].startswith("porter: error: int8 model not written")
+    metrics = json.loads((tmp_path / "ft.metrics.json").read_text())
+    assert metrics["int8"]["written"] is False and "top-1 agreement" in metrics["int8"]["refused"]
