@@ -10,7 +10,9 @@ from .errors import UsageError
 
 DEFAULT_OPSET = 17  # supported by tf2onnx 1.16+ and torch.onnx, runs on every current ONNX Runtime
 # where inference (and finetune's backbone) runs: auto = CUDA when it works, else the CPU, saying why
-DEVICES = ("auto", "cuda", "tensorrt", "cpu")
+DEVICES = ("auto", "cuda", "tensorrt", "openvino", "cpu")
+# how the runtime computes: fp16 on GPUs, bf16 through OpenVINO; int8 is a model porter quantize wrote
+PRECISIONS = ("fp32", "fp16", "bf16", "int8")
 
 
 def as_floats(value: Any, name: str) -> tuple[float, ...] | None:

@@ -25,6 +25,7 @@ if ! "$VENV/bin/python" -c "import torch" 2>/dev/null; then
     "${PIP[@]}" "torch==2.13.0" || "${PIP[@]}" "torch>=2.6" --index-url https://download.pytorch.org/whl/cpu
   fi
 fi
-"${PIP[@]}" -e ".[dev]"
+# the optional extras too, so that their tests run (they skip cleanly where an extra has no device)
+"${PIP[@]}" -e ".[dev,openvino]"
 touch "$STAMP"
 echo "porter: environment ready ($VENV/bin/porter)" >&2

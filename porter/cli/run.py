@@ -7,7 +7,7 @@ import os
 import sys
 
 from ..errors import UsageError
-from ..options import DEVICES
+from ..options import DEVICES, PRECISIONS
 from ..spec import PRESETS
 from .args import command
 
@@ -24,7 +24,7 @@ def add_predict_parser(sub) -> None:
     p.add_argument("--format", choices=["table", "csv", "json"], default="table", help="output format (default table)")
     p.add_argument("--device", choices=DEVICES, default="auto", help="where to run (default auto: CUDA if it works, else CPU)")
     p.add_argument("--batch-size", type=int, default=None, help="images per batch (default 32)")
-    p.add_argument("--fp16", action="store_true", help="run in half precision (GPU), checked against fp32 first")
+    add_precision_args(p)
     p.add_argument("--preprocess", choices=list(PRESETS),
                    help="normalization for a model without porter metadata (overrides the metadata)")
     p.add_argument("--fast-decode", action="store_true",
@@ -37,14 +37,29 @@ def add_predict_parser(sub) -> None:
                         "batches per stream (default: one per core, up to 4; 1 runs each batch on all cores)")
 
 
+def add_precision_args(p) -> None:
+    p.add_argument("--precision", choices=PRECISIONS, default=None,
+                   help="fp32 (default), fp16 (GPU), bf16 (--device openvino), int8 (a model porter quantize wrote; "
+                        "the default for one); anything but fp32 is checked against fp32 before use. Default on "
+                        "openvino: its own (bf16 on CPUs with AMX)")
+    p.add_argument("--fp16", action="store_true", help="the same as --precision fp16")
+
+
 def add_bench_parser(sub) -> None:
     p = sub.add_parser("bench", help="measure latency and throughput with ONNX Runtime",
                        description="Warm up, then time the model per batch size: p50/p95 latency and throughput. "
                                    "--against-source also runs the original framework model on the same inputs.")
     p.add_argument("model", help="an ONNX file")
     p.add_argument("--batch-sizes", default="1,8,32", help="comma-separated batch sizes (default 1,8,32)")
-    p.add_argument("--device", choices=DEVICES, default="auto", help="where to run (default auto)")
-    p.add_argument("--fp16", action="store_true", help="run in half precision (GPU), checked against fp32 first")
+    p.add_argument("--device", choices=[*DEVICES, "all"], default="auto",
+                   help="where to run (default auto); all: every engine and precision this machine has, side by side "
+                        "(speed-up and top-1 agreement vs onnxruntime CPU fp32)")
+    add_precision_args(p)
+    p.add_argument("--with", action="append", dest="with_models", metavar="MODEL", default=[],
+                   help="with --device all: another model to time beside it, e.g. the int8 file porter quantize "
+                        "wrote (repeatable)")
+    p.add_argument("--images", metavar="DIR",
+                   help="with --device all: measure agreement on these images instead of synthetic inputs")
     p.add_argument("--against-source", action="store_true",
                    help="also time the source model (rebuilt from the metadata's source reference) and print ratios")
     p.add_argument("--trust-repo", action="store_true",
@@ -69,7 +84,8 @@ def run_predict(args: argparse.Namespace) -> int:
         raise UsageError(f"--top-k must be at least 1, got {args.top_k}")
     paths = list_images(args.inputs)
     # decoding threads share the CPU with inference: ORT's idle workers should sleep, not spin
-    predictor = load(args.model, device=args.device, fp16=args.fp16, batch_size=args.batch_size,
+    predictor = load(args.model, device=args.device, fp16=args.fp16, precision=args.precision,
+                     batch_size=args.batch_size,
                      preprocess=args.preprocess, spin=False, decode_workers=args.decode_workers,
                      fast_decode=args.fast_decode, streams=args.streams)
     predictor.image_spec()  # a model that can't take images fails here, before any output
@@ -106,7 +122,12 @@ def run_bench(args: argparse.Namespace) -> int:
     from ..runtime.bench import bench, parse_batch_sizes
 
     sizes = parse_batch_sizes(args.batch_sizes)
-    predictor = load(args.model, device=args.device, fp16=args.fp16, batch_size=max(sizes))
+    if args.device == "all":
+        return _bench_all(args, sizes)
+    if args.with_models or args.images:
+        raise UsageError("--with and --images compare engines: use them with --device all")
+    predictor = load(args.model, device=args.device, fp16=args.fp16, precision=args.precision,
+                     batch_size=max(sizes))
     source = None
     if args.against_source:
         from ..conversion import rebuild_source
@@ -118,3 +139,22 @@ def run_bench(args: argparse.Namespace) -> int:
     return 0
 
 
+
+
+def _bench_all(args: argparse.Namespace, sizes) -> int:
+    import json
+
+    from ..runtime.compare import compare
+
+    if args.against_source or args.streams != 1 or args.fp16 or args.precision:
+        raise UsageError("--device all times every engine and precision itself; drop --against-source, --streams, "
+                         "--fp16 and --precision")
+    images = None
+    if args.images:
+        from ..imaging import list_images
+
+        images = [str(p) for p in list_images([args.images])][:256]
+    report = compare([args.model, *args.with_models], sizes, warmup=args.warmup, min_seconds=args.seconds,
+                     images=images)
+    print(json.dumps(report.to_dict(), indent=2) if args.json else report.to_table())
+    return 0

@@ -187,7 +187,7 @@ def bench(predictor: Predictor, batch_sizes: Sequence[int] | str = (1, 8, 32), *
     if fixed and any(b != fixed for b in sizes):
         notes.append(f"the model takes batches of exactly {fixed}; timing batch {fixed} only")
         sizes = (fixed,)
-    engine = f"onnxruntime {predictor.device}{' fp16' if predictor.fp16 else ''}"
+    engine = f"onnxruntime {predictor.device}" + (f" {predictor.precision_label}" if predictor.precision != "fp32" else "")
     if streams > 1:
         threads = predictor.stream_threads(streams)
         engine += f", {streams} concurrent streams of {threads} thread{'s' if threads > 1 else ''}"

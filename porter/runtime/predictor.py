@@ -39,7 +39,7 @@ from ..spec import ModelCard, PreprocessSpec
 from . import session as S
 from .feeds import as_sources, bind_and_run, check_feed, feeds_dict, host_array, shape_dtype
 from .pipeline import ImageLayout, PipelineStats, plan_batches, run_images
-from .precision import PrecisionReport, compare_precision, convert_to_fp16
+from .precision import FP16_TOLERANCE, PRECISION_TOLERANCE, PrecisionReport, compare_precision, convert_to_fp16
 from .signature import SCORE_MODES, ModelSignature, probabilities
 from .results import Prediction, task_results
 
@@ -52,20 +52,24 @@ __all__ = ["DEFAULT_BATCH", "PipelineStats", "PrecisionReport", "Prediction", "P
 
 
 def load(model: Any, device: str = "auto", fp16: bool = False, batch_size: int | None = None,
-         **options: Any) -> "Predictor":
+         precision: str | None = None, **options: Any) -> "Predictor":
     """Load an ONNX model for inference.
 
     ``model``: a path (``.onnx`` or ``onnx:PATH``), an ``onnx.ModelProto`` or serialized bytes.
     ``device``: ``auto`` (CUDA when it works, else CPU, and ``Predictor.notes`` says why), ``cuda``,
-    ``tensorrt`` or ``cpu``; an unavailable one raises RuntimeSetupError naming what is missing.
-    ``fp16``: run a half-precision copy (inputs/outputs stay float32), checked against fp32 before use.
+    ``tensorrt``, ``openvino`` (Intel CPUs, through the OpenVINO plugin for ONNX Runtime) or ``cpu``; an
+    unavailable one raises RuntimeSetupError naming what is missing.
+    ``precision``: ``fp32``, ``fp16`` (GPUs: a half-precision copy, inputs/outputs stay float32), ``bf16``
+    (OpenVINO) or ``int8`` (a model ``porter quantize`` wrote); default fp32, an int8 model's int8, and on OpenVINO
+    its own default (bf16 on CPUs with AMX). Anything but fp32 is checked against ONNX Runtime fp32 on seeded inputs
+    before use (a ValidationError past the tolerance). ``fp16=True`` is ``precision="fp16"``.
     ``batch_size``: the largest batch sent to the model (default 32, or the model's fixed batch).
     Options: ``preprocess`` (a PreprocessSpec or preset name overriding the model's metadata), ``scores``
     (auto|raw|softmax), ``threads`` (CPU intra-op threads), ``cache`` / ``cache_dir`` (optimized-model cache),
     ``decode_workers`` (image-decoding threads), ``fast_decode`` (large JPEGs decoded at reduced scale, see
     ``porter.imaging.load_image``), ``spin`` (ORT thread spinning), ``max_batch`` (TensorRT profile).
     """
-    return Predictor(model, device=device, fp16=fp16, batch_size=batch_size, **options)
+    return Predictor(model, device=device, fp16=fp16, batch_size=batch_size, precision=precision, **options)
 
 
 class Predictor:
@@ -75,7 +79,7 @@ class Predictor:
                  preprocess: PreprocessSpec | str | None = None, scores: str = "auto", threads: int | None = None,
                  cache: bool = True, cache_dir: str | os.PathLike | None = None, decode_workers: int | None = None,
                  fast_decode: bool = False, spin: bool = True, max_batch: int | None = None,
-                 streams: int | None = None):
+                 streams: int | None = None, precision: str | None = None):
         if batch_size is not None and (not isinstance(batch_size, int) or batch_size < 1):
             raise UsageError(f"batch size must be a positive integer, got {batch_size!r}")
         if threads is not None and threads < 1:
@@ -87,10 +91,13 @@ class Predictor:
         self.requested_device = device
         self.device, device_note = S.resolve_device(device)
         notes: list[str] = []
+        self.quantized = any(n.op_type in ("QuantizeLinear", "DequantizeLinear") for n in self.model.graph.node)
+        self.precision = _precision(precision, bool(fp16), self.quantized, self.device, self.name)
+        fp16 = self.precision == "fp16"
         self.fp16 = bool(fp16)
         if self.fp16 and self.device == "cpu":
             if device == "auto":
-                self.fp16 = False
+                self.fp16, self.precision = False, "fp32"
                 notes.append("fp16 ignored: no GPU, the CPU runs the model in fp32")
             else:
                 notes.append("fp16 on CPU: onnxruntime's CPU kernels are fp32-first, expect it to be slower")
@@ -109,6 +116,7 @@ class Predictor:
         self._stream_session: tuple[int, Any] | None = None  # (threads, session) shared by the streams
         self._external_data = model_bytes is None
         self.config = S.SessionConfig(device=self.device, fp16=self.fp16 and self.device == "tensorrt",
+                                       precision=self.precision if self.device == "openvino" else None,
                                        threads=threads, spin=spin, cache=cache and model_bytes is not None,
                                        cache_dir=str(cache_dir) if cache_dir else None,
                                        max_batch=max(max_batch or 0, self.batch_size, 64 if not fixed else 0),
@@ -123,6 +131,7 @@ class Predictor:
             # auto: the GPU looked usable but its provider did not start for this model; say so, run on CPU
             device_note = f"auto: running on CPU; the {self.device} provider did not start ({e})"
             self.device, self.fp16 = "cpu", False
+            self.precision = "int8" if self.quantized else "fp32"
             self.config = replace(self.config, device="cpu", fp16=False)
             self.session, self._info = self._open(model_bytes)
         self.notes: list[str] = ([device_note] if device_note else []) + notes
@@ -151,6 +160,9 @@ class Predictor:
     def _open(self, model_bytes: bytes | None):
         profiles = self._input_profiles
         source: Any = model_bytes if model_bytes is not None else self._model_path
+        if self.device == "openvino" and self.precision != "fp32":
+            return self._checked(source, S.create_session(source, self.config, input_profiles=profiles),
+                                 replace(self.config, device="cpu", precision=None))
         if not self.fp16:
             return S.create_session(source, self.config, input_profiles=profiles)
         if model_bytes is None:
@@ -162,16 +174,35 @@ class Predictor:
         else:
             session, info = S.create_session(source, self.config, variant="-fp16", input_profiles=profiles,
                                              transform=lambda: convert_to_fp16(self.model).SerializeToString())
+        return self._checked(source, (session, info), ref_config, ref_session)
+
+    def _checked(self, source: Any, opened, ref_config: S.SessionConfig, ref_session=None):
+        """``opened`` (session, info) in reduced precision, accepted only if it answers as ONNX Runtime's fp32 does
+        (``ref_config``) on seeded inputs."""
+        session, info = opened
+        if ref_session is None:
+            ref_session, _ = S.create_session(source, ref_config, input_profiles=self._input_profiles)
         feeds = self.example_inputs(min(8, self.batch_size), seed=1234)
         ref = dict(zip(self.output_names, ref_session.run(None, feeds)))
         got = dict(zip(self.output_names, session.run(None, feeds)))
-        report = compare_precision(ref, got, self.score_output)
+        label = self.precision if self.device != "openvino" else f"OpenVINO {self.precision_label}"
+        report = compare_precision(ref, got, self.score_output, tolerance=PRECISION_TOLERANCE.get(self.precision,
+                                                                                                   FP16_TOLERANCE),
+                                   precision=label)
         self.precision_report = report
         if not report.passed:
-            raise ValidationError(f"fp16 gives different answers from fp32 for {self.name}: {'; '.join(report.problems)} "
-                                  f"({report.describe()}); run it in fp32 (drop --fp16)", report)
+            fix = "drop --fp16" if self.fp16 else "use --precision fp32"
+            raise ValidationError(f"{label} gives different answers from fp32 for {self.name}: "
+                                  f"{'; '.join(report.problems)} ({report.describe()}); run it in fp32 ({fix})", report)
         info.notes.append(report.describe())
         return session, info
+
+    @property
+    def precision_label(self) -> str:
+        """What computes: ``fp32``, ``fp16``, ``bf16``, ``int8``; OpenVINO's unset default named as such."""
+        if self.precision == "default":
+            return "default precision (bf16 on CPUs with AMX, else fp32)"
+        return self.precision
 
     # --- facts ----------------------------------------------------------------------------------------------------
 
@@ -184,7 +215,7 @@ class Predictor:
         return self.signature.num_classes
 
     def describe(self) -> str:
-        prec = " fp16" if self.fp16 else ""
+        prec = f" {self.precision_label}" if self.precision != "fp32" else ""
         return f"{self.name} on {self.device}{prec} ({S.describe_providers(self.providers)}), batch {self.batch_size}"
 
     def example_inputs(self, batch: int, seed: int = 0) -> dict[str, np.ndarray]:
@@ -467,6 +498,31 @@ def _read_model(model: Any):
     path = Path(text[5:] if text.startswith("onnx:") else text).expanduser()
     external = any(init.data_location == onnx.TensorProto.EXTERNAL for init in proto.graph.initializer)
     return path.name, proto, (None if external else path.read_bytes()), str(path)
+
+
+def _precision(requested: str | None, fp16: bool, quantized: bool, device: str, name: str) -> str:
+    """The precision a Predictor runs in (see ``load``), or a UsageError for a combination that can't run."""
+    from ..options import PRECISIONS
+
+    if requested is not None and requested not in PRECISIONS:
+        raise UsageError(f"unknown precision {requested!r}; choose one of: {', '.join(PRECISIONS)}")
+    if fp16 and requested not in (None, "fp16"):
+        raise UsageError(f"fp16=True and precision={requested!r} disagree; give one")
+    requested = "fp16" if fp16 else requested
+    if quantized:
+        if requested not in (None, "int8"):
+            raise UsageError(f"{name} is an int8 model (quantized by porter quantize): it runs in int8, not "
+                             f"{requested}; give the fp32 model for {requested}")
+        return "int8"
+    if requested == "int8":
+        raise UsageError(f"{name} is not quantized; make an int8 model with porter quantize {name} --calibrate "
+                         f"IMAGES -o MODEL.int8.onnx and run that")
+    if requested == "bf16" and device != "openvino":
+        raise UsageError("bf16 runs on --device openvino (OpenVINO's bf16 kernels); onnxruntime's CPU kernels "
+                         "are fp32")
+    if requested is None:
+        return "default" if device == "openvino" else "fp32"
+    return requested
 
 
 def _strip_name(message: str, name: str) -> str:

@@ -9,6 +9,11 @@ Device resolution:
                 build of onnxruntime, the NVIDIA driver, a visible GPU, or the CUDA / cuDNN libraries.
 * ``tensorrt``  TensorRT, then CUDA, then CPU; only when asked for (engine builds take minutes), engines and
                 timing caches kept in the cache directory.
+* ``openvino``  Intel's OpenVINO through its plugin execution provider for ONNX Runtime (``onnxruntime-ep-openvino``,
+                ``pip install 'porter[openvino]'``), registered once with
+                ``onnxruntime.register_execution_provider_library``, so the session API stays onnxruntime's; its CPU
+                inference precision is set explicitly (``SessionConfig.precision``). The plugin offers Intel devices
+                only: elsewhere it is a ``RuntimeSetupError`` naming the CPU's vendor.
 * ``auto``      CUDA when a GPU and the CUDA provider really work (a session is created and its providers
                 checked, since the GPU wheel lists CUDA as available even on machines without a GPU), else
                 CPU; the choice and the reason are reported.
@@ -42,6 +47,10 @@ from ..options import DEVICES
 CPU_EP = "CPUExecutionProvider"
 CUDA_EP = "CUDAExecutionProvider"
 TRT_EP = "TensorrtExecutionProvider"
+OPENVINO_EP = "OpenVINOExecutionProvider"
+OPENVINO_HINT = "pip install 'porter[openvino]', which installs the onnxruntime-ep-openvino plugin"
+# OpenVINO CPU inference precision hints (load_config), by porter's precision name; None: OpenVINO's own default
+OPENVINO_PRECISION = {"fp32": "f32", "bf16": "bf16", "int8": "f32", None: None}
 GPU_WHEEL_HINT = "pip uninstall onnxruntime && pip install onnxruntime-gpu"
 CUDA_LIBS_HINT = "pip install 'onnxruntime-gpu[cuda,cudnn]', or put the CUDA toolkit and cuDNN on LD_LIBRARY_PATH"
 
@@ -254,12 +263,42 @@ def _missing_provider_libs(kind: str) -> tuple[str, ...]:
     return () if name.startswith("libcuda.so") else (name,)
 
 
+@functools.lru_cache(maxsize=1)
+def openvino_devices() -> tuple[tuple[Any, ...], str | None]:
+    """(the OpenVINO plugin's CPU devices, None), or ((), one sentence saying why there are none)."""
+    try:
+        import onnxruntime_ep_openvino as plugin
+    except ImportError:
+        return (), f"the OpenVINO plugin is not installed ({OPENVINO_HINT})"
+    ort = _ort()
+    if not hasattr(ort, "register_execution_provider_library"):
+        return (), f"onnxruntime {ort.__version__} can't load plugin execution providers (1.23 or newer can)"
+    name = plugin.get_ep_name()
+    try:
+        ort.register_execution_provider_library(name, plugin.get_library_path())
+    except Exception as e:  # noqa: BLE001 - ORT raises its own types; registered twice is fine
+        if "already" not in str(e).lower():
+            return (), f"the OpenVINO plugin did not load: {' '.join(str(e).split())[:200]}"
+    cpus = [d for d in ort.get_ep_devices() if d.device.type == ort.OrtHardwareDeviceType.CPU]
+    devices = tuple(d for d in cpus if d.ep_name == name)
+    if not devices:
+        vendor = next((d.device.vendor for d in cpus if d.device.vendor), "unknown")
+        return (), (f"the OpenVINO plugin offers no device on this machine (it runs on Intel CPUs, GPUs and NPUs; "
+                    f"this CPU's vendor is {vendor})")
+    return devices, None
+
+
 def resolve_device(requested: str) -> tuple[str, str]:
-    """Map ``auto|cuda|tensorrt|cpu`` to the device to try, with a note saying why (empty when asked for)."""
+    """Map ``auto|cuda|tensorrt|openvino|cpu`` to the device to try, with a note saying why (empty when asked for)."""
     if requested not in DEVICES:
         raise UsageError(f"unknown device {requested!r}; choose one of: {', '.join(DEVICES)}")
     if requested == "cpu":
         return "cpu", ""
+    if requested == "openvino":
+        problem = openvino_devices()[1]
+        if problem:
+            raise RuntimeSetupError(f"device 'openvino' is not available: {problem}; use --device cpu")
+        return "openvino", ""
     if requested == "cuda":
         problem = cuda_problem()
         if problem:
@@ -281,8 +320,9 @@ def resolve_device(requested: str) -> tuple[str, str]:
 
 @dataclass(frozen=True)
 class SessionConfig:
-    device: str  # cpu | cuda | tensorrt (resolved)
+    device: str  # cpu | cuda | tensorrt | openvino (resolved)
     fp16: bool = False  # TensorRT: builds fp16 engines (the model itself stays fp32)
+    precision: str | None = None  # OpenVINO: fp32 | bf16 | int8 (a QDQ model); None: OpenVINO's own default
     threads: int | None = None  # CPU intra-op threads; None: fitted to the machine
     spin: bool = True  # let idle ORT worker threads spin (lower latency; off when other threads need the CPU)
     cache: bool = True  # save and reuse the optimized model
@@ -310,6 +350,8 @@ def providers_for(config: SessionConfig, input_profiles: dict[str, tuple[Any, ..
         "do_copy_in_default_stream": "1",
         "arena_extend_strategy": "kSameAsRequested",
     }
+    if config.device == "openvino":  # added by device in session_options (ORT puts the CPU after it)
+        return []
     if config.device == "cpu":
         return [CPU_EP]
     if config.device == "cuda":
@@ -357,11 +399,33 @@ def session_options(config: SessionConfig, optimize: bool = True):
                                    else ort.GraphOptimizationLevel.ORT_DISABLE_ALL)
     so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
     so.inter_op_num_threads = 1
-    so.intra_op_num_threads = config.threads or (cpu_threads() if config.device == "cpu" else 1)
+    so.intra_op_num_threads = config.threads or (cpu_threads() if config.device in ("cpu", "openvino") else 1)
     so.add_session_config_entry("session.intra_op.allow_spinning", "1" if config.spin else "0")
     if config.device == "cpu":
         so.add_session_config_entry("session.set_denormal_as_zero", "1")
+    if config.device == "openvino":
+        _add_openvino(so, config)
     return so
+
+
+def _add_openvino(so, config: SessionConfig) -> None:
+    """The OpenVINO plugin on the CPU, its inference precision set (a hint in ``load_config``), its compiled-model
+    cache in porter's cache directory."""
+    import json
+
+    devices, problem = openvino_devices()
+    if problem:
+        raise RuntimeSetupError(f"device 'openvino' is not available: {problem}; use --device cpu")
+    options = {"device_type": "CPU", "num_of_threads": str(config.threads or cpu_threads())}
+    hint = OPENVINO_PRECISION.get(config.precision)
+    if hint:
+        options["load_config"] = json.dumps({"CPU": {"INFERENCE_PRECISION_HINT": hint}})
+    if config.cache:
+        folder = cache_dir("openvino", config.cache_dir)
+        with contextlib.suppress(OSError):
+            folder.mkdir(parents=True, exist_ok=True)
+            options["cache_dir"] = str(folder)
+    so.add_provider_for_devices(list(devices), options)
 
 
 def cache_key(model_bytes: bytes, config: SessionConfig, variant: str = "") -> str:
@@ -386,8 +450,8 @@ def create_session(model: bytes | str, config: SessionConfig, *, variant: str = 
     providers = providers_for(config, input_profiles)
     info = SessionInfo(providers=[])
     cached: Path | None = None
-    if config.cache and isinstance(model, bytes) and config.device != "tensorrt":
-        # TensorRT caches engines instead (its compiled graphs can't be saved as ONNX)
+    if config.cache and isinstance(model, bytes) and config.device not in ("tensorrt", "openvino"):
+        # TensorRT and OpenVINO cache their compiled graphs instead (those can't be saved as ONNX)
         cached = cache_dir("ort", config.cache_dir) / f"{cache_key(model, config, variant)}.onnx"
     session = None
     if cached is not None and cached.is_file():
@@ -422,7 +486,7 @@ def create_session(model: bytes | str, config: SessionConfig, *, variant: str = 
                 with contextlib.suppress(OSError):
                     Path(tmp).unlink()
     info.providers = list(session.get_providers())
-    want = {"cuda": CUDA_EP, "tensorrt": TRT_EP}.get(config.device)
+    want = {"cuda": CUDA_EP, "tensorrt": TRT_EP, "openvino": OPENVINO_EP}.get(config.device)
     if want and want not in info.providers:
         raise RuntimeSetupError(f"onnxruntime could not start {want} for this model (it fell back to "
                                 f"{', '.join(info.providers)}); check the GPU drivers and CUDA libraries, or use --device cpu")
@@ -432,7 +496,7 @@ def create_session(model: bytes | str, config: SessionConfig, *, variant: str = 
 def _new_session(model: bytes | str, so, providers):
     ort = _ort()
     try:
-        return ort.InferenceSession(model, sess_options=so, providers=providers)
+        return ort.InferenceSession(model, sess_options=so, providers=providers or None)
     except Exception as e:  # noqa: BLE001 - ORT raises its own Fail/InvalidGraph/NotImplemented types
         msg = " ".join(str(e).split())
         if "NOT_IMPLEMENTED" in msg or "Could not find an implementation" in msg:
@@ -442,5 +506,5 @@ def _new_session(model: bytes | str, so, providers):
 
 
 def describe_providers(providers: Sequence[str]) -> str:
-    short = {CPU_EP: "CPU", CUDA_EP: "CUDA", TRT_EP: "TensorRT"}
+    short = {CPU_EP: "CPU", CUDA_EP: "CUDA", TRT_EP: "TensorRT", OPENVINO_EP: "OpenVINO"}
     return " > ".join(short.get(p, p) for p in providers)
