@@ -12,8 +12,9 @@ import os
 import stat
 import zipfile
 from pathlib import Path
+from typing import Any
 
-from .errors import ModelLoadError, SourceError
+from .errors import ModelLoadError, SourceError, UsageError
 
 HDF5_MAGIC = b"\x89HDF\r\n\x1a\n"
 
@@ -110,3 +111,25 @@ def load_onnx_file(path: str | os.PathLike, external_data: bool = True):
         return onnx.load_model(str(p), load_external_data=external_data)
     except Exception as e:  # noqa: BLE001 - protobuf DecodeError, missing external data ...
         raise ModelLoadError(f"{text} is not a readable ONNX model: {' '.join(str(e).split())[:200]}") from None
+
+
+def read_model(model: Any):
+    """``porter.load``'s model argument (a path, ``onnx:PATH``, a ModelProto or serialized bytes) as (display name,
+    ModelProto, bytes or None for external-data models, path or None)."""
+    import onnx
+
+    if isinstance(model, onnx.ModelProto):
+        return "model", model, model.SerializeToString(), None
+    if isinstance(model, (bytes, bytearray)):
+        try:
+            return "model", onnx.load_model_from_string(bytes(model)), bytes(model), None
+        except Exception:  # noqa: BLE001
+            raise ModelLoadError("the bytes given are not a serialized ONNX model") from None
+    if not isinstance(model, (str, os.PathLike)):
+        raise UsageError(f"porter.load takes a path to an .onnx file, an onnx.ModelProto or bytes, not "
+                         f"{type(model).__module__}.{type(model).__name__}; convert framework models first with porter.convert")
+    text = os.fspath(model)
+    proto = load_onnx_file(text, external_data=False)
+    path = Path(text[5:] if text.startswith("onnx:") else text).expanduser()
+    external = any(init.data_location == onnx.TensorProto.EXTERNAL for init in proto.graph.initializer)
+    return path.name, proto, (None if external else path.read_bytes()), str(path)

@@ -13,11 +13,12 @@ import porter
 from porter.errors import RuntimeSetupError, UsageError
 from porter.runtime import session as S
 from porter.runtime.compare import compare
+from porter.runtime.openvino import openvino_devices
 from quantize_models import colour_images, colour_net
 from runtime_models import save
 
 pytestmark = pytest.mark.usefixtures("isolated_cache")
-OPENVINO_PROBLEM = S.openvino_devices()[1]
+OPENVINO_PROBLEM = openvino_devices()[1]
 needs_openvino = pytest.mark.skipif(OPENVINO_PROBLEM is not None, reason=f"no OpenVINO device: {OPENVINO_PROBLEM}")
 
 
@@ -60,15 +61,15 @@ def test_openvino_without_a_device_is_one_clear_error(models, porter_cli):
 
 
 def test_openvino_plugin_missing_names_the_extra(monkeypatch):
-    S.openvino_devices.cache_clear()
+    openvino_devices.cache_clear()
     monkeypatch.setitem(sys.modules, "onnxruntime_ep_openvino", None)  # import fails as if not installed
     try:
-        devices, problem = S.openvino_devices()
+        devices, problem = openvino_devices()
         assert devices == () and "porter[openvino]" in problem
         with pytest.raises(RuntimeSetupError, match=r"porter\[openvino\]"):
             S.resolve_device("openvino")
     finally:
-        S.openvino_devices.cache_clear()
+        openvino_devices.cache_clear()
 
 
 @needs_openvino

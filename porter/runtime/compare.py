@@ -18,6 +18,7 @@ import numpy as np
 from ..errors import PorterError
 from . import session as S
 from .bench import Timing, bench, parse_batch_sizes
+from .openvino import openvino_devices
 from .precision import compare_precision
 from .predictor import Predictor
 
@@ -92,7 +93,7 @@ def candidates(quantized: bool) -> list[tuple[str, str | None]]:
         pairs += [("cuda", None)] + ([] if quantized else [("cuda", "fp16")])
     if S.tensorrt_problem() is None:
         pairs += [("tensorrt", None)] + ([] if quantized else [("tensorrt", "fp16")])
-    if S.openvino_devices()[1] is None:
+    if openvino_devices()[1] is None:
         pairs += [("openvino", None)] + ([] if quantized else [("openvino", "fp32"), ("openvino", "bf16")])
     return pairs
 
@@ -143,7 +144,7 @@ def compare(models: Sequence[Any], batch_sizes: Sequence[int] | str = (1, 32), *
     what = (f"{len(images)} images" if images is not None else
             f"{AGREEMENT_INPUTS} seeded synthetic inputs; give --images for real ones")
     unavailable = {name: why for name, why in (("CUDA", S.cuda_problem()), ("TensorRT", S.tensorrt_problem()),
-                                               ("OpenVINO", S.openvino_devices()[1])) if why}
+                                               ("OpenVINO", openvino_devices()[1])) if why}
     return Comparison(engines, sizes, what, unavailable)
 
 

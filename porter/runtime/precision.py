@@ -13,7 +13,8 @@ from typing import Mapping
 
 import numpy as np
 
-from ..errors import ValidationError
+from ..errors import UsageError, ValidationError
+from ..options import PRECISIONS
 from ..graph.validate import Difference, difference
 
 FP16_TOLERANCE = 0.02  # max |fp16 - fp32| allowed, relative to max(1, max |fp32|)
@@ -95,3 +96,26 @@ def compare_precision(ref: Mapping[str, np.ndarray], got: Mapping[str, np.ndarra
             problems.append(f"top-1 differs on {int(np.sum(clear))} of {len(r)} inputs")
     return PrecisionReport(rows=rows, max_abs_diff=diffs, top1_agreement=agreement, passed=not problems,
                            problems=problems, mean_abs_diff=means, precision=precision)
+
+
+def resolve_precision(requested: str | None, fp16: bool, quantized: bool, device: str, name: str) -> str:
+    """The precision a Predictor runs in (see ``load``), or a UsageError for a combination that can't run."""
+    if requested is not None and requested not in PRECISIONS:
+        raise UsageError(f"unknown precision {requested!r}; choose one of: {', '.join(PRECISIONS)}")
+    if fp16 and requested not in (None, "fp16"):
+        raise UsageError(f"fp16=True and precision={requested!r} disagree; give one")
+    requested = "fp16" if fp16 else requested
+    if quantized:
+        if requested not in (None, "int8"):
+            raise UsageError(f"{name} is an int8 model (quantized by porter quantize): it runs in int8, not "
+                             f"{requested}; give the fp32 model for {requested}")
+        return "int8"
+    if requested == "int8":
+        raise UsageError(f"{name} is not quantized; make an int8 model with porter quantize {name} --calibrate "
+                         f"IMAGES -o MODEL.int8.onnx and run that")
+    if requested == "bf16" and device != "openvino":
+        raise UsageError("bf16 runs on --device openvino (OpenVINO's bf16 kernels); onnxruntime's CPU kernels "
+                         "are fp32")
+    if requested is None:
+        return "default" if device == "openvino" else "fp32"
+    return requested

@@ -26,20 +26,21 @@ from __future__ import annotations
 import contextlib
 import os
 from dataclasses import replace
-from pathlib import Path
 from typing import Any, Callable, Iterator, Mapping, Sequence
 
 import numpy as np
 
-from ..errors import DataError, InferenceError, ModelLoadError, PorterError, RuntimeSetupError, UsageError, \
+from ..errors import DataError, InferenceError, PorterError, RuntimeSetupError, UsageError, \
     ValidationError, runtime_message
+from ..files import read_model
 from ..graph.inspect import TensorInfo
 from ..imaging import describe_source
 from ..spec import ModelCard, PreprocessSpec
 from . import session as S
 from .feeds import as_sources, bind_and_run, check_feed, feeds_dict, host_array, shape_dtype
 from .pipeline import ImageLayout, PipelineStats, plan_batches, run_images
-from .precision import FP16_TOLERANCE, PRECISION_TOLERANCE, PrecisionReport, compare_precision, convert_to_fp16
+from .precision import (FP16_TOLERANCE, PRECISION_TOLERANCE, PrecisionReport, compare_precision, convert_to_fp16,
+                        resolve_precision)
 from .signature import SCORE_MODES, ModelSignature, probabilities
 from .results import Prediction, task_results
 
@@ -84,7 +85,7 @@ class Predictor:
             raise UsageError(f"batch size must be a positive integer, got {batch_size!r}")
         if threads is not None and threads < 1:
             raise UsageError(f"threads must be a positive integer, got {threads!r}")
-        self.name, self.model, model_bytes, self._model_path = _read_model(model)
+        self.name, self.model, model_bytes, self._model_path = read_model(model)
         self.card = ModelCard.from_onnx(self.model)
         self.signature = ModelSignature.read(self.model, self.card, self.name, preprocess, scores)
         sig = self.signature
@@ -92,7 +93,7 @@ class Predictor:
         self.device, device_note = S.resolve_device(device)
         notes: list[str] = []
         self.quantized = any(n.op_type in ("QuantizeLinear", "DequantizeLinear") for n in self.model.graph.node)
-        self.precision = _precision(precision, bool(fp16), self.quantized, self.device, self.name)
+        self.precision = resolve_precision(precision, bool(fp16), self.quantized, self.device, self.name)
         fp16 = self.precision == "fp16"
         self.fp16 = bool(fp16)
         if self.fp16 and self.device == "cpu":
@@ -476,54 +477,6 @@ class Predictor:
 
 
 # --- helpers ------------------------------------------------------------------------------------------------------
-
-def _read_model(model: Any):
-    """(display name, ModelProto, bytes or None for external-data models, path or None)."""
-    import onnx
-
-    if isinstance(model, onnx.ModelProto):
-        return "model", model, model.SerializeToString(), None
-    if isinstance(model, (bytes, bytearray)):
-        try:
-            return "model", onnx.load_model_from_string(bytes(model)), bytes(model), None
-        except Exception:  # noqa: BLE001
-            raise ModelLoadError("the bytes given are not a serialized ONNX model") from None
-    if not isinstance(model, (str, os.PathLike)):
-        raise UsageError(f"porter.load takes a path to an .onnx file, an onnx.ModelProto or bytes, not "
-                         f"{type(model).__module__}.{type(model).__name__}; convert framework models first with porter.convert")
-    from ..files import load_onnx_file
-
-    text = os.fspath(model)
-    proto = load_onnx_file(text, external_data=False)
-    path = Path(text[5:] if text.startswith("onnx:") else text).expanduser()
-    external = any(init.data_location == onnx.TensorProto.EXTERNAL for init in proto.graph.initializer)
-    return path.name, proto, (None if external else path.read_bytes()), str(path)
-
-
-def _precision(requested: str | None, fp16: bool, quantized: bool, device: str, name: str) -> str:
-    """The precision a Predictor runs in (see ``load``), or a UsageError for a combination that can't run."""
-    from ..options import PRECISIONS
-
-    if requested is not None and requested not in PRECISIONS:
-        raise UsageError(f"unknown precision {requested!r}; choose one of: {', '.join(PRECISIONS)}")
-    if fp16 and requested not in (None, "fp16"):
-        raise UsageError(f"fp16=True and precision={requested!r} disagree; give one")
-    requested = "fp16" if fp16 else requested
-    if quantized:
-        if requested not in (None, "int8"):
-            raise UsageError(f"{name} is an int8 model (quantized by porter quantize): it runs in int8, not "
-                             f"{requested}; give the fp32 model for {requested}")
-        return "int8"
-    if requested == "int8":
-        raise UsageError(f"{name} is not quantized; make an int8 model with porter quantize {name} --calibrate "
-                         f"IMAGES -o MODEL.int8.onnx and run that")
-    if requested == "bf16" and device != "openvino":
-        raise UsageError("bf16 runs on --device openvino (OpenVINO's bf16 kernels); onnxruntime's CPU kernels "
-                         "are fp32")
-    if requested is None:
-        return "default" if device == "openvino" else "fp32"
-    return requested
-
 
 def _strip_name(message: str, name: str) -> str:
     """Per-input errors sit beside the input's path: drop the 'PATH: ' prefix the DataError carries."""

@@ -43,14 +43,11 @@ from typing import Any, Callable, Sequence
 from ..cache import cache_dir
 from ..errors import RuntimeSetupError, UsageError
 from ..options import DEVICES
+from .openvino import OPENVINO_EP
 
 CPU_EP = "CPUExecutionProvider"
 CUDA_EP = "CUDAExecutionProvider"
 TRT_EP = "TensorrtExecutionProvider"
-OPENVINO_EP = "OpenVINOExecutionProvider"
-OPENVINO_HINT = "pip install 'porter[openvino]', which installs the onnxruntime-ep-openvino plugin"
-# OpenVINO CPU inference precision hints (load_config), by porter's precision name; None: OpenVINO's own default
-OPENVINO_PRECISION = {"fp32": "f32", "bf16": "bf16", "int8": "f32", None: None}
 GPU_WHEEL_HINT = "pip uninstall onnxruntime && pip install onnxruntime-gpu"
 CUDA_LIBS_HINT = "pip install 'onnxruntime-gpu[cuda,cudnn]', or put the CUDA toolkit and cuDNN on LD_LIBRARY_PATH"
 
@@ -263,31 +260,6 @@ def _missing_provider_libs(kind: str) -> tuple[str, ...]:
     return () if name.startswith("libcuda.so") else (name,)
 
 
-@functools.lru_cache(maxsize=1)
-def openvino_devices() -> tuple[tuple[Any, ...], str | None]:
-    """(the OpenVINO plugin's CPU devices, None), or ((), one sentence saying why there are none)."""
-    try:
-        import onnxruntime_ep_openvino as plugin
-    except ImportError:
-        return (), f"the OpenVINO plugin is not installed ({OPENVINO_HINT})"
-    ort = _ort()
-    if not hasattr(ort, "register_execution_provider_library"):
-        return (), f"onnxruntime {ort.__version__} can't load plugin execution providers (1.23 or newer can)"
-    name = plugin.get_ep_name()
-    try:
-        ort.register_execution_provider_library(name, plugin.get_library_path())
-    except Exception as e:  # noqa: BLE001 - ORT raises its own types; registered twice is fine
-        if "already" not in str(e).lower():
-            return (), f"the OpenVINO plugin did not load: {' '.join(str(e).split())[:200]}"
-    cpus = [d for d in ort.get_ep_devices() if d.device.type == ort.OrtHardwareDeviceType.CPU]
-    devices = tuple(d for d in cpus if d.ep_name == name)
-    if not devices:
-        vendor = next((d.device.vendor for d in cpus if d.device.vendor), "unknown")
-        return (), (f"the OpenVINO plugin offers no device on this machine (it runs on Intel CPUs, GPUs and NPUs; "
-                    f"this CPU's vendor is {vendor})")
-    return devices, None
-
-
 def resolve_device(requested: str) -> tuple[str, str]:
     """Map ``auto|cuda|tensorrt|openvino|cpu`` to the device to try, with a note saying why (empty when asked for)."""
     if requested not in DEVICES:
@@ -295,6 +267,8 @@ def resolve_device(requested: str) -> tuple[str, str]:
     if requested == "cpu":
         return "cpu", ""
     if requested == "openvino":
+        from .openvino import openvino_devices
+
         problem = openvino_devices()[1]
         if problem:
             raise RuntimeSetupError(f"device 'openvino' is not available: {problem}; use --device cpu")
@@ -404,28 +378,10 @@ def session_options(config: SessionConfig, optimize: bool = True):
     if config.device == "cpu":
         so.add_session_config_entry("session.set_denormal_as_zero", "1")
     if config.device == "openvino":
-        _add_openvino(so, config)
+        from .openvino import add_openvino
+
+        add_openvino(so, config)
     return so
-
-
-def _add_openvino(so, config: SessionConfig) -> None:
-    """The OpenVINO plugin on the CPU, its inference precision set (a hint in ``load_config``), its compiled-model
-    cache in porter's cache directory."""
-    import json
-
-    devices, problem = openvino_devices()
-    if problem:
-        raise RuntimeSetupError(f"device 'openvino' is not available: {problem}; use --device cpu")
-    options = {"device_type": "CPU", "num_of_threads": str(config.threads or cpu_threads())}
-    hint = OPENVINO_PRECISION.get(config.precision)
-    if hint:
-        options["load_config"] = json.dumps({"CPU": {"INFERENCE_PRECISION_HINT": hint}})
-    if config.cache:
-        folder = cache_dir("openvino", config.cache_dir)
-        with contextlib.suppress(OSError):
-            folder.mkdir(parents=True, exist_ok=True)
-            options["cache_dir"] = str(folder)
-    so.add_provider_for_devices(list(devices), options)
 
 
 def cache_key(model_bytes: bytes, config: SessionConfig, variant: str = "") -> str:
