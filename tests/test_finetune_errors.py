@@ -236,5 +236,5 @@ def test_integer_image_input_says_what_to_do(out, tmp_path):
 
 
 def test_a_bad_device_is_refused_before_any_data_is_read(tmp_path):
-    with pytest.raises(UsageError, match=r"unknown device 'gpu'; choose one of: auto, cuda, tensorrt, cpu"):
+    with pytest.raises(UsageError, match=r"unknown device 'gpu'; choose one of: auto, cuda, tensorrt, openvino, cpu"):
         finetune(tmp_path / "no-model.onnx", tmp_path / "no-data", device="gpu")
