@@ -42,14 +42,18 @@ def test_quantize_passes_the_gate_and_records_it(tmp_path, images):
     q = onnx.load(str(tmp_path / "net.int8.onnx"))
     assert ops(q)["QuantizeLinear"] >= 8 and ops(q)["DequantizeLinear"] >= 16  # activations and weights in int8
     assert not float_nodes(q)
-    assert result.excluded == [] and result.agreement.inputs == 80  # 140 images: 60 calibrate, 80 gate
+    # the output softmax stays float by default; nothing else needed to
+    assert result.excluded == ["softmax"] and result.agreement.inputs == 80  # 140 images: 60 calibrate, 80 gate
     assert result.agreement.drop <= 1.0
     card = ModelCard.from_onnx(q)
     assert card.labels == ("amber", "blue", "green", "red") and card.preprocess is not None  # the card is kept
     rec = card.quantization
-    assert rec["method"] == "minmax" and rec["samples"] == 60 and rec["excluded"] == []
+    assert rec["method"] == "minmax" and rec["samples"] == 60 and rec["excluded"] == ["softmax"]
     assert rec["gate"]["inputs"] == 80 and rec["gate"]["top1_agreement"] == pytest.approx(result.agreement.top1_agreement)
     assert 0 <= rec["gate"]["accuracy_fp32"] <= 1 and "accuracy_int8" in rec["gate"]  # class folders = labels
+    probs = porter.load(q, device="cpu").run(porter.load(q).example_inputs(8, seed=1))["probabilities"]
+    # probabilities a uint8 softmax would round to 0 (steps of 1/255) survive: the softmax ran in float
+    assert ((probs > 0) & (probs < 1 / 510)).any()
     # the int8 file predicts what fp32 predicts on new images
     fp32, int8 = porter.load(src, device="cpu"), porter.load(tmp_path / "net.int8.onnx", device="cpu")
     paths = sorted(str(p) for p in images.rglob("*.png"))[:40]
@@ -63,7 +67,7 @@ def test_the_node_that_breaks_under_int8_is_kept_in_float(tmp_path, images):
     result = porter.quantize(src, images, tmp_path / "broken.int8.onnx", samples=60, log=lines.append)
     first = result.rounds[0]
     assert first["drop_points"] > 20  # naive int8 breaks it
-    assert {"conv3", "conv4"} <= set(result.excluded)  # the outlier's producer and its consumer
+    assert {"conv3", "conv4", "softmax"} <= set(result.excluded)  # the outlier's producer and its consumer
     assert len([n for n in result.excluded if n.startswith("conv")]) <= 2  # and nothing else of weight
     assert result.agreement.drop <= 1.0 and len(result.rounds) == 2
     q = onnx.load(str(tmp_path / "broken.int8.onnx"))
@@ -111,11 +115,10 @@ def test_cli_quantize_and_inspect(tmp_path, images, porter_cli):
     out = tmp_path / "net.int8.onnx"
     r = porter_cli("quantize", src, "--calibrate", images, "-o", out, "--samples", "60")
     assert r.returncode == 0, r.stderr
-    assert "quantized to int8" in r.stdout and "kept in float (4): conv3, relu3, conv4, relu4" in r.stdout.replace(
-        "conv4, relu4, conv3, relu3", "conv3, relu3, conv4, relu4")
+    assert "quantized to int8" in r.stdout and "kept in float (5): softmax, conv4, relu4, conv3, relu3" in r.stdout
     assert "porter: round 1:" in r.stderr and "porter: keeping in float:" in r.stderr
     r = porter_cli("inspect", out)
-    assert r.returncode == 0 and "quantization: int8 QDQ" in r.stdout and "4 node(s) kept in float" in r.stdout
+    assert r.returncode == 0 and "quantization: int8 QDQ" in r.stdout and "5 node(s) kept in float" in r.stdout
     assert "top-1 agreement" in r.stdout and "accuracy fp32" in r.stdout
     info = json.loads(porter_cli("inspect", out, "--json").stdout)
     assert json.loads(info["porter"]["porter.quantization"])["method"] == "minmax"

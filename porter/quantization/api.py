@@ -33,6 +33,7 @@ from .gate import Agreement, diverging_nodes, measure
 from . import DEFAULT_EVAL_SAMPLES, DEFAULT_METHOD, DEFAULT_SAMPLES, METHODS
 MAX_FLOAT_SHARE = 0.25  # more than this many of the quantizable nodes in float: int8 is not worth it, refuse
 QUANTIZED_OPS = ("Conv", "Gemm", "MatMul", "ConvTranspose")  # the nodes whose weights int8 carries
+FLOAT_OUTPUT_OPS = ("Softmax", "LogSoftmax", "Sigmoid")
 DIAGNOSE_INPUTS = 16  # inputs the SQNR comparison runs on (every activation of both models is kept)
 
 
@@ -127,7 +128,13 @@ def quantize_samples(proto, samples_for, *, method: str = DEFAULT_METHOD, max_dr
         prepared_path = work / "prepared.onnx"
         _save(prepared, prepared_path)
         cache = work / "calibration.json"  # ORT's calibration cache: every round quantizes from the same ranges
-        excluded = list(exclude)
+        outputs = {o.name for o in prepared.graph.output}
+        # a uint8 softmax carries probabilities in steps of 1/255 (a 1000-class model's are mostly below one step):
+        # the output activations stay float, at no measurable cost
+        kept = [n.name for n in prepared.graph.node if n.op_type in FLOAT_OUTPUT_OPS and set(n.output) & outputs]
+        if kept:
+            notes.append(f"kept in float by default (output activations): {', '.join(kept)}")
+        excluded = list(dict.fromkeys([*exclude, *kept]))
         rounds: list[dict[str, Any]] = []
         step = 1
         while True:
