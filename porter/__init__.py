@@ -7,6 +7,7 @@ Public API (imports are lazy: ``import porter`` loads neither TensorFlow nor tor
     porter.quantize(model, calibrate, output=None, **options) -> QuantizeResult
     porter.load(model, device="auto", fp16=False, batch_size=32) -> Predictor
     porter.inspect(model) -> InspectReport
+    porter.export_triton(model, repository, name=None, ...) -> TritonExport; porter.triton.preprocess(images, config)
 and the errors in ``porter.errors`` (PorterError and its subclasses).
 """
 
@@ -28,6 +29,8 @@ _LAZY = {
     "load": ("porter.runtime.predictor", "load"),
     "quantize": ("porter.quantization.api", "quantize"),
     "QuantizeResult": ("porter.quantization.api", "QuantizeResult"),
+    "export_triton": ("porter.export.triton", "export_triton"),
+    "triton": ("porter.export.triton", None),  # porter.triton.preprocess(images, config): the client's helper
     "inspect": ("porter.inspection", "inspect_model"),
     "ModelCard": ("porter.spec", "ModelCard"),
     "PreprocessSpec": ("porter.spec", "PreprocessSpec"),
@@ -43,7 +46,7 @@ def __getattr__(name: str) -> Any:
         import importlib
 
         module, attr = _LAZY[name]
-        value = getattr(importlib.import_module(module), attr)
+        value = importlib.import_module(module) if attr is None else getattr(importlib.import_module(module), attr)
         globals()[name] = value
         return value
     raise AttributeError(f"module 'porter' has no attribute {name!r}")

@@ -20,8 +20,9 @@ ALLOWED = {
     "inspection": FOUNDATION | {"graph"},
     "conversion": FOUNDATION | {"graph", "sources", "importers", "runtime"},
     "quantization": FOUNDATION | {"graph", "runtime"},
+    "export": FOUNDATION | {"graph", "runtime"},
     "transfer": FOUNDATION | {"graph", "sources", "runtime", "conversion", "quantization"},
-    "cli": FOUNDATION | {"graph", "sources", "runtime", "importers", "conversion", "quantization", "transfer",
+    "cli": FOUNDATION | {"graph", "sources", "runtime", "importers", "conversion", "quantization", "export", "transfer",
             "inspection"},
     "__main__": {"cli"},
     "porter": {"errors"},  # porter/__init__.py: everything else is imported lazily, on first use

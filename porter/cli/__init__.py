@@ -17,6 +17,7 @@ from .. import __version__
 from ..errors import PorterError
 from .args import COMMANDS
 from .convert import add_convert_parser, add_inspect_parser
+from .export import add_export_parser
 from .finetune import add_finetune_parser, finetune_options  # noqa: F401 - tests build finetune options from args
 from .quantize import add_quantize_parser
 from .run import add_bench_parser, add_predict_parser
@@ -24,7 +25,7 @@ from .run import add_bench_parser, add_predict_parser
 # --- main -------------------------------------------------------------------------------------------------------
 
 PARSER_BUILDERS = [add_convert_parser, add_finetune_parser, add_quantize_parser, add_predict_parser, add_bench_parser,
-                   add_inspect_parser]
+                   add_export_parser, add_inspect_parser]
 
 
 class OneLineParser(argparse.ArgumentParser):

@@ -32,6 +32,7 @@ from .gate import Agreement, diverging_nodes, measure
 
 from . import DEFAULT_EVAL_SAMPLES, DEFAULT_METHOD, DEFAULT_SAMPLES, METHODS
 MAX_FLOAT_SHARE = 0.25  # more than this many of the quantizable nodes in float: int8 is not worth it, refuse
+MAX_ROUNDS = 6  # quantize + gate at most this often (a ResNet-50 round takes a minute on 2 cores)
 QUANTIZED_OPS = ("Conv", "Gemm", "MatMul", "ConvTranspose")  # the nodes whose weights int8 carries
 FLOAT_OUTPUT_OPS = ("Softmax", "LogSoftmax", "Sigmoid")
 DIAGNOSE_INPUTS = 16  # inputs the SQNR comparison runs on (every activation of both models is kept)
@@ -147,8 +148,11 @@ def quantize_samples(proto, samples_for, *, method: str = DEFAULT_METHOD, max_dr
             log(f"round {len(rounds)}: {len(excluded)} node(s) in float: {agreement.describe()}")
             if agreement.passes(max_drop, max_error):
                 break
-            take = _next_exclusions(diverging_nodes(prepared_path, qpath, lambda: _reader(ev.rows(range(min(
-                DIAGNOSE_INPUTS, len(ev)))), fp32), work), excluded, step, limit, weighty, kinds, log)
+            take: list[str] = []
+            if len(rounds) < MAX_ROUNDS:
+                diagnosis = ev.rows(range(min(DIAGNOSE_INPUTS, len(ev))))
+                damage = diverging_nodes(prepared_path, qpath, lambda: _reader(diagnosis, fp32), work)
+                take = _next_exclusions(damage, excluded, step, limit, weighty, kinds, log)
             if not take:
                 raise ValidationError(_refusal(agreement, max_drop, max_error, weighty(excluded), limit,
                                                len(quantizable)))
@@ -324,7 +328,8 @@ def _refusal(agreement: Agreement, max_drop: float, max_error: float, excluded: 
     budget = (f"the {max_drop:g}-point budget (--max-drop)" if agreement.drop is not None
               else f"the {max_error:.0%} error budget (--max-error)")
     return (f"int8 does not hold this model's answers within {budget} even with {len(excluded)} of its "
-            f"{quantizable} quantizable nodes in float (the most porter keeps float is {limit}): "
+            f"{quantizable} quantizable nodes in float (porter keeps at most {limit} float, in up to {MAX_ROUNDS} "
+            f"rounds): "
             f"{agreement.describe()}; run it in fp32, calibrate on more representative images (--calibrate, "
             f"--samples), or allow a larger --max-drop")
 
