@@ -30,6 +30,7 @@ _LAZY = {
     "quantize": ("porter.quantization.api", "quantize"),
     "QuantizeResult": ("porter.quantization.api", "QuantizeResult"),
     "export_triton": ("porter.export.triton", "export_triton"),
+    "export_node": ("porter.export.node", "export_node"),
     "triton": ("porter.export.triton", None),  # porter.triton.preprocess(images, config): the client's helper
     "inspect": ("porter.inspection", "inspect_model"),
     "ModelCard": ("porter.spec", "ModelCard"),

@@ -1,4 +1,4 @@
-"""``porter export``: deploy targets (a Triton model repository)."""
+"""``porter export``: deploy targets (a Triton model repository, an npm package on onnxruntime-node)."""
 
 from __future__ import annotations
 
@@ -10,14 +10,17 @@ from .args import command
 def add_export_parser(sub) -> None:
     from ..export.triton import KINDS, TENSORRT
 
-    p = sub.add_parser("export", help="write a model where users serve it: a Triton Inference Server repository",
-                       description="Write MODEL into a Triton model repository for the ONNX Runtime backend: "
-                                   "REPO/NAME/config.pbtxt (inputs and outputs with the batch axis told truthfully, "
-                                   "dynamic batching, instance group, labels, porter's preprocessing in parameters), "
-                                   "REPO/NAME/1/model.onnx and labels.txt.")
+    p = sub.add_parser("export", help="write a model where users serve it: a Triton repository or an npm package",
+                       description="--triton REPO: write MODEL into a Triton model repository for the ONNX Runtime "
+                                   "backend: REPO/NAME/config.pbtxt (inputs and outputs with the batch axis told "
+                                   "truthfully, dynamic batching, instance group, labels, porter's preprocessing in "
+                                   "parameters), REPO/NAME/1/model.onnx and labels.txt. --node DIR: a small npm "
+                                   "package running it on onnxruntime-node (load(), predict(images)).")
     p.add_argument("model", help="an ONNX file (from porter convert, finetune or quantize)")
-    p.add_argument("--triton", required=True, metavar="REPO", help="the model repository folder (created if needed)")
-    p.add_argument("--name", help="the model's name in the repository (default: the file's stem)")
+    where = p.add_mutually_exclusive_group(required=True)
+    where.add_argument("--triton", metavar="REPO", help="the model repository folder (created if needed)")
+    where.add_argument("--node", metavar="DIR", help="the npm package folder (created if needed)")
+    p.add_argument("--name", help="the model's name in the repository or package (default: the file's stem)")
     p.add_argument("--max-batch-size", type=int, default=64, help="largest batch Triton forms (default 64)")
     p.add_argument("--instances", type=int, default=1, help="model instances per device (default 1)")
     p.add_argument("--kind", choices=KINDS, default="cpu", help="instance kind (default cpu)")
@@ -27,6 +30,11 @@ def add_export_parser(sub) -> None:
 
 @command("export")
 def run_export(args: argparse.Namespace) -> int:
+    if args.node:
+        from ..export.node import export_node
+
+        print(export_node(args.model, args.node, name=args.name, force=args.force).summary())
+        return 0
     from ..export.triton import export_triton
 
     result = export_triton(args.model, args.triton, name=args.name, max_batch_size=args.max_batch_size,

@@ -1,2 +1,2 @@
 """Deploying where users run: ``triton`` (a Triton Inference Server model repository, and the client's
-preprocessing helper)."""
+preprocessing helper), ``node`` (an npm package on onnxruntime-node; its ``node_template/index.js``)."""
