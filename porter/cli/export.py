@@ -8,7 +8,7 @@ from .args import command
 
 
 def add_export_parser(sub) -> None:
-    from ..export.triton import KINDS, TENSORRT
+    from ..export import KINDS, TENSORRT
 
     p = sub.add_parser("export", help="write a model where users serve it: a Triton repository or an npm package",
                        description="--triton REPO: write MODEL into a Triton model repository for the ONNX Runtime "

@@ -31,8 +31,7 @@ TRITON_TYPES = {"float32": "TYPE_FP32", "float16": "TYPE_FP16", "float64": "TYPE
                 "int16": "TYPE_INT16", "int32": "TYPE_INT32", "int64": "TYPE_INT64", "uint8": "TYPE_UINT8",
                 "uint16": "TYPE_UINT16", "uint32": "TYPE_UINT32", "uint64": "TYPE_UINT64", "bool": "TYPE_BOOL",
                 "bfloat16": "TYPE_BF16", "object": "TYPE_STRING", "str": "TYPE_STRING"}
-KINDS = ("cpu", "gpu")
-TENSORRT = ("fp16", "fp32")
+from . import KINDS, TENSORRT
 NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
 
 
