@@ -17,6 +17,7 @@ Every failure is a ``DataError`` that names the file. Only numpy and Pillow are 
 from __future__ import annotations
 
 import functools
+import io
 import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterable, Sequence
@@ -41,6 +42,8 @@ def describe_source(src: Any, index: int | None = None) -> str:
     """How an input is named in messages: its path, or 'image N' for in-memory images."""
     if isinstance(src, (str, os.PathLike)):
         return str(src)
+    if isinstance(src, (bytes, bytearray, memoryview)):
+        return f"encoded image {index}" if index is not None else "encoded image"
     kind = "PIL image" if _is_pil(src) else "array" if isinstance(src, np.ndarray) else type(src).__name__
     return f"{kind} {index}" if index is not None else kind
 
@@ -56,7 +59,8 @@ class ImageSource:
 
 def load_image(src: Any, size: Sequence[int] | None = None, *, name: str | None = None,
                fast_decode: bool = False) -> np.ndarray:
-    """Decode ``src`` (path, PIL image, or numpy array of raw pixels) to uint8 ``H x W x 3`` RGB.
+    """Decode ``src`` (path, an encoded file's bytes, PIL image, or numpy array of raw pixels) to uint8
+    ``H x W x 3`` RGB.
 
     ``size`` (H, W) resizes bilinearly. ``name`` is what errors call the image (default: the path).
     ``fast_decode``: a JPEG file at least 4x larger than ``size`` is decoded at 1/2, 1/4 or 1/8 scale in the
@@ -66,6 +70,8 @@ def load_image(src: Any, size: Sequence[int] | None = None, *, name: str | None 
     label = name or describe_source(src)
     if isinstance(src, (str, os.PathLike)):
         image = _decode_file(Path(src), label, size, fast_decode)
+    elif isinstance(src, (bytes, bytearray, memoryview)):  # a file's contents (read elsewhere, e.g. by Ray Data)
+        image = _decode(io.BytesIO(src), label, size, fast_decode)
     elif _is_pil(src):
         image = _pil_to_rgb(src, label, size)
     elif isinstance(src, np.ndarray):
@@ -74,7 +80,7 @@ def load_image(src: Any, size: Sequence[int] | None = None, *, name: str | None 
         image = src.rgb(label)
     else:
         raise DataError(f"{label}: can't read an image from a {type(src).__module__}.{type(src).__name__}; "
-                        f"give a file path, a PIL image or a uint8 numpy array (H x W [x C])")
+                        f"give a file path, its bytes, a PIL image or a uint8 numpy array (H x W [x C])")
     if size is not None:
         image = resize(image, size)  # a no-op when decoding already resized
     return image
@@ -90,14 +96,18 @@ def _is_pil(obj: Any) -> bool:
 
 
 def _decode_file(path: Path, label: str, size: Sequence[int] | None = None, fast_decode: bool = False) -> np.ndarray:
-    from PIL import Image, UnidentifiedImageError
-
     if not path.exists():
         raise DataError(f"{label}: no such file")
     if path.is_dir():
         raise DataError(f"{label}: is a directory, not an image")
+    return _decode(path, label, size, fast_decode)
+
+
+def _decode(file: "Path | io.BytesIO", label: str, size: Sequence[int] | None, fast_decode: bool) -> np.ndarray:
+    from PIL import Image, UnidentifiedImageError
+
     try:
-        with Image.open(path) as img:
+        with Image.open(file) as img:
             if fast_decode and size is not None and img.format == "JPEG":
                 side = 2 * max(int(size[0]), int(size[1]))  # square: EXIF rotation may swap the axes later
                 img.draft(None, (side, side))  # libjpeg picks the smallest 1/2^k scale still >= side x side

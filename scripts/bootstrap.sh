@@ -26,6 +26,6 @@ if ! "$VENV/bin/python" -c "import torch" 2>/dev/null; then
   fi
 fi
 # the optional extras too, so that their tests run (they skip cleanly where an extra has no device)
-"${PIP[@]}" -e ".[dev,openvino,triton]"
+"${PIP[@]}" -e ".[dev,openvino,triton,ray]"
 touch "$STAMP"
 echo "porter: environment ready ($VENV/bin/porter)" >&2

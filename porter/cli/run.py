@@ -35,6 +35,22 @@ def add_predict_parser(sub) -> None:
     p.add_argument("--streams", type=int, default=None, metavar="N",
                    help="CPU: concurrent inference streams, each with its share of the cores, for runs of 4+ "
                         "batches per stream (default: one per core, up to 4; 1 runs each batch on all cores)")
+    p.add_argument("-o", "--output", metavar="FILE",
+                   help="write the predictions to FILE instead of stdout: .parquet (columns path, label, "
+                        "class_index, score, top_k, outputs, error), .csv or .json; written whole or not at all")
+    p.add_argument("--force", action="store_true", help="overwrite --output if it exists")
+    add_ray_args(p, "run the images through a pool of model actors on Ray Data")
+
+
+def add_ray_args(p, what: str) -> None:
+    p.add_argument("--ray", nargs="?", const="local", default=None, metavar="ADDRESS",
+                   help=f"{what} (pip install 'porter[ray]'): a local Ray without ADDRESS, auto for the running "
+                        f"cluster, or HOST:PORT / ray://HOST:PORT")
+    p.add_argument("--actors", type=int, default=None, metavar="N",
+                   help="with --ray: model actors (default: one per GPU of the cluster, else one per CPU)")
+
+
+OUTPUT_FORMATS = {".parquet": "parquet", ".csv": "csv", ".json": "json"}
 
 
 def add_precision_args(p) -> None:
@@ -77,12 +93,40 @@ def add_bench_parser(sub) -> None:
 @command("predict")
 def run_predict(args: argparse.Namespace) -> int:
     from ..imaging import list_images
-    from ..runtime import load
-    from ..runtime.formatting import PredictionWriter
 
     if args.top_k < 1:
         raise UsageError(f"--top-k must be at least 1, got {args.top_k}")
-    paths = list_images(args.inputs)
+    fmt = _output_format(args)
+    if args.ray is None:
+        if args.actors is not None:
+            raise UsageError("--actors sizes the Ray actor pool: give it with --ray")
+        paths = list_images(args.inputs)
+        return _predict_here(args, [str(p) for p in paths], fmt)
+    if args.streams is not None:
+        raise UsageError("--streams is for a run on this machine; on Ray each actor is one stream (size the pool "
+                         "with --actors)")
+    return _predict_on_ray(args, fmt)
+
+
+def _output_format(args: argparse.Namespace) -> str:
+    if args.output is None:
+        if args.force:
+            raise UsageError("--force overwrites --output: give --output FILE too")
+        return args.format
+    from pathlib import Path
+
+    from ..outputs import check_output
+
+    fmt = OUTPUT_FORMATS.get(Path(args.output).suffix.lower())
+    if fmt is None:
+        raise UsageError(f"--output {args.output}: name a .parquet, .csv or .json file")
+    check_output(args.output, args.force)  # before any work
+    return fmt
+
+
+def _predict_here(args: argparse.Namespace, paths: list[str], fmt: str) -> int:
+    from ..runtime import load
+
     # decoding threads share the CPU with inference: ORT's idle workers should sleep, not spin
     predictor = load(args.model, device=args.device, fp16=args.fp16, precision=args.precision,
                      batch_size=args.batch_size,
@@ -92,14 +136,8 @@ def run_predict(args: argparse.Namespace) -> int:
     print(f"porter: {predictor.describe()}", file=sys.stderr)
     for note in predictor.notes:
         print(f"porter: {note}", file=sys.stderr)
-    writer = PredictionWriter(sys.stdout, args.format, top_k=args.top_k, classifier=predictor.is_classifier,
-                              tasks=predictor.tasks,
-                              path_width=max(len(str(p)) for p in paths))
-    failed = 0
-    for prediction in predictor.iter_predictions([str(p) for p in paths], top_k=args.top_k, errors="report"):
-        failed += prediction.error is not None
-        writer.write(prediction)
-    writer.close()
+    predictions = predictor.iter_predictions(paths, top_k=args.top_k, errors="report")
+    failed = _write_predictions(args, fmt, predictions, predictor.is_classifier, predictor.tasks, paths)
     stats = predictor.last_stats
     print(f"porter: {stats.describe()}", file=sys.stderr)
     if stats.seconds >= 2 and stats.first_batch_seconds + stats.decode_wait_seconds > 0.25 * stats.seconds:
@@ -108,8 +146,82 @@ def run_predict(args: argparse.Namespace) -> int:
         tips += [] if args.fast_decode else ["--fast-decode for large JPEGs"]
         if tips:
             print(f"porter: decoding is the bottleneck; try {' or '.join(tips)}", file=sys.stderr)
+    return _failures(failed, len(paths))
+
+
+def _predict_on_ray(args: argparse.Namespace, fmt: str) -> int:
+    import time
+
+    from ..ray import session
+    from ..ray.cluster import check_address
+    from ..ray.jobs import plan_predict
+
+    check_address(args.ray)  # a bad address is a usage error before Ray starts
+    if args.fp16:
+        args.precision = "fp16"
+    with session(args.ray):
+        start = time.perf_counter()
+        run = plan_predict(args.model, args.inputs, top_k=args.top_k, device=args.device, actors=args.actors,
+                           batch_size=args.batch_size, preprocess=args.preprocess, precision=args.precision,
+                           fast_decode=args.fast_decode)
+        print(f"porter: {run.describe()}", file=sys.stderr)
+        first: list[float] = []
+
+        def timed(predictions):
+            for p in predictions:
+                if not first:
+                    first.append(time.perf_counter() - start)
+                yield p
+
+        sig = run.signature
+        failed = _write_predictions(args, fmt, timed(run), sig.score_output is not None, sig.tasks, None)
+        seconds = time.perf_counter() - start
+    n = run.inputs or 0
+    print(f"porter: {n} images in {seconds:.2f} s on Ray ({n / seconds:,.1f} img/s, first result after "
+          f"{first[0] if first else seconds:.2f} s)", file=sys.stderr)
+    return _failures(failed, n)
+
+
+def _write_predictions(args: argparse.Namespace, fmt: str, predictions, classifier: bool, tasks,
+                       paths: list[str] | None) -> int:
+    """Stream ``predictions`` to stdout or to --output (atomically); returns how many failed."""
+    import contextlib
+
+    from ..outputs import atomic_path
+    from ..runtime.formatting import PredictionWriter
+
+    failed = 0
+    if fmt == "parquet":
+        from ..runtime.records import ParquetPredictions
+
+        sink = ParquetPredictions(args.output, force=args.force)
+        try:
+            for row, p in enumerate(predictions):
+                failed += p.error is not None
+                sink.write(p, row)
+        except BaseException:
+            sink.abort()
+            raise
+        sink.close()
+        return failed
+    width = max((len(p) for p in paths), default=40) if paths else 60
+    with contextlib.ExitStack() as stack:
+        if args.output is not None:
+            out = stack.enter_context(open(stack.enter_context(atomic_path(args.output, args.force)), "w",
+                                           encoding="utf-8", newline=""))
+        else:
+            out = sys.stdout
+        writer = PredictionWriter(out, fmt, top_k=args.top_k, classifier=classifier, tasks=tasks, path_width=width)
+        for p in predictions:
+            failed += p.error is not None
+            writer.write(p)
+        writer.close()
+    return failed
+
+
+def _failures(failed: int, total: int) -> int:
     if failed:
-        print(f"porter: error: {failed} of {len(paths)} inputs failed; see their error fields", file=sys.stderr)
+        print(f"porter: error: {failed} of {total} inputs failed; see their error fields", file=sys.stderr)
         return 1
     return 0
 

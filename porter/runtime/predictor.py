@@ -327,22 +327,25 @@ class Predictor:
         return {k: (v[:n] if np.ndim(v) and np.shape(v)[0] == (fixed or n) else v) for k, v in out.items()}
 
     def iter_predictions(self, sources: Sequence[Any], *, top_k: int = 5, errors: str = "report",
-                         batch_size: int | None = None) -> Iterator[Prediction]:
+                         batch_size: int | None = None, names: Sequence[str] | None = None) -> Iterator[Prediction]:
         """Yield one Prediction per source, in order, decoding ahead in a thread pool while batches run.
 
         ``errors="report"``: an input that can't be read (or that the model fails on) yields a Prediction with
         ``error`` set and the rest go on; ``errors="raise"``: the first one raises its DataError.
-        See ``iter_outputs`` for the pipeline.
+        ``names``: each Prediction's ``source`` (default: the path, or "array N"). See ``iter_outputs`` for the
+        pipeline.
         """
         if top_k < 1:
             raise UsageError(f"top-k must be at least 1, got {top_k}")
         sources = list(sources)
+        name_of = (lambda i: names[i]) if names is not None else (lambda i: _source_name(sources[i], i))
 
         def predictions(out: dict[str, np.ndarray], indices: list[int]) -> dict[int, Prediction]:
-            return self._predictions(out, indices, sources, top_k)
+            return self._predictions(out, indices, name_of, top_k)
 
-        for i, result, error in self.iter_outputs(sources, errors=errors, batch_size=batch_size, postprocess=predictions):
-            name = _source_name(sources[i], i)
+        for i, result, error in self.iter_outputs(sources, errors=errors, batch_size=batch_size, names=names,
+                                                  postprocess=predictions):
+            name = name_of(i)
             yield result if error is None else Prediction(source=name, error=_strip_name(str(error), name))
 
     def iter_outputs(self, sources: Sequence[Any], *, errors: str = "report", batch_size: int | None = None,
@@ -434,17 +437,16 @@ class Predictor:
         """The preprocessing and the image input, or a DataError saying why this model can't take images."""
         return self.signature.image_spec()
 
-    def _predictions(self, out: dict[str, np.ndarray], indices: list[int], sources: Sequence[Any],
+    def _predictions(self, out: dict[str, np.ndarray], indices: list[int], name_of: Callable[[int], str],
                      top_k: int) -> dict[int, Prediction]:
         """One batch's outputs as Predictions: labels and top-k for classifiers, else each source's rows."""
         if self.tasks:
-            return {i: Prediction(source=_source_name(sources[i], i), tasks=task_results(self.tasks, rows, top_k))
+            return {i: Prediction(source=name_of(i), tasks=task_results(self.tasks, rows, top_k))
                     for i, rows in self._rows(out, indices).items()}
         if not self.is_classifier:
-            return {i: Prediction(source=_source_name(sources[i], i), outputs=rows)
-                    for i, rows in self._rows(out, indices).items()}
+            return {i: Prediction(source=name_of(i), outputs=rows) for i, rows in self._rows(out, indices).items()}
         scores = out[self.score_output]
-        return {i: self._classify(scores[row], _source_name(sources[i], i), top_k) for row, i in enumerate(indices)}
+        return {i: self._classify(scores[row], name_of(i), top_k) for row, i in enumerate(indices)}
 
     def _rows(self, out: dict[str, np.ndarray], indices: list[int]) -> dict[int, dict[str, np.ndarray]]:
         """Each source's row of every output, keeping the batch axis (outputs without one are shared)."""
