@@ -110,3 +110,9 @@ def source_options(args: argparse.Namespace) -> dict:
     return opts
 
 
+def add_ray_args(p, what: str) -> None:
+    p.add_argument("--ray", nargs="?", const="local", default=None, metavar="ADDRESS",
+                   help=f"{what} (pip install 'porter[ray]'): a local Ray without ADDRESS, auto for the running "
+                        f"cluster, or HOST:PORT / ray://HOST:PORT")
+    p.add_argument("--actors", type=int, default=None, metavar="N",
+                   help="with --ray: model actors (default: one per GPU of the cluster, else one per CPU)")

@@ -6,7 +6,7 @@ import argparse
 import sys
 
 from ..options import DEVICES
-from .args import add_preprocess_args, add_source_args, command, parse_dims, parse_floats, source_options
+from .args import add_preprocess_args, add_ray_args, add_source_args, command, parse_dims, parse_floats, source_options
 
 
 def add_finetune_parser(sub) -> None:
@@ -85,6 +85,7 @@ def add_finetune_parser(sub) -> None:
                    help="where the backbone runs (default auto: CUDA if it works, else CPU)")
     g.add_argument("--feature-batch-size", type=int, default=64, help="images per backbone batch (default 64)")
     g.add_argument("--workers", type=int, default=None, help="image decoding threads (default: CPUs, at most 8)")
+    add_ray_args(g, "run the backbone pass (the features) on Ray Data; the head trains here")
     g.add_argument("--no-cache", action="store_true", help="recompute backbone features; don't store them")
     g.add_argument("--quiet", action="store_true", help="no progress bar or per-epoch lines")
     g.add_argument("--force", action="store_true", help="overwrite the output and its report")
@@ -102,7 +103,7 @@ def finetune_options(args: argparse.Namespace) -> dict:
                 finetune_epochs=args.finetune_epochs, train_precision=args.train_precision, views=args.views,
                 tasks=tuple(args.tasks or ()), path_column=args.path_column, shared_hidden=args.shared_hidden,
                 task_weights=tuple(args.task_weights) if args.task_weights else None, int8=args.int8,
-                max_drop=args.max_drop)
+                max_drop=args.max_drop, ray=args.ray, actors=args.actors)
     if args.augment is not None:
         opts["augment"] = args.augment
     if args.memory_budget is not None:

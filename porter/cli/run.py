@@ -9,7 +9,7 @@ import sys
 from ..errors import UsageError
 from ..options import DEVICES, PRECISIONS
 from ..spec import PRESETS
-from .args import command
+from .args import add_ray_args, command
 
 
 def add_predict_parser(sub) -> None:
@@ -40,14 +40,6 @@ def add_predict_parser(sub) -> None:
                         "class_index, score, top_k, outputs, error), .csv or .json; written whole or not at all")
     p.add_argument("--force", action="store_true", help="overwrite --output if it exists")
     add_ray_args(p, "run the images through a pool of model actors on Ray Data")
-
-
-def add_ray_args(p, what: str) -> None:
-    p.add_argument("--ray", nargs="?", const="local", default=None, metavar="ADDRESS",
-                   help=f"{what} (pip install 'porter[ray]'): a local Ray without ADDRESS, auto for the running "
-                        f"cluster, or HOST:PORT / ray://HOST:PORT")
-    p.add_argument("--actors", type=int, default=None, metavar="N",
-                   help="with --ray: model actors (default: one per GPU of the cluster, else one per CPU)")
 
 
 OUTPUT_FORMATS = {".parquet": "parquet", ".csv": "csv", ".json": "json"}
@@ -105,6 +97,8 @@ def run_predict(args: argparse.Namespace) -> int:
     if args.streams is not None:
         raise UsageError("--streams is for a run on this machine; on Ray each actor is one stream (size the pool "
                          "with --actors)")
+    if args.actors is not None and args.actors < 1:
+        raise UsageError(f"--actors must be a positive integer, got {args.actors}")
     return _predict_on_ray(args, fmt)
 
 
@@ -121,6 +115,14 @@ def _output_format(args: argparse.Namespace) -> str:
     if fmt is None:
         raise UsageError(f"--output {args.output}: name a .parquet, .csv or .json file")
     check_output(args.output, args.force)  # before any work
+    if fmt == "parquet":
+        try:
+            import pyarrow.parquet  # noqa: F401
+        except ImportError:
+            from ..errors import RuntimeSetupError
+
+            raise RuntimeSetupError(f"--output {args.output}: writing Parquet needs pyarrow; pip install pyarrow "
+                                    f"(porter[ray] has it), or name a .csv or .json file") from None
     return fmt
 
 

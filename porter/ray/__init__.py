@@ -11,7 +11,7 @@ How it runs: a pool of ``workers.ModelActor``s, each loading the model once and 
 ``Predictor`` on its batches: porter's decoding, resizing, normalization and scores, so a row equals what
 ``porter predict`` prints for that image. On a cluster with GPUs one actor per GPU (``num_gpus=1``); on CPUs one
 single-threaded actor per CPU (``cluster.plan_actors``). ``porter finetune --ray`` runs the backbone pass the same
-way (``jobs.iter_features``); the head trains on the driver.
+way (``jobs.RayBackbone``); the head trains on the driver, and the features are cached as locally.
 
 Connecting: ``porter.ray.session(address)`` (None: a local Ray; ``auto``: the running cluster; ``HOST:PORT`` or
 ``ray://HOST:PORT``). The functions here use the caller's Ray session when one is up, else start a local one.

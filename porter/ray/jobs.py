@@ -49,7 +49,7 @@ def plan_job(model: Any, options: dict[str, Any], *, device: str, actors: int | 
     if not ray.is_initialized():
         from .cluster import quiet_ray_data
 
-        ray.init(include_dashboard=False, log_to_driver=False)
+        ray.init(address="local", include_dashboard=False, log_to_driver=False)
         quiet_ray_data()
     plan = plan_actors(ray.cluster_resources(), device, actors, threads)
     return Job(model, options, plan, batch_size, top_k)
@@ -63,14 +63,15 @@ def model_payload(model: Any) -> tuple[str, Any]:
     return name, (model_bytes if model_bytes is not None else str(path)), proto
 
 
-def items_dataset(sources: Sequence[Any], names: Sequence[str], call_size: int):
+def items_dataset(sources: Sequence[Any], names: Sequence[str], job: Job):
     """A Ray Dataset of (row, path, source): the actors read each source where they run (a path must be readable
-    on every node, as for any local path in Ray)."""
+    on every node, as for any local path in Ray). Blocks of one actor call each, and at least one per actor."""
     import ray.data
 
     rows = [{"row": i, "path": str(n), "source": (os.fspath(s) if isinstance(s, os.PathLike) else s)}
             for i, (s, n) in enumerate(zip(sources, names))]
-    return ray.data.from_items(rows, override_num_blocks=max(1, min(len(rows), -(-len(rows) // call_size))))
+    blocks = max(job.plan.actors, -(-len(rows) // job.call_size))
+    return ray.data.from_items(rows, override_num_blocks=max(1, min(len(rows), blocks)))
 
 
 def files_dataset(paths: Sequence[str]):
@@ -113,25 +114,44 @@ def ray_errors(where: str) -> Iterator[None]:
 
 # --- features (porter finetune --ray) ---------------------------------------------------------------------------
 
-def iter_features(backbone: Any, sources: Sequence[Any], names: Sequence[str], options: dict[str, Any], *,
-                  device: str = "auto", actors: int | None = None, batch_size: int = 64
-                  ) -> Iterator[tuple[int, tuple[np.ndarray, ...] | None, DataError | None]]:
-    """The backbone's outputs for every source, computed by Ray actors: ``(index, per-output rows, error)`` in
-    order, as ``Predictor.iter_outputs`` yields them locally (``error``: an InferenceError when the model failed on
-    the batch, else a DataError for an unreadable image)."""
-    _, payload, _ = model_payload(backbone)
-    job = plan_job(payload, options, device=device, actors=actors, threads=None, batch_size=batch_size)
-    ds = job.run(items_dataset(sources, names, job.call_size), "features")
-    with ray_errors("feature extraction"):
-        pairs = ((row, (b, j)) for b in ds.iter_batches(batch_size=None, batch_format="numpy")
-                 for j, row in enumerate(b["row"]))
-        for i, (b, j) in ordered(pairs, len(sources)):
-            error = b["error"][j]
-            if error is not None:
-                yield i, None, (InferenceError if b["inference_error"][j] else DataError)(str(error))
-            else:
-                k = sum(1 for c in b if c.startswith("output_"))
-                yield i, tuple(b[f"output_{m}"][j] for m in range(k)), None
+class RayBackbone:
+    """The backbone pass of ``porter finetune --ray``: what ``transfer.features`` asks of its local Predictor
+    (``output_names``, ``batch_size``, ``preprocess``, ``device``, ``providers``, ``iter_outputs``), run by a pool
+    of Ray actors, each a ``Predictor`` built with the same ``options`` (so the same pixels and the same numbers)."""
+
+    def __init__(self, backbone: Any, options: dict[str, Any], *, device: str = "auto", actors: int | None = None,
+                 batch_size: int | None = None):
+        from ..runtime.predictor import DEFAULT_BATCH
+        from ..runtime.signature import ModelSignature
+        from ..spec import ModelCard
+
+        name, payload, proto = model_payload(backbone)
+        self.signature = ModelSignature.read(proto, ModelCard.from_onnx(proto), name, options.get("preprocess"),
+                                             options.get("scores", "raw"))
+        self.batch_size = self.signature.fixed_batch or batch_size or DEFAULT_BATCH
+        self.job = plan_job(payload, dict(options, batch_size=self.batch_size), device=device, actors=actors,
+                            threads=None, batch_size=self.batch_size)
+        self.output_names = self.signature.output_names
+        self.preprocess = self.signature.preprocess
+        self.device = f"{self.job.plan.device}, {self.job.plan.describe()}"
+        self.providers = [f"Ray: {self.job.plan.describe()}"]
+
+    def iter_outputs(self, sources: Sequence[Any], names: Sequence[str], postprocess: Any = None
+                     ) -> Iterator[tuple[int, tuple[np.ndarray, ...] | None, DataError | None]]:
+        """``(index, per-output rows, error)`` in order, as ``Predictor.iter_outputs`` yields them with
+        ``transfer.features.feature_rows`` as its postprocess (which the actors apply; ``postprocess`` is not
+        shipped): ``error`` an InferenceError when the model failed on the batch, else a DataError for an
+        unreadable image."""
+        ds = self.job.run(items_dataset(sources, names, self.job), "features")
+        with ray_errors("feature extraction"):
+            pairs = ((row, (b, j)) for b in ds.iter_batches(batch_size=None, batch_format="numpy")
+                     for j, row in enumerate(b["row"]))
+            for i, (b, j) in ordered(pairs, len(sources)):
+                error = b["error"][j]
+                if error:
+                    yield i, None, (InferenceError if b["inference_error"][j] else DataError)(str(error))
+                else:
+                    yield i, tuple(b[f"output_{m}"][j] for m in range(len(self.output_names))), None
 
 
 # --- predictions (porter predict --ray, porter.ray.predict) -------------------------------------------------------
@@ -189,11 +209,11 @@ def plan_predict(model: Any, data: Any, *, top_k: int = 5, device: str = "auto",
                    scores=scores)
     job = plan_job(payload, options, device=device, actors=actors, threads=threads,
                    batch_size=fixed or batch_size or DEFAULT_BATCH, top_k=top_k)
-    ds, n = input_dataset(data, job.call_size)
+    ds, n = input_dataset(data, job)
     return PredictRun(job.run(ds, "predict"), job, signature, name, n)
 
 
-def input_dataset(data: Any, call_size: int):
+def input_dataset(data: Any, job: Job):
     """(Ray Dataset, number of inputs or None): a Dataset as given (columns bytes/image/source, path); remote
     URIs read by Ray Data; local files and folders listed as ``porter predict`` lists them."""
     ray = require_ray()
@@ -207,4 +227,4 @@ def input_dataset(data: Any, call_size: int):
     from ..imaging import list_images
 
     paths = [str(p) for p in list_images(items)]
-    return items_dataset(paths, paths, call_size), len(paths)
+    return items_dataset(paths, paths, job), len(paths)

@@ -37,7 +37,7 @@ def batch_sources(batch: dict[str, Any]) -> tuple[list[Any], list[str]]:
 class ModelActor:
     """Ray Data's callable class (``map_batches(ModelActor, ...)``): ``job`` is ``predict`` (one row per image,
     ``runtime.records.COLUMNS``) or ``features`` (``row``, ``error``, ``inference_error`` and ``output_J``: the
-    backbone's J-th output, one float32 row per image, zeros where ``error`` is set)."""
+    backbone's J-th output, one float32 row per image, zeros where ``error`` is not empty)."""
 
     def __init__(self, model: Any, options: dict[str, Any], job: str = "predict", top_k: int = 5):
         from ..runtime.predictor import Predictor
@@ -63,7 +63,7 @@ class ModelActor:
             zip(ids, feature_rows(out, names)))))
         widths = next(([r.shape[-1] for r in row] for _, row, error in got if error is None), [0] * len(names))
         feats = [np.zeros((len(sources), w), np.float32) for w in widths]
-        errors = np.full(len(sources), None, object)
+        errors = np.full(len(sources), "", object)  # "" for none: a None column comes back as NaN
         inference = np.zeros(len(sources), bool)
         for i, row, error in got:
             if error is None:

@@ -18,11 +18,11 @@ from .. import __version__
 from ..errors import UsageError, ValidationError
 from ..spec import ModelCard, PreprocessSpec
 from .data import Dataset, load_data
-from .features import Features, InputGeometry, compute_features
+from .features import Features, InputGeometry
 from .inputs import batch_dim as batch_dim_of
 from .inputs import input_geometry, resolve_preprocess, sample_inputs
 from .options import FinetuneOptions
-from .steps import load_source, logger, prefetch_imports
+from .steps import featurize, load_source, logger, prefetch_imports, ray_connection
 
 VALIDATION_ATOL = 1e-4
 VALIDATION_RTOL = 1e-3
@@ -68,6 +68,14 @@ def finetune(source: Any, data: Any, output: str | os.PathLike | None = None, **
     ``output``: the ONNX file to write; the report goes beside it. Options: the fields of
     :class:`FinetuneOptions`. Raises a PorterError on any user mistake; nothing is written unless all succeeded.
     """
+    start = time.perf_counter()
+    opts = FinetuneOptions.from_kwargs(**options)
+    with ray_connection(opts) as ray:
+        return _finetune(source, data, output, opts, start, ray)
+
+
+def _finetune(source: Any, data: Any, output: str | os.PathLike | None, opts: FinetuneOptions, start: float,
+              ray: Any) -> FinetuneResult:
     from ..graph.inspect import opset_of
     from ..graph.cuts import Cut, plan_cuts
     from ..graph.inspect import format_shape
@@ -79,9 +87,7 @@ def finetune(source: Any, data: Any, output: str | os.PathLike | None = None, **
     from .report import classification_metrics, report_paths
     from .train import TrainConfig, stratified_split, train_head
 
-    start = time.perf_counter()
     timings: dict[str, float] = {}
-    opts = FinetuneOptions.from_kwargs(**options)
     log = logger(opts.progress)
     if isinstance(data, (str, os.PathLike)):
         from .tables import is_table, parse_tasks
@@ -89,7 +95,7 @@ def finetune(source: Any, data: Any, output: str | os.PathLike | None = None, **
         if is_table(Path(data).expanduser(), parse_tasks(opts.tasks), opts.path_column):
             from .multitask_run import finetune_tasks
 
-            return finetune_tasks(source, Path(data).expanduser(), output, opts, start)
+            return finetune_tasks(source, Path(data).expanduser(), output, opts, start, ray)
     if opts.tasks:
         raise UsageError(f"--task needs a table (a CSV or JSON Lines file with one column per task), not "
                          f"{data if isinstance(data, (str, os.PathLike)) else type(data).__name__}")
@@ -111,6 +117,8 @@ def finetune(source: Any, data: Any, output: str | os.PathLike | None = None, **
     spec, note = resolve_preprocess(card, opts, geometry)
     if note:
         notes.append(note)
+    if opts.ray is not None and dataset.kind == "vectors":
+        notes.append("--ray: the data are vectors, not images; the backbone ran on them here")
 
     cut_mode = opts.cut
     if opts.partial and cut_mode in (None, "auto", "search"):
@@ -132,12 +140,7 @@ def finetune(source: Any, data: Any, output: str | os.PathLike | None = None, **
         where = (f"cut at {cuts[0].describe()}" if len(cuts) == 1 else
                  f"choosing the cut on validation among {len(cuts)} candidates: " + ", ".join(c.name for c in cuts))
         log(f"porter: {len(dataset)} examples in {len(dataset.classes)} classes from {dataset.source}; {where}")
-    def featurize(data: Dataset) -> dict[str, Features]:
-        return compute_features(model, extract, data, geometry, spec, batch_size=opts.feature_batch_size,
-                                device=opts.device, cache=opts.cache, cache_dir=opts.cache_dir,
-                                progress=opts.progress, workers=opts.workers, memory_budget=opts.memory_budget)
-
-    by_cut = featurize(dataset)
+    by_cut = featurize(model, extract, dataset, geometry, spec, opts, ray)
     timings["features"] = time.perf_counter() - t
     first = by_cut[cuts[0].key]
     if all(f.cached for f in by_cut.values()):
@@ -159,7 +162,7 @@ def finetune(source: Any, data: Any, output: str | os.PathLike | None = None, **
         views = augmented_views(dataset, first.index[train_idx], opts.augment, opts.view_count, opts.seed)
         log(f"porter: {len(views)} augmented views ({', '.join(opts.augment)}) of {len(train_idx)} training images")
         t_views = time.perf_counter()
-        by_view = featurize(views)
+        by_view = featurize(model, extract, views, geometry, spec, opts, ray)
         timings["views"] = time.perf_counter() - t_views
     config = TrainConfig(epochs=opts.epochs, batch_size=opts.batch_size, lr=opts.lr, weight_decay=opts.weight_decay,
                          head=opts.head, hidden=opts.hidden, dropout=opts.head_dropout, patience=opts.patience,

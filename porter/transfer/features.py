@@ -239,13 +239,16 @@ class RowStore:
 def compute_features(model: "onnx.ModelProto", cuts: "Sequence[Cut]", dataset: Dataset, geometry: InputGeometry,
                      spec: "PreprocessSpec | None", *, batch_size: int = 64, device: str = "auto", cache: bool = True,
                      cache_dir: str | os.PathLike | None = None, progress: bool = True,
-                     workers: int | None = None, memory_budget: int | None = None) -> dict[str, Features]:
+                     workers: int | None = None, memory_budget: int | None = None, ray: Any = None,
+                     actors: int | None = None) -> dict[str, Features]:
     """Features at every cut (``Cut.key`` -> Features) for every readable example of ``dataset``.
 
     Cuts found in the cache are read from it; the others are computed together, in one pass of a backbone with
     one output per cut. The cache key is the model's name-blind fingerprint, so the same source converted again
     (other generated tensor names) still hits. Features larger than ``memory_budget`` bytes (default: a quarter of
     the available memory) are written to a memory-mapped file instead of memory (the cache entry itself).
+    ``ray``: a ``porter.ray.cluster.Connection``: the backbone pass over images runs on a pool of ``actors`` Ray
+    actors (``porter.ray.jobs.RayBackbone``), connected only when some cut is not cached; vectors run here.
     """
     from ..graph.surgery import Fingerprint, extract_backbone
 
@@ -265,8 +268,15 @@ def compute_features(model: "onnx.ModelProto", cuts: "Sequence[Cut]", dataset: D
         start = time.perf_counter()
         _check_vectors(dataset, geometry)
         backbone = extract_backbone(model, missing)
-        predictor = backbone_predictor(backbone, geometry, spec, device=device, batch_size=batch_size,
-                                       workers=workers)
+        if ray is not None and dataset.kind != "vectors":
+            from ..ray.jobs import RayBackbone
+
+            ray.connect()
+            predictor = RayBackbone(backbone, backbone_options(geometry, spec, batch_size), device=device,
+                                    actors=actors)
+        else:
+            predictor = backbone_predictor(backbone, geometry, spec, device=device, batch_size=batch_size,
+                                           workers=workers)
         folder = feature_cache_dir(cache_dir)
         budget = [memory_budget if memory_budget is not None else default_memory_budget()]
         stores = [RowStore(len(dataset), budget, folder, cache,
@@ -302,16 +312,22 @@ def _cut_id(fingerprint, cut: "Cut") -> str:
     return fingerprint.tensor_id(cut.name) + cut.pooling  # the tensor by position, then its pooling
 
 
-def backbone_predictor(backbone: "onnx.ModelProto", g: InputGeometry, spec: "PreprocessSpec | None", *,
-                       device: str = "cpu", batch_size: int | None = None, workers: int | None = None):
-    """A Predictor running the backbone on images of ``g.size`` preprocessed by ``spec`` (or on vectors)."""
-    from ..runtime.predictor import Predictor
-
+def backbone_options(g: InputGeometry, spec: "PreprocessSpec | None", batch_size: int | None) -> dict[str, Any]:
+    """The Predictor options of a backbone pass: images of ``g.size`` preprocessed by ``spec``, raw outputs, and
+    no optimized-model cache (every cut is a new model)."""
     if g.kind == "image" and spec is not None and g.size is not None:
         spec = spec.with_(size=g.size)
-    # no optimized-model cache (every cut is a new model); spin off: the decoding threads need the cores
-    return Predictor(backbone, device=device, batch_size=batch_size, preprocess=spec, scores="raw", cache=False,
-                     spin=False, decode_workers=workers)
+    return dict(batch_size=batch_size, preprocess=spec, scores="raw", cache=False)
+
+
+def backbone_predictor(backbone: "onnx.ModelProto", g: InputGeometry, spec: "PreprocessSpec | None", *,
+                       device: str = "cpu", batch_size: int | None = None, workers: int | None = None):
+    """A Predictor running the backbone here (``backbone_options``); spin off: the decoding threads need the
+    cores."""
+    from ..runtime.predictor import Predictor
+
+    return Predictor(backbone, device=device, spin=False, decode_workers=workers,
+                     **backbone_options(g, spec, batch_size))
 
 
 def _check_vectors(dataset: Dataset, g: InputGeometry) -> None:

@@ -39,7 +39,7 @@ def report_paths(output, tasks: Sequence[Task], shared: bool = False) -> dict[st
     return paths
 
 
-def finetune_tasks(source: Any, table, output, opts, start: float):
+def finetune_tasks(source: Any, table, output, opts, start: float, ray: Any = None):
     """``porter.finetune`` on a table of several targets: one backbone pass, a head per task, one ONNX."""
     from pathlib import Path
 
@@ -51,8 +51,7 @@ def finetune_tasks(source: Any, table, output, opts, start: float):
     from ..outputs import check_output, save_onnx_with_files
     from ..runtime.predictor import Predictor
     from .api import FinetuneResult
-    from .steps import load_source, logger, prefetch_imports
-    from .features import compute_features
+    from .steps import featurize, load_source, logger, prefetch_imports
     from .inputs import batch_dim, input_geometry, resolve_preprocess, sample_inputs
     from .report import confusion_png, metrics_json, regularization_png, series_png
     from .tables import load_table, parse_tasks, task_split
@@ -98,9 +97,7 @@ def finetune_tasks(source: Any, table, output, opts, start: float):
         notes.append(f"skipped {len(dataset.ignored)} row(s) with no label for any task: "
                      f"{', '.join(dataset.ignored[:5])}{' ...' if len(dataset.ignored) > 5 else ''}")
     t0 = time.perf_counter()
-    feats = compute_features(model, [cut], dataset, geometry, spec, batch_size=opts.feature_batch_size,
-                             device=opts.device, cache=opts.cache, cache_dir=opts.cache_dir, progress=opts.progress,
-                             workers=opts.workers, memory_budget=opts.memory_budget)[cut.key]
+    feats = featurize(model, [cut], dataset, geometry, spec, opts, ray)[cut.key]
     timings["features"] = time.perf_counter() - t0
     if feats.skipped:
         notes.append(f"skipped {len(feats.skipped)} unreadable file(s): "

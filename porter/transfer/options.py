@@ -40,6 +40,9 @@ class FinetuneOptions:
     cache: bool = True  # reuse / store backbone features
     cache_dir: str | None = None
     workers: int | None = None  # image decoding threads
+    # the backbone pass on Ray Data (porter.ray): "local" (a Ray started here), "auto", HOST:PORT, ray://HOST:PORT
+    ray: str | None = None
+    actors: int | None = None  # its actor pool (default: one per GPU, else one per CPU of the cluster)
     progress: bool = True  # progress bar and per-epoch lines on stderr
     # partial fine-tuning (LP-FT): after the head, train it with the last layers before the cut (partial.py)
     unfreeze: int = 0  # the last N weight-carrying layers (Conv, Gemm, MatMul) before the cut
@@ -121,6 +124,13 @@ class FinetuneOptions:
         need(self.views is None or bool(self.augment), "--views needs --augment (which transformations to apply)")
         need(self.memory_budget is None or (isinstance(self.memory_budget, int) and self.memory_budget > 0),
              f"--memory-budget must be a positive size, got {self.memory_budget}")
+        need(self.actors is None or (isinstance(self.actors, int) and self.actors >= 1),
+             f"--actors must be a positive integer, got {self.actors}")
+        need(self.actors is None or self.ray is not None, "--actors sizes the Ray actor pool; give it with --ray")
+        if self.ray is not None:
+            from ..ray.cluster import check_address
+
+            check_address(self.ray)
 
     @property
     def partial(self) -> bool:

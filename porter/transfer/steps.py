@@ -69,3 +69,26 @@ def load_source(source: Any, opts: FinetuneOptions):
     if result.parity is not None:
         notes.append(f"converted {ref} first: {result.parity.summary()}")
     return result.model, result.card, notes
+
+
+def featurize(model: Any, cuts: Any, data: Any, geometry: Any, spec: Any, opts: FinetuneOptions,
+              ray: Any = None) -> dict[str, Any]:
+    """``features.compute_features`` with the options of ``opts`` (``ray``: its ``ray_connection``)."""
+    from .features import compute_features
+
+    return compute_features(model, cuts, data, geometry, spec, batch_size=opts.feature_batch_size,
+                            device=opts.device, cache=opts.cache, cache_dir=opts.cache_dir, progress=opts.progress,
+                            workers=opts.workers, memory_budget=opts.memory_budget, ray=ray, actors=opts.actors)
+
+
+def ray_connection(opts: FinetuneOptions):
+    """``--ray``: a ``porter.ray.cluster.Connection`` for the run (Ray checked installed now, before any work;
+    connected when features are computed), else a no-op context yielding None."""
+    import contextlib
+
+    if opts.ray is None:
+        return contextlib.nullcontext()
+    from ..ray.cluster import Connection, require_ray
+
+    require_ray()
+    return Connection(opts.ray)
