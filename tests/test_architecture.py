@@ -21,9 +21,10 @@ ALLOWED = {
     "conversion": FOUNDATION | {"graph", "sources", "importers", "runtime"},
     "quantization": FOUNDATION | {"graph", "runtime"},
     "export": FOUNDATION | {"graph", "runtime"},
-    "transfer": FOUNDATION | {"graph", "sources", "runtime", "conversion", "quantization"},
+    "ray": FOUNDATION | {"runtime"},
+    "transfer": FOUNDATION | {"graph", "sources", "runtime", "conversion", "quantization", "ray"},
     "cli": FOUNDATION | {"graph", "sources", "runtime", "importers", "conversion", "quantization", "export", "transfer",
-            "inspection"},
+            "inspection", "ray"},
     "__main__": {"cli"},
     "porter": {"errors"},  # porter/__init__.py: everything else is imported lazily, on first use
 }

@@ -14,7 +14,7 @@ from ..errors import DataError, InferenceError, PorterError, RuntimeSetupError, 
 from .cluster import READ_CPUS, ActorPlan, plan_actors, require_ray
 from .workers import ModelActor
 
-BATCHES_PER_CALL = 4  # model batches per actor call: the actor's decode-ahead pipeline overlaps them
+BATCHES_PER_CALL = 2  # model batches per actor call: its decode-ahead pipeline overlaps them; 1 gave the first result 0.7 s sooner and finished 0.7 s later on 1000 images here
 REMOTE_SCHEMES = ("s3://", "gs://", "gcs://", "abfs://", "abfss://", "az://", "hdfs://", "http://", "https://")
 
 
@@ -139,7 +139,7 @@ class RayBackbone:
     def iter_outputs(self, sources: Sequence[Any], names: Sequence[str], postprocess: Any = None
                      ) -> Iterator[tuple[int, tuple[np.ndarray, ...] | None, DataError | None]]:
         """``(index, per-output rows, error)`` in order, as ``Predictor.iter_outputs`` yields them with
-        ``transfer.features.feature_rows`` as its postprocess (which the actors apply; ``postprocess`` is not
+        ``runtime.results.output_rows`` as its postprocess (which the actors apply; ``postprocess`` is not
         shipped): ``error`` an InferenceError when the model failed on the batch, else a DataError for an
         unreadable image."""
         ds = self.job.run(items_dataset(sources, names, self.job), "features")

@@ -56,11 +56,11 @@ class ModelActor:
         return to_table(to_record(p, int(r)) for p, r in zip(predictions, rows))
 
     def _features(self, sources: list[Any], paths: list[str], rows: np.ndarray) -> dict[str, np.ndarray]:
-        from ..transfer.features import feature_rows
+        from ..runtime.results import output_rows
 
         names = self.predictor.output_names
         got = list(self.predictor.iter_outputs(sources, names=paths, postprocess=lambda out, ids: dict(
-            zip(ids, feature_rows(out, names)))))
+            zip(ids, output_rows(out, names)))))
         widths = next(([r.shape[-1] for r in row] for _, row, error in got if error is None), [0] * len(names))
         feats = [np.zeros((len(sources), w), np.float32) for w in widths]
         errors = np.full(len(sources), "", object)  # "" for none: a None column comes back as NaN

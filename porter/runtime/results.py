@@ -9,6 +9,8 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from ..errors import DataError
+
 
 @dataclass(frozen=True)
 class Prediction:
@@ -58,3 +60,16 @@ def task_results(tasks: Sequence[dict[str, Any]], rows: dict[str, np.ndarray], t
         else:
             out[name] = {"value": float(np.asarray(rows[f"{name}/value"]).reshape(-1)[0])}
     return out
+
+
+def output_rows(out: dict[str, np.ndarray], names: Sequence[str]) -> list[tuple[np.ndarray, ...]]:
+    """A batch of a backbone's outputs (batch x features each) as one tuple of float32 rows per example: what
+    ``porter finetune`` extracts, here and on Ray actors."""
+    ys = []
+    for name in names:
+        y = np.asarray(out[name])
+        if y.ndim != 2:
+            raise DataError(f"the cut tensor has shape {list(y.shape)} at run time, not batch x features; "
+                            f"choose another --cut")
+        ys.append(y.astype(np.float32, copy=False))
+    return list(zip(*ys))

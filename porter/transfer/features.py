@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING, Any, Sequence
 import numpy as np
 
 from ..errors import DataError, InferenceError, UsageError
+from ..runtime.results import output_rows
 from .data import Dataset
 
 if TYPE_CHECKING:
@@ -363,18 +364,6 @@ def _check_classes(dataset: Dataset, f: Features) -> None:
                             f"files failed to decode{example}")
 
 
-def feature_rows(out: dict[str, np.ndarray], names: Sequence[str]) -> list[tuple[np.ndarray, ...]]:
-    """A batch of backbone outputs as one tuple of per-cut float32 rows per example."""
-    ys = []
-    for name in names:
-        y = np.asarray(out[name])
-        if y.ndim != 2:
-            raise DataError(f"the cut tensor has shape {list(y.shape)} at run time, not batch x features; "
-                            f"choose another --cut")
-        ys.append(y.astype(np.float32, copy=False))
-    return list(zip(*ys))
-
-
 def _run(predictor, dataset: Dataset, g: InputGeometry, progress: bool, stores: "list[RowStore]"):
     n = len(dataset)
     batch_size = predictor.batch_size
@@ -384,7 +373,7 @@ def _run(predictor, dataset: Dataset, g: InputGeometry, progress: bool, stores: 
     names = predictor.output_names
 
     def features(out: dict[str, np.ndarray]) -> list[tuple[np.ndarray, ...]]:
-        return feature_rows(out, names)
+        return output_rows(out, names)
 
     def add(row: tuple[np.ndarray, ...]) -> None:
         for store, r in zip(stores, row):
