@@ -1,7 +1,8 @@
 'use strict';
 // Written by `porter export --node`: this model on onnxruntime-node, images decoded, resized and normalized as
 // porter does (PNG and JPEG; resizing is Pillow's bilinear filter, bit for bit, so a PNG gives porter predict's
-// tensor exactly; JPEG decoders differ from libjpeg by a level here and there).
+// tensor exactly; jpeg-js upsamples subsampled chroma by replication where libjpeg interpolates, so strongly
+// coloured JPEG edges differ by several levels and near-tie labels can flip: feed PNGs where exactness matters).
 const fs = require('fs');
 const path = require('path');
 const ort = require('onnxruntime-node');
