@@ -153,6 +153,12 @@ def test_ray_arguments_are_refused_in_one_line_before_ray_starts(capsys, tmp_pat
         assert code == 2 and message in err and err.count("\n") == 1 and "Traceback" not in err, (argv, err)
     code, out, err = run(capsys, "finetune", model_path, image_dir, "-o", tmp_path / "x.onnx", "--actors", "2")
     assert code == 2 and "give it with --ray" in err and not (tmp_path / "x.onnx").exists()
+    # --ray takes an optional ADDRESS: written before the inputs it swallows the first one, and says so
+    for argv in (["predict", "--ray", model_path, image_dir], ["finetune", "--ray", model_path, image_dir, "-o", "x"]):
+        code, out, err = run(capsys, *argv)
+        assert code == 2 and err == (f"porter: error: --ray {str(model_path)!r} is not a Ray cluster address; give "
+                                     f"auto, HOST:PORT or ray://HOST:PORT, or --ray alone for a local Ray (write "
+                                     f"--ray=ADDRESS, or put --ray after the inputs)\n"), err
     assert "ray" not in sys.modules or not sys.modules["ray"].is_initialized()
 
 
@@ -205,12 +211,18 @@ def test_predict_on_ray_writes_the_local_answers_as_parquet(tmp_path, model_path
 
 @pytest.mark.slow
 @needs_ray
-def test_an_unreachable_cluster_is_one_line_at_once(model_path, image_dir, bounded):
+def test_an_unreachable_cluster_is_one_line_at_once(tmp_path, model_path, image_dir, bounded):
+    want = ["porter: error: can't reach the Ray cluster at 127.0.0.1:1: [Errno 111] Connection refused; check the "
+            "address (ray status on the head node prints it), or give --ray without an address for a local Ray"]
     got = run_porter("predict", model_path, image_dir, "--ray", "127.0.0.1:1", timeout=60)
-    assert got.returncode == 1
-    assert got.stderr.strip().splitlines() == [
-        "porter: error: can't reach the Ray cluster at 127.0.0.1:1: [Errno 111] Connection refused; check the address "
-        "(ray status on the head node prints it), or give --ray without an address for a local Ray"]
+    assert got.returncode == 1 and got.stderr.strip().splitlines() == want
+    # finetune says it before reading the data or loading the model (a conversion can take minutes)
+    write_images(tmp_path / "train" / "a", 3)
+    write_images(tmp_path / "train" / "b", 3, seed=1)
+    got = run_porter("finetune", model_path, tmp_path / "train", "-o", tmp_path / "x.onnx", "--ray=127.0.0.1:1",
+                     timeout=60)
+    assert got.returncode == 1 and got.stderr.strip().splitlines() == want
+    assert not (tmp_path / "x.onnx").exists()
 
 
 # --- on Ray, in process ------------------------------------------------------------------------------------------

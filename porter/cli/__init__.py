@@ -59,11 +59,31 @@ def _interrupted(e: BaseException | None) -> bool:
     return False
 
 
+def _ray_swallowed_an_input(argv: list[str]) -> str | None:
+    """``--ray`` takes an optional ADDRESS, so ``--ray MODEL DATA`` reads MODEL as the address and argparse then
+    misses an input: say what happened instead of argparse's "required: data"."""
+    if "--ray" not in argv:
+        return None
+    i = argv.index("--ray")
+    if i + 1 < len(argv) and not argv[i + 1].startswith("-"):
+        from ..ray.cluster import check_address  # stdlib only: no Ray import
+
+        try:
+            check_address(argv[i + 1])
+        except PorterError as e:
+            return str(e)
+    return None
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     as_program = argv is None  # the porter command itself, not a caller passing arguments in-process
     parser = build_parser()
     argv = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in argv  # accepted anywhere on the line, not only before the command
+    misplaced = _ray_swallowed_an_input(argv)
+    if misplaced:
+        print(f"porter: error: {misplaced}", file=sys.stderr)
+        return 2
     args = parser.parse_args([a for a in argv if a != "--debug"])
     args.debug = debug
     if not args.command:

@@ -82,13 +82,16 @@ def featurize(model: Any, cuts: Any, data: Any, geometry: Any, spec: Any, opts: 
 
 
 def ray_connection(opts: FinetuneOptions):
-    """``--ray``: a ``porter.ray.cluster.Connection`` for the run (Ray checked installed now, before any work;
-    connected when features are computed), else a no-op context yielding None."""
+    """``--ray``: a ``porter.ray.cluster.Connection`` for the run (Ray checked installed and the address reachable
+    now, before any work; connected when features are computed), else a no-op context yielding None."""
     import contextlib
 
     if opts.ray is None:
         return contextlib.nullcontext()
-    from ..ray.cluster import Connection, require_ray
+    from ..ray.cluster import Connection, probe, require_ray
 
     require_ray()
-    return Connection(opts.ray)
+    connection = Connection(opts.ray)
+    if connection.address not in (None, "auto"):
+        probe(connection.address)  # an unreachable cluster is said now, not after the data and the model load
+    return connection
