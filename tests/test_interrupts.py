@@ -14,6 +14,13 @@ import pytest
 from model_builders import build, make_folder, save
 
 
+def ctrl_c_as_in_a_terminal() -> None:
+    """The child's SIGINT at its default, as a terminal's foreground command has it: a suite started in the
+    background by a non-interactive shell (``cmd &``) runs with SIGINT and SIGQUIT ignored (POSIX), every child
+    inherits that, and Python keeps an inherited SIG_IGN (found when every run "finished" although signalled)."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 @pytest.mark.slow
 def test_interrupting_finetune_at_random_moments(tmp_path):
     model = save(build("gemm"), tmp_path / "m.onnx")
@@ -34,7 +41,8 @@ def test_interrupting_finetune_at_random_moments(tmp_path):
     for i, delay in enumerate(delays):
         out = tmp_path / f"out{i}.onnx"
         proc = subprocess.Popen([sys.executable, "-m", "porter", "finetune", str(model), str(data), "-o", str(out),
-                                 "--no-cache"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env, text=True)
+                                 "--no-cache"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env, text=True,
+                                preexec_fn=ctrl_c_as_in_a_terminal)
         time.sleep(delay)
         alive = proc.poll() is None  # what a "finished" outcome means: over before the signal, or not
         proc.send_signal(signal.SIGINT)
