@@ -72,6 +72,15 @@ def run_porter(*args: str, cwd: Path | None = None, timeout: int = 600) -> subpr
                           cwd=cwd, timeout=timeout, env=env)
 
 
+def run_main(capsys, *argv) -> tuple[int, str, str]:
+    """porter's CLI in this process: (exit code, stdout, stderr)."""
+    from porter.cli import main
+
+    code = main([str(a) for a in argv])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
 @pytest.fixture
 def porter_cli():
     return run_porter

@@ -74,6 +74,14 @@ def classifier(layout: str = "NCHW", size: tuple[int, int] | None = (8, 8), chan
     return _finish(graph, card)
 
 
+ANIMALS = ("ant", "bee", "cow", "doe", "elk")
+
+
+def labelled_classifier() -> onnx.ModelProto:
+    """What the predict suites run: an NHWC classifier with TF preprocessing and five labels (``ANIMALS``)."""
+    return classifier(layout="NHWC", preprocess="tf", labels=ANIMALS)
+
+
 def feature_model(size=(8, 8), preprocess: str | None = "unit") -> onnx.ModelProto:
     """Not a classifier: a feature map (N x 4 x H x W) and its per-image mean (N x 1 x 1 x 1)."""
     rng = np.random.default_rng(1)

@@ -15,10 +15,11 @@ from porter.cli import main
 from porter.imaging import load_image, to_tensor
 from porter.spec import ModelCard
 
+from conftest import run_main as run
 from conftest import run_porter
-from runtime_models import classifier, feature_model, save, write_images
+from runtime_models import ANIMALS, classifier, feature_model, labelled_classifier, save, write_images
 
-LABELS = ["ant", "bee", "cow", "doe", "elk"]
+LABELS = list(ANIMALS)
 
 
 pytestmark = pytest.mark.usefixtures("isolated_cache")
@@ -26,7 +27,7 @@ pytestmark = pytest.mark.usefixtures("isolated_cache")
 
 @pytest.fixture
 def model_path(tmp_path):
-    return save(classifier(layout="NHWC", preprocess="tf", labels=LABELS), tmp_path / "clf.onnx")
+    return save(labelled_classifier(), tmp_path / "clf.onnx")
 
 
 @pytest.fixture
@@ -35,12 +36,6 @@ def image_dir(tmp_path):
     write_images(tmp_path / "imgs" / "nested", 2, size=(9, 9), seed=5, ext=".jpg")
     (tmp_path / "imgs" / "readme.txt").write_text("not an image, skipped by extension")
     return tmp_path / "imgs"
-
-
-def run(capsys, *argv):
-    code = main([str(a) for a in argv])
-    out, err = capsys.readouterr()
-    return code, out, err
 
 
 def expected_rows(model_path, paths):

@@ -19,16 +19,16 @@ import sys
 import numpy as np
 import pytest
 
-from porter.cli import main
 from porter.imaging import load_image
 from porter.runtime import load
 from porter.runtime.records import ParquetPredictions, from_record, to_record
 from porter.runtime.results import Prediction
 
+from conftest import run_main as run
 from conftest import run_porter
-from runtime_models import classifier, feature_model, save, write_images
+from runtime_models import ANIMALS, classifier, feature_model, labelled_classifier, save, write_images
 
-LABELS = ["ant", "bee", "cow", "doe", "elk"]
+LABELS = list(ANIMALS)
 RAY_TEST_SECONDS = 240
 
 pytestmark = pytest.mark.usefixtures("isolated_cache")
@@ -36,7 +36,7 @@ pytestmark = pytest.mark.usefixtures("isolated_cache")
 
 @pytest.fixture
 def model_path(tmp_path):
-    return save(classifier(layout="NHWC", preprocess="tf", labels=LABELS), tmp_path / "clf.onnx")
+    return save(labelled_classifier(), tmp_path / "clf.onnx")
 
 
 @pytest.fixture
@@ -58,12 +58,6 @@ def bounded():
     yield
     signal.alarm(0)
     signal.signal(signal.SIGALRM, previous)
-
-
-def run(capsys, *argv):
-    code = main([str(a) for a in argv])
-    out, err = capsys.readouterr()
-    return code, out, err
 
 
 def local_predictions(model_path, image_dir):
