@@ -19,8 +19,16 @@ def _w(name, *shape):
     return numpy_helper.from_array(RNG.standard_normal(shape).astype(np.float32) * 0.3, name)
 
 
-def build(kind: str, opset: int = 17) -> onnx.ModelProto:
-    """Tiny image classifiers, one per way a classifier ends. NCHW input [batch, 3, 8, 8] unless said."""
+def build(kind: str, opset: int = 17, seed: int | None = None) -> onnx.ModelProto:
+    """Tiny image classifiers, one per way a classifier ends. NCHW input [batch, 3, 8, 8] unless said. Weights
+    come from the module's RNG (so they depend on what was built before) unless ``seed`` pins them."""
+    global RNG
+    if seed is not None:
+        shared, RNG = RNG, np.random.default_rng(seed)
+        try:
+            return build(kind, opset)
+        finally:
+            RNG = shared
     nhwc = kind in ("matmul_add", "reducemean")
     x = helper.make_tensor_value_info("image", TensorProto.FLOAT, ["batch", 8, 8, 3] if nhwc else ["batch", 3, 8, 8])
     inits = [_w("conv_w", 4, 3, 3, 3), _w("conv_b", 4)]

@@ -264,6 +264,10 @@ def card_tasks(results: Sequence[TaskResult]) -> tuple[dict[str, Any], ...]:
     return tuple(tasks)
 
 
+def _figure_name(t: Task) -> str:
+    return "accuracy" if t.type == "classification" else "r2"
+
+
 def fit_joint(features: np.ndarray, rows: np.ndarray, tasks: Sequence[Task], train_idx: np.ndarray,
               val_idx: np.ndarray, *, hidden: int, weights: dict[str, float], epochs: int, patience: int,
               batch_size: int, seed: int, dropout: float = 0.0, lr: float = 1e-3,
@@ -303,19 +307,34 @@ def fit_joint(features: np.ndarray, rows: np.ndarray, tasks: Sequence[Task], tra
         drop = torch.nn.Dropout(dropout)
         params = list(trunk.parameters()) + list(heads.parameters())
 
-        def losses(idx: torch.Tensor, train: bool) -> list[torch.Tensor]:
+        def outputs(idx: torch.Tensor, train: bool) -> list[tuple[torch.Tensor, torch.Tensor] | None]:
+            """Per task: (prediction, target) on the rows of ``idx`` it labels, None where it labels none."""
             h = torch.relu(trunk(x[idx]))
             h = drop(h) if train else h
             out = []
-            for t, head, y, m in zip(tasks, heads, targets, masks):
+            for head, y, m in zip(heads, targets, masks):
                 sel = m[idx]
-                if not bool(sel.any()):
-                    out.append(torch.zeros(()))
-                    continue
-                pred = head(h[sel])
-                out.append(torch.nn.functional.cross_entropy(pred, y[idx][sel]) if t.type == "classification" else
-                           torch.nn.functional.mse_loss(pred[:, 0], y[idx][sel]))
+                out.append((head(h[sel]), y[idx][sel]) if bool(sel.any()) else None)
             return out
+
+        def task_loss(t: Task, pair) -> torch.Tensor:
+            if pair is None:
+                return torch.zeros(())
+            pred, y = pair
+            return (torch.nn.functional.cross_entropy(pred, y) if t.type == "classification" else
+                    torch.nn.functional.mse_loss(pred[:, 0], y))
+
+        def losses(idx: torch.Tensor, train: bool) -> list[torch.Tensor]:
+            return [task_loss(t, pair) for t, pair in zip(tasks, outputs(idx, train))]
+
+        def figure(t: Task, pair) -> float:  # accuracy, or R² (the same on the standardized target)
+            if pair is None:
+                return math.nan
+            pred, y = pair
+            if t.type == "classification":
+                return float((pred.argmax(1) == y).double().mean())
+            var = float(((y - y.mean()) ** 2).mean())
+            return 1.0 - float(((pred[:, 0] - y) ** 2).mean()) / var if var > 0 else math.nan
 
         tr, va = torch.from_numpy(train_idx), torch.from_numpy(val_idx)
         with torch.no_grad():
@@ -325,6 +344,7 @@ def fit_joint(features: np.ndarray, rows: np.ndarray, tasks: Sequence[Task], tra
         opt = torch.optim.AdamW(params, lr=lr, weight_decay=1e-4)
         gen = torch.Generator().manual_seed(seed)
         history: dict[str, list[float]] = {"loss": [], "val_loss": []}
+        per_task = {t.name: {"val_loss": [], "val_" + _figure_name(t): []} for t in tasks}  # unweighted, per epoch
         best, best_state, best_epoch, since, epoch = math.inf, None, 0, 0, 0
         for epoch in range(1, epochs + 1):
             trunk.train(), heads.train(), drop.train()
@@ -337,7 +357,12 @@ def fit_joint(features: np.ndarray, rows: np.ndarray, tasks: Sequence[Task], tra
             trunk.eval(), heads.eval(), drop.eval()
             with torch.no_grad():
                 tl = float(sum(wk * lk for wk, lk in zip(w, losses(tr, False))))
-                vl = float(sum(wk * lk for wk, lk in zip(w, losses(va, False))))
+                val = outputs(va, False)
+                vls = [float(task_loss(t, pair)) for t, pair in zip(tasks, val)]
+                vl = float(sum(wk * lk for wk, lk in zip(w, vls)))
+                for t, pair, lk in zip(tasks, val, vls):
+                    per_task[t.name]["val_loss"].append(lk)
+                    per_task[t.name]["val_" + _figure_name(t)].append(figure(t, pair))
             history["loss"].append(tl), history["val_loss"].append(vl)
             if not math.isfinite(tl):
                 raise DataError(f"joint training diverged at epoch {epoch}")
@@ -376,7 +401,16 @@ def fit_joint(features: np.ndarray, rows: np.ndarray, tasks: Sequence[Task], tra
             fig = (f"val_acc {r.validation['accuracy']:.4f}" if t.type == "classification" else
                    f"val R² {r.validation['r2']:.4f}, RMSE {r.validation['rmse']:.4g}")
             log(f"porter: task {t.name} ({t.type}, shared trunk): {fig}")
+    # each task's own best epoch on validation, beside the joint one the shipped model keeps
+    own_best = {}
+    for t in tasks:
+        h = per_task[t.name]
+        e = int(np.nanargmin(h["val_loss"])) if np.isfinite(h["val_loss"]).any() else best_epoch - 1
+        key = "val_" + _figure_name(t)
+        own_best[t.name] = {"epoch": e + 1, "val_loss": h["val_loss"][e], key: h[key][e],
+                            "at_kept_epoch": {"val_loss": h["val_loss"][best_epoch - 1], key: h[key][best_epoch - 1]}}
+    history["tasks"] = per_task
     info = {"hidden": hidden, "lr": lr, "weights": dict(zip([t.name for t in tasks], w)), "initial_losses": initial,
-            "best_epoch": best_epoch, "epochs_run": epoch, "history": history,
+            "best_epoch": best_epoch, "epochs_run": epoch, "history": history, "task_best": own_best,
             "seconds": round(time.perf_counter() - start, 4)}
     return shared, results, info

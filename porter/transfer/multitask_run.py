@@ -204,8 +204,10 @@ def finetune_tasks(source: Any, table, output, opts, start: float, ray: Any = No
                     xlabel="ridge strength (x rows)", mark=r.chosen["alpha"], log_x=True, title=f"{name}: ridge")
         if joint:
             h = joint["history"]
+            series = {"train (weighted)": h["loss"], "validation (weighted)": h["val_loss"]}
+            series.update({f"{name} validation": t["val_loss"] for name, t in h["tasks"].items()})
             blobs[paths["training/shared"]] = series_png(
-                range(1, len(h["loss"]) + 1), {"train (weighted)": h["loss"], "validation (weighted)": h["val_loss"]},
+                range(1, len(h["loss"]) + 1), series,
                 xlabel="epoch", mark=joint["best_epoch"], title=f"shared trunk ({joint['hidden']} units)")
         path = save_onnx_with_files(merged, output, blobs, opts.force)
     return FinetuneResult(merged, path, new_card, metrics, paths, time.perf_counter() - start, timings, notes,
@@ -253,6 +255,10 @@ def tasks_summary(m: dict[str, Any], source: str, path, seconds: float, report: 
         if j:
             fig = (f"val_acc {v['accuracy']:.4f}, val_loss {v['loss']:.4f}" if t["type"] == "classification" else
                    f"val R² {v['r2']:.4f}, MAE {v['mae']:.4g}, RMSE {v['rmse']:.4g}")
+            own = j["task_best"][t["name"]]
+            key, label = ("val_accuracy", "val_acc") if t["type"] == "classification" else ("val_r2", "val R²")
+            fig += (f" at the kept epoch; its own best epoch {own['epoch']}: val_loss {own['val_loss']:.4f}, "
+                    f"{label} {own[key]:.4f}")
         elif t["type"] == "classification":
             fig = (f"{len(t['classes'])} classes; linear probe L2 {t['chosen']['l2']:.3g}; val_acc {v['accuracy']:.4f}, "
                    f"val_loss {v['loss']:.4f}")

@@ -49,27 +49,30 @@ def solve(x: "np.ndarray", y: "np.ndarray", n_classes: int, l2: float, *, weight
           max_iter: int = MAX_ITER) -> tuple[object, object, int]:
     """(W [classes x features], b, iterations) minimizing the objective above on standardized ``x`` (float64)."""
     import torch
+    # examples along the columns: (classes x n) logits from one (k x d) @ (d x n) product, the layout in which these
+    # narrow matmuls and the class reductions run fastest on the CPU (the solve is bound by a few small ops)
     xt = torch.as_tensor(x, dtype=torch.float64)
-    yt = torch.as_tensor(y, dtype=torch.int64)
     n, d = xt.shape
+    x_cols = xt.T.contiguous()
+    yt = torch.as_tensor(y, dtype=torch.int64)
     w = torch.zeros(n_classes, d, dtype=torch.float64) if init is None else init[0].clone()
     b = torch.zeros(n_classes, dtype=torch.float64) if init is None else init[1].clone()
     sample_w = None if weights is None else torch.as_tensor(weights, dtype=torch.float64)[yt]
-    onehot = torch.nn.functional.one_hot(yt, n_classes).to(torch.float64)
-    scale = (sample_w / n)[:, None] if sample_w is not None else torch.full((n, 1), 1.0 / n, dtype=torch.float64)
+    onehot = torch.nn.functional.one_hot(yt, n_classes).to(torch.float64).T.contiguous()
+    scale = (sample_w / n)[None, :] if sample_w is not None else torch.full((1, n), 1.0 / n, dtype=torch.float64)
     opt = torch.optim.LBFGS([w, b], lr=1, max_iter=max_iter, tolerance_grad=tolerance_grad,
                             tolerance_change=1e-6 * tolerance_grad, history_size=20, line_search_fn="strong_wolfe")
 
     def closure():
         # loss and gradient by hand: a few matmuls instead of autograd's graph (the solve is overhead-bound)
         with torch.no_grad():
-            logits = torch.addmm(b, xt, w.T)
-            lse = torch.logsumexp(logits, dim=1, keepdim=True)
-            ce = lse - (logits * onehot).sum(1, keepdim=True)
+            logits = torch.addmm(b[:, None], w, x_cols)
+            lse = torch.logsumexp(logits, dim=0, keepdim=True)
+            ce = lse - (logits * onehot).sum(0, keepdim=True)
             loss = (ce * scale).sum() + 0.5 * l2 * (w * w).sum()
             r = (torch.exp(logits - lse) - onehot) * scale
-            w.grad = r.T @ xt + l2 * w
-            b.grad = r.sum(0)
+            w.grad = torch.addmm(w, r, xt, beta=l2)
+            b.grad = r.sum(1)
         return loss
 
     opt.step(closure)
