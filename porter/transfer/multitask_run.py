@@ -205,7 +205,7 @@ def finetune_tasks(source: Any, table, output, opts, start: float, ray: Any = No
         if joint:
             h = joint["history"]
             series = {"train (weighted)": h["loss"], "validation (weighted)": h["val_loss"]}
-            series.update({f"{name} validation": t["val_loss"] for name, t in h["tasks"].items()})
+            series.update({f"{name} validation loss": t["val_loss"] for name, t in h["tasks"].items()})
             blobs[paths["training/shared"]] = series_png(
                 range(1, len(h["loss"]) + 1), series,
                 xlabel="epoch", mark=joint["best_epoch"], title=f"shared trunk ({joint['hidden']} units)")
