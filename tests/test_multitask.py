@@ -155,6 +155,10 @@ def test_bad_tables_are_one_line_errors(tmp_path, model):
     few.write_text("path,kind,size\n" + "".join(f"squares/{i}.png,{'ab'[i % 2]},{'' if i > 1 else i}\n" for i in range(10)))
     with pytest.raises(DataError, match="task 'size' has 2 labelled rows"):
         finetune(model, few, tasks=["kind", "size:regression"], progress=False)
+    with pytest.raises(DataError, match=r"has no column 'file' \(--path-column; columns: path, color, area\)"):
+        finetune(model, table, tasks=["color"], path_column="file", progress=False)
+    with pytest.raises(DataError, match=r"has no column 'file' \(--path-column"):
+        finetune(model, table, path_column="file", progress=False)  # no --task: still the table it names
     vectors = tmp_path / "nopath.csv"
     vectors.write_text("a,b,kind\n1,2,x\n3,4,y\n")
     with pytest.raises(DataError, match="no column 'label'"):

@@ -71,13 +71,17 @@ class Task:
         return f"{self.name}: {self.type} ({how}; {what}; {int(self.labelled.sum())} labelled)"
 
 
+DEFAULT_PATH_COLUMN = "path"
+
+
 def is_table(path: Path, tasks: Sequence[TaskSpec], path_column: str) -> bool:
-    """Whether ``path`` is a multi-target table: tasks were named, or its header has the path column."""
+    """Whether ``path`` is a multi-target table: tasks or a path column were named, or its header has the path
+    column."""
     if not path.is_file():
         return bool(tasks) and path.suffix.lower() in TABLE_SUFFIXES  # load_table then names what is missing
     if path.suffix.lower() in (".jsonl", ".ndjson"):
         return True
-    if tasks:
+    if tasks or path_column != DEFAULT_PATH_COLUMN:
         return True
     if path.suffix.lower() not in (".csv", ".tsv"):
         return False
@@ -123,7 +127,8 @@ def _task(spec: TaskSpec, cells: list[str], path: Path, row_numbers: Sequence[in
     return Task(spec.name, kind, inferred, tuple(names), labels=labels)
 
 
-def load_table(path: Path, tasks: Sequence[TaskSpec], path_column: str = "path") -> tuple[Dataset, list[Task]]:
+def load_table(path: Path, tasks: Sequence[TaskSpec], path_column: str = DEFAULT_PATH_COLUMN
+               ) -> tuple[Dataset, list[Task]]:
     """The table as a Dataset (images or vectors; ``labels``: the first classification task's, for the
     stratified split) and its tasks."""
     header, rows = read_rows(path)
@@ -134,6 +139,9 @@ def load_table(path: Path, tasks: Sequence[TaskSpec], path_column: str = "path")
         if len(row) != width:
             raise DataError(f"{path}: row {r} has {len(row)} fields but the header has {width}")
     images = path_column in header
+    if not images and path_column != DEFAULT_PATH_COLUMN:  # named, so the rows are meant to be images
+        raise DataError(f"{path} has no column {path_column!r} (--path-column; columns: {', '.join(header[:12])}"
+                        f"{', ...' if len(header) > 12 else ''})")
     if not tasks:
         if not images:
             raise UsageError(f"{path} has no {path_column!r} column; name the target columns with --task NAME "
