@@ -49,27 +49,50 @@ def test_the_package_predicts_what_porter_predicts(tmp_path, node_modules, porte
     r = porter_cli("export", src, "--node", tmp_path / "pkg")
     assert r.returncode == 0, r.stderr
     pngs = write_images(tmp_path / "png", 4, size=(13, 11), seed=1) + write_images(tmp_path / "same", 2, size=(8, 8))
-    jpgs = write_images(tmp_path / "jpg", 3, size=(20, 16), seed=2, ext=".jpg")
+    jpgs = write_images(tmp_path / "jpg", 3, size=(20, 16), seed=2, ext=".jpg") + jpeg_variants(tmp_path / "jpgv")
     files = [str(p) for p in pngs + jpgs]
     got = run_node(tmp_path / "pkg", node_modules, f"""
         const pkg = require('./index.js');
         (async () => {{
           const m = await pkg.load();
           const files = {json.dumps(files)};
-          const t = pkg.toTensor(files.slice(0, {len(pngs)}).map(pkg.decode));
+          const t = pkg.toTensor(await Promise.all(files.map(pkg.decode)));
           const out = await m.predict(files, {{ topK: 3 }});
           console.log(JSON.stringify({{ tensor: Array.from(t.data), dims: t.dims, out }}));
         }})();""")
     expected = porter.load(src, device="cpu").predict(files, top_k=3)
-    x = preprocess([str(p) for p in pngs], spec, channels=3)  # Pillow's resize: the package's, bit for bit
+    # decoding (libjpeg-turbo as WebAssembly for JPEGs: IDCT, fancy upsampling, colour conversion, EXIF
+    # orientation) and Pillow's resize: the package's tensor is porter's, bit for bit, for PNGs and JPEGs alike
+    x = preprocess(files, spec, channels=3)
     assert got["dims"] == list(x.shape)
     np.testing.assert_allclose(np.asarray(got["tensor"], np.float32).reshape(x.shape), x, rtol=0, atol=1e-6)
     for g, e, name in zip(got["out"], expected, files):
-        if name.endswith(".png"):
-            assert g["label"] == e.label and abs(g["score"] - e.score) <= 1e-4, name
-            assert [k["label"] for k in g["topK"]] == [k[0] for k in e.top_k]
-        else:  # jpeg-js and libjpeg may differ by a level on a pixel
-            assert abs(g["score"] - e.score) <= 2e-2, name
+        assert g["label"] == e.label and abs(g["score"] - e.score) <= 1e-4, name
+        assert [k["label"] for k in g["topK"]] == [k[0] for k in e.top_k]
+
+
+def jpeg_variants(folder):
+    """The JPEGs cameras and tools write: 4:2:0, 4:2:2 and 4:4:4 chroma at odd sizes, progressive, greyscale, and an
+    EXIF orientation (6: rotated 90 degrees) that porter applies."""
+    from PIL import Image
+
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(3)
+    yy, xx = np.mgrid[0:27, 0:35]
+    a = np.stack([np.sin(xx / 3) * 120 + 128, np.cos(yy / 4) * 120 + 128, (xx * yy) % 255], -1)
+    a = np.clip(a + rng.normal(0, 20, a.shape), 0, 255).astype(np.uint8)  # strong colour edges: chroma matters
+    im, paths = Image.fromarray(a), []
+    for name, kw in (("s420", {"subsampling": 2}), ("s422", {"subsampling": 1}), ("s444", {"subsampling": 0}),
+                     ("progressive", {"progressive": True})):
+        paths.append(folder / f"{name}.jpg")
+        im.save(paths[-1], quality=85, **kw)
+    paths.append(folder / "grey.jpg")
+    im.convert("L").save(paths[-1], quality=85)
+    exif = im.getexif()
+    exif[0x0112] = 6
+    paths.append(folder / "exif6.jpg")
+    im.save(paths[-1], quality=85, exif=exif.tobytes())
+    return paths
 
 
 def test_export_node_mistakes(tmp_path, porter_cli):
@@ -84,3 +107,30 @@ def test_export_node_mistakes(tmp_path, porter_cli):
     assert r.returncode != 0 and "--force" in r.stderr and r.stderr.count("\n") == 1
     r = porter_cli("export", ok, "--node", tmp_path / "a", "--triton", tmp_path / "b")
     assert r.returncode != 0 and "not allowed with" in r.stderr and r.stderr.count("\n") == 1
+
+
+def test_the_package_decodes_cmyk_and_refuses_bombs_and_non_images(tmp_path, node_modules):
+    from PIL import Image
+
+    ok = save(classifier(size=(8, 8), classes=3), tmp_path / "ok.onnx")
+    porter.export_node(ok, tmp_path / "pkg")
+    rgb = np.random.default_rng(0).integers(0, 256, (9, 11, 3), dtype=np.uint8)
+    Image.fromarray(rgb).convert("CMYK").save(tmp_path / "cmyk.jpg", quality=95)
+    # a PNG whose header claims 20000 x 20000 pixels (400 M, over Pillow's bomb limit) in a few hundred bytes
+    Image.new("L", (20000, 20000)).save(tmp_path / "bomb.png", optimize=True)
+    (tmp_path / "text.jpg").write_text("not an image")
+    got = run_node(tmp_path / "pkg", node_modules, f"""
+        const pkg = require('./index.js');
+        (async () => {{
+          const out = {{}};
+          for (const f of {json.dumps([str(tmp_path / n) for n in ("cmyk.jpg", "bomb.png", "text.jpg")])}) {{
+            try {{ const d = await pkg.decode(f); out[f] = [d.width, d.height]; }}
+            catch (e) {{ out[f] = e.message; }}
+          }}
+          console.log(JSON.stringify(out));
+        }})();""")
+    assert got[str(tmp_path / "cmyk.jpg")] == [11, 9]  # jpeg-js (close to Pillow's conversion, not exact)
+    assert "refused, image too large (20000 x 20000 pixels" in got[str(tmp_path / "bomb.png")]
+    assert got[str(tmp_path / "text.jpg")].endswith("not a PNG or JPEG file")
+    with pytest.raises(DataError, match="too large"):  # what porter itself says of the same file
+        porter.load(ok, device="cpu").predict([tmp_path / "bomb.png"])

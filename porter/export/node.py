@@ -1,7 +1,8 @@
 """``porter export MODEL --node DIR``: a small npm package running the model on onnxruntime-node.
 
-Written: ``DIR/package.json`` (its dependencies: onnxruntime-node, and pure-JS decoders, jpeg-js and pngjs, since
-packages that fetch native binaries at install can't be relied on), ``DIR/index.js`` (``load()`` then
+Written: ``DIR/package.json`` (its dependencies: onnxruntime-node, and decoders that carry what they run -- pngjs,
+libjpeg-turbo as WebAssembly (@jsquash/jpeg), jpeg-js for CMYK -- since packages that fetch native binaries at
+install can't be relied on), ``DIR/index.js`` (``load()`` then
 ``predict(images)``: decoding, Pillow's bilinear resize bit for bit, the model's normalization in float32 as porter
 computes it, scores as ``porter predict`` reports them), ``DIR/model.onnx``, ``DIR/model.json`` (what index.js
 needs to know of the model: input, score output, score transform, fixed batch), ``DIR/preprocess.json`` and
@@ -20,7 +21,9 @@ from typing import Any
 from ..errors import UsageError
 
 TEMPLATE = Path(__file__).with_name("node_template") / "index.js"
-DEPENDENCIES = {"onnxruntime-node": "^1.20.0", "jpeg-js": "^0.4.4", "pngjs": "^7.0.0"}
+# decoders that ship what they run (no install script fetching binaries): pngjs; libjpeg-turbo's decoder as
+# WebAssembly (@jsquash/jpeg: bit-exact with Pillow's libjpeg-turbo); jpeg-js for CMYK JPEGs, which it refuses
+DEPENDENCIES = {"onnxruntime-node": "^1.20.0", "@jsquash/jpeg": "^1.6.0", "jpeg-js": "^0.4.4", "pngjs": "^7.0.0"}
 
 
 @dataclass

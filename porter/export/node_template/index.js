@@ -1,29 +1,78 @@
 'use strict';
 // Written by `porter export --node`: this model on onnxruntime-node, images decoded, resized and normalized as
-// porter does (PNG and JPEG; resizing is Pillow's bilinear filter, bit for bit, so a PNG gives porter predict's
-// tensor exactly; jpeg-js upsamples subsampled chroma by replication where libjpeg interpolates, so strongly
-// coloured JPEG edges differ by several levels and near-tie labels can flip: feed PNGs where exactness matters).
+// porter does, so the tensor is porter predict's, bit for bit: PNGs by pngjs; JPEGs by libjpeg-turbo's decoder
+// (mozjpeg built to WebAssembly, @jsquash/jpeg: the IDCT, fancy chroma upsampling, colour conversion and EXIF
+// orientation of Pillow's libjpeg-turbo); resizing is Pillow's bilinear filter. CMYK JPEGs, which that decoder
+// refuses, go through jpeg-js (close, not exact).
 const fs = require('fs');
 const path = require('path');
 const ort = require('onnxruntime-node');
-const jpeg = require('jpeg-js');
 const { PNG } = require('pngjs');
 
 const spec = require('./preprocess.json');
 const info = require('./model.json');
 const labels = fs.existsSync(path.join(__dirname, 'labels.json')) ? require('./labels.json') : null;
 
-function decode(file) {
+// Pillow refuses images over twice its MAX_IMAGE_PIXELS as decompression bombs; so does this package, before
+// decoding (a JPEG or PNG header can claim 65535 x 65535 pixels in a few bytes)
+const MAX_PIXELS = 2 * Math.floor(1024 * 1024 * 1024 / 4 / 3);
+
+let jpegDecoder = null;  // the WebAssembly module, compiled once
+async function libjpeg() {
+  if (!jpegDecoder) {
+    jpegDecoder = (async () => {
+      const { init, default: decode } = await import('@jsquash/jpeg/decode.js');
+      const wasm = fs.readFileSync(require.resolve('@jsquash/jpeg/codec/dec/mozjpeg_dec.wasm'));
+      await init(await WebAssembly.compile(wasm));
+      return decode;
+    })();
+  }
+  return jpegDecoder;
+}
+
+// (width, height, components) from a JPEG's frame header, or null
+function jpegFrame(data) {
+  let i = 2;
+  while (i + 9 < data.length) {
+    if (data[i] !== 0xff) return null;
+    const marker = data[i + 1];
+    if (marker === 0xff) { i += 1; continue; }
+    const length = data.readUInt16BE(i + 2);
+    if (marker >= 0xc0 && marker <= 0xcf && marker !== 0xc4 && marker !== 0xc8 && marker !== 0xcc) {
+      return { height: data.readUInt16BE(i + 5), width: data.readUInt16BE(i + 7), components: data[i + 9] };
+    }
+    i += 2 + length;
+  }
+  return null;
+}
+
+function checkSize(width, height, label) {
+  if (width * height > MAX_PIXELS) {
+    throw new Error(`${label}: refused, image too large (${width} x ${height} pixels, over ${MAX_PIXELS})`);
+  }
+}
+
+// images: a path or a Buffer of a PNG or JPEG file -> { width, height, rgba }
+async function decode(file) {
+  const label = Buffer.isBuffer(file) ? 'image' : file;
   const data = Buffer.isBuffer(file) ? file : fs.readFileSync(file);
   if (data[0] === 0x89 && data[1] === 0x50) {
+    if (data.length >= 24) checkSize(data.readUInt32BE(16), data.readUInt32BE(20), label);
     const png = PNG.sync.read(data);
     return { width: png.width, height: png.height, rgba: png.data };
   }
   if (data[0] === 0xff && data[1] === 0xd8) {
-    const img = jpeg.decode(data, { useTArray: true, formatAsRGBA: true, maxMemoryUsageInMB: 1024 });
+    const frame = jpegFrame(data);
+    if (frame) checkSize(frame.width, frame.height, label);
+    if (!frame || frame.components !== 4) {
+      const img = await (await libjpeg())(data.buffer.slice(data.byteOffset, data.byteOffset + data.length),
+        { preserveOrientation: true });  // jsquash's name for "apply the EXIF orientation", as porter does
+      return { width: img.width, height: img.height, rgba: img.data };
+    }
+    const img = require('jpeg-js').decode(data, { useTArray: true, formatAsRGBA: true, maxMemoryUsageInMB: 1024 });
     return { width: img.width, height: img.height, rgba: img.data };
   }
-  throw new Error(`${Buffer.isBuffer(file) ? 'image' : file}: not a PNG or JPEG file`);
+  throw new Error(`${label}: not a PNG or JPEG file`);
 }
 
 // Pillow's Resample.c: a separable triangle filter (support widened when shrinking), fixed-point coefficients
@@ -161,7 +210,7 @@ async function load(options = {}) {
     async predict(images, { topK = 5, batchSize = info.fixed_batch || 32 } = {}) {
       const results = [];
       for (let start = 0; start < images.length; start += batchSize) {
-        const chunk = images.slice(start, start + batchSize).map(decode);
+        const chunk = await Promise.all(images.slice(start, start + batchSize).map(decode));
         const n = chunk.length;
         while (info.fixed_batch && chunk.length < info.fixed_batch) chunk.push(chunk[0]);  // pad a fixed batch
         const out = await session.run({ [info.image_input]: toTensor(chunk) });
