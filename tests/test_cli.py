@@ -97,13 +97,27 @@ def test_inspect_does_not_import_tensorflow_or_torch(fixtures_dir, tmp_path):
 
 @pytest.mark.parametrize("argv, message", [
     (["finetune", "m.onnx", "data", "-o", "x.onnx", "--cut"],
-     "porter finetune: error: argument --cut: expected one argument (see porter finetune --help)"),
-    (["convert"], "porter convert: error: the following arguments are required: source, -o/--output "
+     "porter: error: argument --cut: expected one argument (see porter finetune --help)"),
+    (["convert"], "porter: error: the following arguments are required: source, -o/--output "
                   "(see porter convert --help)"),
     (["finetune", "m.onnx", "data", "-o", "x.onnx", "--lr", "fast"],
-     "porter finetune: error: argument --lr: invalid float value: 'fast' (see porter finetune --help)"),
+     "porter: error: argument --lr: invalid float value: 'fast' (see porter finetune --help)"),
 ])
 def test_argparse_mistakes_are_one_line(argv, message):
     r = run_porter(*argv)
     assert r.returncode == 2 and r.stdout == ""
     assert r.stderr.strip().splitlines() == [message]
+
+
+def test_the_decoding_tip_names_fast_decode_only_for_jpegs(monkeypatch):
+    from porter.cli.run import decoding_tip
+    from porter.runtime.pipeline import PipelineStats
+
+    monkeypatch.setattr("os.cpu_count", lambda: 4)
+    slow = PipelineStats(images=100, seconds=4.0, first_batch_seconds=0.5, decode_wait_seconds=1.0)
+    assert decoding_tip(slow, 2, False, ["a.png", "b.PNG"]) == "decoding is the bottleneck; try more --decode-workers (now 2)"
+    assert decoding_tip(slow, 4, False, ["a.png"]) is None  # every core decodes already, and --fast-decode can't help
+    assert decoding_tip(slow, 4, False, ["a.png", "c.JPG"]) == "decoding is the bottleneck; try --fast-decode for large JPEGs"
+    assert decoding_tip(slow, 4, True, ["c.jpg"]) is None
+    quick = PipelineStats(images=100, seconds=4.0, first_batch_seconds=0.1, decode_wait_seconds=0.5)
+    assert decoding_tip(quick, 1, False, ["c.jpg"]) is None  # decoding kept up

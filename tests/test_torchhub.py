@@ -242,6 +242,7 @@ def test_missing_entry_point_lists_the_real_ones(hub_dir, tmp_path):
     for entry in ("small_cnn", "multi_head", "mobilenet_v2", "legacy_only"):
         assert entry in msg
     assert "_load_weights" not in msg  # private helpers are not entry points
+    assert "SmallCNN" not in msg and "MobileNetV2" not in msg  # nor the classes hubconf builds with
     _assert_nothing_written(tmp_path)
 
 

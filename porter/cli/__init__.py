@@ -29,10 +29,11 @@ PARSER_BUILDERS = [add_convert_parser, add_finetune_parser, add_quantize_parser,
 
 
 class OneLineParser(argparse.ArgumentParser):
-    """argparse, but a usage mistake is one line naming the mistake and where help is (not the usage block)."""
+    """argparse, but a usage mistake is one line naming the mistake and where help is (not the usage block), in the
+    same ``porter: error:`` form as every other error."""
 
     def error(self, message: str):  # noqa: D102 - argparse's hook
-        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+        self.exit(2, f"porter: error: {message} (see {self.prog} --help)\n")
 
 
 def build_parser() -> argparse.ArgumentParser:

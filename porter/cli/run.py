@@ -142,13 +142,21 @@ def _predict_here(args: argparse.Namespace, paths: list[str], fmt: str) -> int:
     failed = _write_predictions(args, fmt, predictions, predictor.is_classifier, predictor.tasks, paths)
     stats = predictor.last_stats
     print(f"porter: {stats.describe()}", file=sys.stderr)
-    if stats.seconds >= 2 and stats.first_batch_seconds + stats.decode_wait_seconds > 0.25 * stats.seconds:
-        tips = ([f"more --decode-workers (now {predictor.decode_workers})"]
-                if predictor.decode_workers < (os.cpu_count() or 1) else [])
-        tips += [] if args.fast_decode else ["--fast-decode for large JPEGs"]
-        if tips:
-            print(f"porter: decoding is the bottleneck; try {' or '.join(tips)}", file=sys.stderr)
+    tip = decoding_tip(stats, predictor.decode_workers, args.fast_decode, paths)
+    if tip:
+        print(f"porter: {tip}", file=sys.stderr)
     return _failures(failed, len(paths))
+
+
+def decoding_tip(stats, decode_workers: int, fast_decode: bool, paths: list[str]) -> str | None:
+    """What to try when decoding held inference up for over a quarter of a run of 2 s or more: more decoding
+    workers while the CPU has cores for them; --fast-decode only where there are JPEGs (it does nothing else)."""
+    if stats.seconds < 2 or stats.first_batch_seconds + stats.decode_wait_seconds <= 0.25 * stats.seconds:
+        return None
+    tips = [f"more --decode-workers (now {decode_workers})"] if decode_workers < (os.cpu_count() or 1) else []
+    if not fast_decode and any(str(p).lower().endswith((".jpg", ".jpeg")) for p in paths):
+        tips.append("--fast-decode for large JPEGs")
+    return f"decoding is the bottleneck; try {' or '.join(tips)}" if tips else None
 
 
 def _predict_on_ray(args: argparse.Namespace, fmt: str) -> int:

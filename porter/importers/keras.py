@@ -12,6 +12,7 @@ import difflib
 import json
 import os
 import re
+import sys
 import tempfile
 import zipfile
 from pathlib import Path
@@ -97,7 +98,10 @@ def load_application(name: str, opts: ConvertOptions):
         if not Path(weights).is_file():
             raise SourceError(f"weights file not found: {weights}; use --weights imagenet, none, or a path to an .h5 file")
     try:
-        model = ctor(weights=weights, **kwargs)
+        # keras.utils.get_file prints "Downloading data from URL" and a progress bar on stdout, which is porter's
+        # for results (a CSV or JSON on stdout must stay parseable): they go to stderr with porter's other lines
+        with contextlib.redirect_stdout(sys.stderr):
+            model = ctor(weights=weights, **kwargs)
     except ValueError as e:
         raise UsageError(f"keras.applications.{name} rejected the options: {first_line(e, 1000)}") from None
     except Exception as e:  # noqa: BLE001 - keras.utils.get_file raises plain Exception on fetch failures

@@ -83,16 +83,24 @@ def import_hubconf(directory: Path, where: str):
 
 
 def entry_points(module) -> list[str]:
-    """torch.hub.list's rule: every public callable in hubconf."""
-    return sorted(n for n in dir(module) if not n.startswith("_") and callable(getattr(module, n)))
+    """The functions hubconf offers (what its users call): torch.hub.list's public callables less the classes a
+    hubconf imports to build with (``from model import Net`` is not an entry point beside ``net``)."""
+    import inspect
+
+    return sorted(n for n in dir(module) if not n.startswith("_") and callable(getattr(module, n))
+                  and not inspect.isclass(getattr(module, n)))
+
+
+def _callable(module, name: str) -> bool:
+    """What torch.hub.load calls: any public callable, a class named on purpose included."""
+    return not name.startswith("_") and callable(getattr(module, name, None))
 
 
 def load_local(ref: SourceRef, opts) -> LoadedModule:
     directory = Path(ref.location).expanduser().resolve()
     module = import_hubconf(directory, ref.location)
-    entries = entry_points(module)
-    if ref.entry not in entries:
-        raise SourceError(_no_entry_message(ref.entry, ref.location, entries))
+    if not _callable(module, ref.entry):
+        raise SourceError(_no_entry_message(ref.entry, ref.location, entry_points(module)))
     fn = getattr(module, ref.entry)
     what = f"hub entry point {ref.entry!r} of {ref.location}"
     with _on_sys_path(directory):
