@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Any
 from . import __version__
 from .errors import NetworkError, PorterError, SourceError, UnsafeModelError, UsageError, ValidationError
 from .options import ConvertOptions
-from .sources import SourceRef, parse_source
+from .sources import SourceRef, parse_source, source_digest
 from .spec import ModelCard, PreprocessSpec
 
 if TYPE_CHECKING:
@@ -100,7 +100,7 @@ def convert(source: Any, output: str | Path | None = None, **options: Any) -> Co
         framework_versions=imported.framework_versions, preprocess=preprocess,
         labels=tuple(labels) if labels is not None else None,
         parity=report.to_dict() if report else None, provenance=dict(imported.provenance), batch=plan.to_dict(),
-        source_form=ref.form, weights=imported.weights)
+        source_form=ref.form, weights=imported.weights, source_sha256=source_digest(ref))
     _check_labels(card, model)
     card.apply_to(model)
     model.producer_name, model.producer_version = "porter", __version__
@@ -194,6 +194,10 @@ def rebuild_source(predictor, *, trust_repo: bool = False, unsafe: bool = False)
                           f"reached ({e}); put the source model back where it was converted from") from None
     if ref.importer == "onnx":
         raise SourceError(f"the source recorded in {predictor.name} is itself ONNX ({card.source}); nothing to compare")
+    if card.source_sha256 is not None and source_digest(ref) not in (None, card.source_sha256):
+        raise SourceError(f"--against-source: {ref.location} has changed since {predictor.name} was converted from it "
+                          f"(its sha256 differs from the one recorded), so it would be compared with another model; "
+                          f"put the original back, or convert the new one")
     if ref.importer == "torchhub" and not trust_repo:
         raise UnsafeModelError(f"{predictor.name}'s metadata names the source {card.source}; rebuilding it runs that "
                                f"repo's hubconf.py, and a model file's metadata is no consent to run code: pass "

@@ -58,6 +58,34 @@ class SourceRef:
         return f"{prefix}:{location}"
 
 
+# the files that decide what a local source computes, per form (a directory's, relative to it)
+DIGEST_FILES = {"savedmodel": ("saved_model.pb", "variables/variables.index"), "hub-local": ("hubconf.py",)}
+
+
+def source_digest(ref: SourceRef) -> str | None:
+    """sha256 of what a local source is made of (its file; a SavedModel's graph and variable index; a hub repo's
+    hubconf.py), recorded at conversion so a later rebuild can tell the source was replaced; None for sources that
+    aren't local files (applications, remote hubs, URLs, in-memory models) or can't be read."""
+    import hashlib
+
+    if ref.form in ("application", "hub-remote", "url", "module", "object"):
+        return None
+    root = Path(ref.location).expanduser()
+    files = [root / f for f in DIGEST_FILES[ref.form]] if ref.form in DIGEST_FILES else [root]
+    h = hashlib.sha256()
+    try:
+        for f in files:
+            if not f.is_file():
+                continue
+            h.update(f.name.encode() + b"\0")
+            with open(f, "rb") as fh:
+                for chunk in iter(lambda: fh.read(1 << 20), b""):
+                    h.update(chunk)
+    except OSError:
+        return None
+    return h.hexdigest()
+
+
 def parse_source(source: Any) -> SourceRef:
     """Parse a reference string, a path, or an in-memory model into a SourceRef."""
     if isinstance(source, SourceRef):

@@ -162,6 +162,7 @@ class ModelCard:
     batch: dict[str, Any] | None = None  # graph.batch.BatchPlan.to_dict(): dynamic / freed / fixed at a size
     source_form: str | None = None  # sources.SourceRef.form: "object" / "module" = an in-memory model
     weights: str | None = None  # the named pretrained weights the source was built with (keras.applications)
+    source_sha256: str | None = None  # sources.source_digest at conversion: a rebuild can tell the file was replaced
     # multi-task heads: [{"name", "type": classification|regression, "labels": [...] | "mean"/"std" (the target's
     # units), "outputs": [...]}]; None for single-task models (``labels`` then names the classes)
     tasks: tuple[dict[str, Any], ...] | None = None
@@ -200,6 +201,8 @@ class ModelCard:
             m["porter.source_form"] = self.source_form
         if self.weights is not None:
             m["porter.weights"] = self.weights
+        if self.source_sha256 is not None:
+            m["porter.source_sha256"] = self.source_sha256
         if self.tasks is not None:
             m["porter.tasks"] = json.dumps(list(self.tasks), sort_keys=True)
         if self.quantization is not None:
@@ -225,6 +228,7 @@ class ModelCard:
             batch=json.loads(props["porter.batch"]) if "porter.batch" in props else None,
             source_form=props.get("porter.source_form"),
             weights=props.get("porter.weights"),
+            source_sha256=props.get("porter.source_sha256"),
             tasks=_tasks(props["porter.tasks"]) if "porter.tasks" in props else None,
             quantization=_json_dict(props.get("porter.quantization")),
         )

@@ -245,3 +245,25 @@ def test_cli_bench_against_a_hub_source_without_trust_is_one_line(tmp_path, port
     r = porter_cli("bench", path, "--against-source", "--batch-sizes", "1", "--seconds", "0")
     assert r.returncode != 0 and "--trust-repo" in r.stderr and len(r.stderr.strip().splitlines()) == 1
     assert not marker.exists()  # the hubconf.py never ran
+
+
+def test_against_a_source_file_replaced_since_conversion_is_one_line(tmp_path, porter_cli):
+    """The card records the source's sha256: a different model at the recorded path is named, not compared."""
+    import shutil
+
+    import porter
+
+    fixtures = Path(__file__).parent.parent / "fixtures"
+    src = tmp_path / "m.keras"
+    shutil.copy(fixtures / "keras" / "cnn_bn.keras", src)
+    out = tmp_path / "m.onnx"
+    card = porter.convert(str(src), out, preprocess="unit").card
+    assert card.source_sha256 and len(card.source_sha256) == 64
+    from porter.spec import ModelCard
+    import onnx
+
+    assert ModelCard.from_onnx(onnx.load(out)).source_sha256 == card.source_sha256  # round trip
+    shutil.copy(fixtures / "backbone" / "backbone.keras", src)  # another model, same path
+    r = porter_cli("bench", out, "--against-source", "--batch-sizes", "1", "--seconds", "0")
+    assert r.returncode == 1 and r.stderr.count("\n") == 1, r.stderr
+    assert f"--against-source: {src} has changed since m.onnx was converted from it" in r.stderr
