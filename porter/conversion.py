@@ -92,6 +92,7 @@ def convert(source: Any, output: str | Path | None = None, **options: Any) -> Co
     imported = get_importer(ref.importer)(ref, opts)
     _check_named_shapes(opts, imported)
     model = normalize(imported.onnx_model, imported.input_names, imported.output_names)
+    _check_shapes_applied(opts, model)
     preprocess = resolve_preprocess(imported.preprocess, opts, model)
     model, report, plan = settle_batch(model, imported.run_source, opts, preprocess)
     labels = opts.labels if opts.labels is not None else imported.labels
@@ -105,7 +106,8 @@ def convert(source: Any, output: str | Path | None = None, **options: Any) -> Co
     card.apply_to(model)
     model.producer_name, model.producer_version = "porter", __version__
     path = save_onnx(model, output, opts.force) if output is not None else None
-    return ConvertResult(model, path, report, card, time.perf_counter() - start, list(imported.notes), str(ref),
+    notes = opts.unused_by(ref.importer, ref.form) + list(imported.notes)
+    return ConvertResult(model, path, report, card, time.perf_counter() - start, notes, str(ref),
                          plan)
 
 
@@ -153,6 +155,25 @@ def _check_named_shapes(opts: ConvertOptions, imported) -> None:
     if unknown:
         raise UsageError(f"--input-shape names {', '.join(map(repr, unknown))}, but the model's inputs are "
                          f"{', '.join(sorted(known))}")
+
+
+def _check_shapes_applied(opts: ConvertOptions, model) -> None:
+    """``--input-shape`` the source could not apply (a Keras model's fixed dims stay what they are) would otherwise
+    be ignored without a word: the converted input must have the dims asked for wherever it has fixed ones."""
+    from .graph.inspect import format_shape, graph_inputs
+
+    inputs = graph_inputs(model)
+    for name, dims in opts.input_shapes.items():
+        if name is None and len(opts.input_shapes) > 1:
+            continue
+        matches = [t for t in inputs if name in (None, t.name, f"{t.name}:0") or t.name == str(name).split(":")[0]]
+        if len(matches) != 1 or len(matches[0].shape) != len(dims) + 1:
+            continue
+        t = matches[0]
+        if any(isinstance(have, int) and have != want for have, want in zip(t.shape[1:], dims)):
+            raise UsageError(f"--input-shape {','.join(map(str, dims))}: the model's input {t.name!r} is "
+                             f"{format_shape(t.shape)} and its source keeps those dims fixed; give only dims the "
+                             f"model leaves free, or drop --input-shape")
 
 
 def _check_labels(card: ModelCard, model) -> None:

@@ -57,6 +57,17 @@ class ConvertOptions:
     std: tuple[float, ...] | None = None
     labels: tuple[str, ...] | None = None
 
+    def unused_by(self, importer: str, form: str) -> list[str]:
+        """Notes for options given that this kind of source does not use (they would be ignored without a word)."""
+        hub = importer == "torchhub" and form in ("hub-local", "hub-remote")
+        given = [("--weights", self.weights is not None, importer == "keras" and form == "application",
+                  "keras:NAME applications"),
+                 ("--hub-arg", bool(self.hub_args), hub, "torchhub: entry points"),
+                 ("--trust-repo", self.trust_repo, hub, "torchhub: repos"),
+                 ("--unsafe", self.unsafe, importer == "keras" and form != "application",
+                  "Keras model files and SavedModels")]
+        return [f"{flag} is ignored: only {users} use it" for flag, on, used, users in given if on and not used]
+
     @classmethod
     def from_kwargs(cls, **kwargs: Any) -> "ConvertOptions":
         reject_unknown(cls, kwargs, "convert")

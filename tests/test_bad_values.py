@@ -50,6 +50,34 @@ def test_an_input_shape_for_an_input_the_model_lacks_is_an_error(fixtures_dir):
         porter.convert(str(fixtures_dir / "tfjs" / "graph_int32" / "model.json"), input_shapes={"nosuch": (16, 16, 3)})
 
 
+def test_an_input_shape_the_source_keeps_fixed_is_an_error(fixtures_dir, tmp_path):
+    keras_file = str(fixtures_dir / "heads" / "dense1.keras")  # input fixed at 32 x 32 x 1
+    with pytest.raises(UsageError, match=r"--input-shape 64,64,1: the model's input 'image' is \[batch, 32, 32, 1\] "
+                                         r"and its source keeps those dims fixed"):
+        porter.convert(keras_file, tmp_path / "m.onnx", input_shapes={None: (64, 64, 1)})
+    assert not (tmp_path / "m.onnx").exists()
+    assert porter.convert(keras_file, input_shapes={None: (32, 32, 1)}, validate=False).model is not None
+
+
+@pytest.mark.parametrize("source", ["keras", "tfjs-url"])
+def test_an_opset_tf2onnx_lacks_is_refused_before_loading(fixtures_dir, source):
+    # a URL nothing listens on: refusing before the download is what makes this a UsageError, not a NetworkError
+    ref = str(fixtures_dir / "heads" / "dense1.keras") if source == "keras" else "tfjs:http://127.0.0.1:9/model.json"
+    with pytest.raises(UsageError, match=r"--opset 19: tf2onnx, which converts Keras and TF.js sources, targets "
+                                         r"opsets up to 18; give --opset 18 or lower"):
+        porter.convert(ref, opset=19)
+
+
+def test_options_a_source_does_not_use_are_named(fixtures_dir):
+    r = porter.convert(str(fixtures_dir / "heads" / "dense1.keras"), weights="none", trust_repo=True,
+                       hub_args={"pretrained": False}, validate=False)
+    assert r.notes[:3] == ["--weights is ignored: only keras:NAME applications use it",
+                           "--hub-arg is ignored: only torchhub: entry points use it",
+                           "--trust-repo is ignored: only torchhub: repos use it"]
+    used = porter.convert(str(fixtures_dir / "heads" / "dense1.keras"), unsafe=True, validate=False)
+    assert not any("ignored" in n for n in used.notes)  # --unsafe is a Keras file's option
+
+
 @pytest.mark.parametrize("workers", [0, -1])
 def test_finetune_workers_must_be_positive(tmp_path, workers):
     with pytest.raises(UsageError, match=f"--workers must be a positive integer, got {workers}"):

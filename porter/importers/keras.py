@@ -23,7 +23,7 @@ import numpy as np
 from ..logging_setup import heavy_import
 from ..errors import (ConversionError, ModelLoadError, NetworkError, SourceError, UnsafeModelError, UnsupportedError,
                       UsageError, first_line)
-from ..options import ConvertOptions
+from ..options import DEFAULT_OPSET, ConvertOptions
 from ..sources import SourceRef
 from ..spec import PreprocessSpec
 from . import ImportedModel, register_importer
@@ -282,6 +282,16 @@ def _tf2onnx_logs_muted():
         logger.setLevel(level)
 
 
+def check_tf2onnx_opset(opset: int) -> None:
+    """Refuse, before any model is loaded or downloaded, an opset tf2onnx has no table for (porter's own range is
+    wider: the torch exporters reach further)."""
+    _tf()  # imported the quiet way (tf2onnx imports TensorFlow)
+    newest = max(heavy_import("tf2onnx.constants").OPSET_TO_IR_VERSION)
+    if opset > newest:
+        raise UsageError(f"--opset {opset}: tf2onnx, which converts Keras and TF.js sources, targets opsets up to "
+                         f"{newest}; give --opset {newest} or lower (default {DEFAULT_OPSET})")
+
+
 def run_tf2onnx(convert: Callable[[], Any], opset: int, what: str = ""):
     """Call one tf2onnx entry point; map its failures to porter errors and patch what it leaves unconverted."""
     where = f" on {what}" if what else ""
@@ -440,6 +450,7 @@ def _imagenet_labels() -> tuple[str, ...] | None:
 
 @register_importer("keras")
 def import_keras(ref: SourceRef, opts: ConvertOptions) -> ImportedModel:
+    check_tf2onnx_opset(opts.opset)
     if ref.form == "savedmodel":
         return import_savedmodel(ref, opts)
     preprocess = None

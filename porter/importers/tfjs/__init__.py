@@ -184,6 +184,9 @@ def _short_label(source) -> str:
 
 @register_importer("tfjs")
 def import_tfjs(ref: SourceRef, opts: ConvertOptions) -> ImportedModel:
+    from ..keras import check_tf2onnx_opset
+
+    check_tf2onnx_opset(opts.opset)  # before anything is downloaded
     source = open_source(ref)
     mj = load_model_json(source)
     importer: Callable[..., ImportedModel] = _import_layers if mj.kind == "layers" else _import_graph
