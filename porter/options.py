@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field, fields
+from dataclasses import MISSING, dataclass, field, fields
 from typing import Any
 
 from .errors import UsageError
@@ -27,6 +27,19 @@ def as_floats(value: Any, name: str) -> tuple[float, ...] | None:
         raise UsageError(f"--{name} must be finite numbers{' other than 0' if name == 'std' else ''}, "
                          f"got {','.join(f'{v:g}' for v in values)}")
     return values
+
+
+def default(cls: type, name: str) -> Any:
+    """The default of the option ``name`` of the options dataclass ``cls``: the CLI's flags take their defaults (and
+    the "(default ...)" in their help) from here, so the API and the CLI can't drift apart."""
+    for f in fields(cls):
+        if f.name == name:
+            if f.default is not MISSING:
+                return f.default
+            if f.default_factory is not MISSING:
+                return f.default_factory()
+            raise KeyError(f"{cls.__name__}.{name} has no default")
+    raise KeyError(f"{cls.__name__} has no option {name!r}")
 
 
 def reject_unknown(cls: type, kwargs: dict[str, Any], what: str) -> None:

@@ -121,3 +121,21 @@ def test_the_decoding_tip_names_fast_decode_only_for_jpegs(monkeypatch):
     assert decoding_tip(slow, 4, True, ["c.jpg"]) is None
     quick = PipelineStats(images=100, seconds=4.0, first_batch_seconds=0.1, decode_wait_seconds=0.5)
     assert decoding_tip(quick, 1, False, ["c.jpg"]) is None  # decoding kept up
+
+
+def test_the_cli_defaults_are_the_options_defaults():
+    """porter finetune / convert flags take their defaults from FinetuneOptions / ConvertOptions (one place)."""
+    from dataclasses import fields
+
+    from porter.cli import build_parser
+    from porter.options import ConvertOptions
+    from porter.transfer.options import FinetuneOptions
+
+    args = build_parser().parse_args(["finetune", "m.onnx", "data", "-o", "x.onnx"])
+    defaults = {f.name: f.default for f in fields(FinetuneOptions)}
+    for name in ("epochs", "patience", "batch_size", "head", "hidden", "val_split", "seed", "unfreeze",
+                 "finetune_epochs", "train_precision", "max_drop", "path_column", "label_column", "device",
+                 "feature_batch_size"):
+        assert getattr(args, name) == defaults[name], name
+    text = build_parser()._subparsers._group_actions[0].choices["convert"].format_help()
+    assert f"(default {ConvertOptions().opset})" in " ".join(text.split())

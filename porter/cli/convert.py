@@ -3,8 +3,13 @@
 from __future__ import annotations
 
 import argparse
+from functools import partial
 
+from ..options import ConvertOptions, default
 from .args import add_preprocess_args, add_source_args, command, parse_floats, read_labels, source_options
+
+
+D = partial(default, ConvertOptions)
 
 
 def add_convert_parser(sub) -> None:
@@ -16,9 +21,10 @@ def add_convert_parser(sub) -> None:
     p.add_argument("source", help="keras:NAME, keras:PATH, torchhub:OWNER/REPO[:REF]:ENTRY, torchhub:DIR:ENTRY, "
                                   "tfjs:PATH|URL, or a model file (.keras, .h5, SavedModel dir, model.json, .pt)")
     p.add_argument("-o", "--output", required=True, help="the ONNX file to write")
-    p.add_argument("--opset", type=int, default=None, help="ONNX opset (default 17)")
-    p.add_argument("--atol", type=float, default=None, help="parity absolute tolerance (default 1e-4)")
-    p.add_argument("--rtol", type=float, default=None, help="parity relative tolerance (default 1e-3)")
+    # None: "not given", so ConvertOptions' own default applies (and is what the help shows)
+    p.add_argument("--opset", type=int, default=None, help=f"ONNX opset (default {D('opset')})")
+    p.add_argument("--atol", type=float, default=None, help=f"parity absolute tolerance (default {D('atol'):g})")
+    p.add_argument("--rtol", type=float, default=None, help=f"parity relative tolerance (default {D('rtol'):g})")
     p.add_argument("--no-validate", action="store_true", help="skip the parity check against the source model")
     add_source_args(p)
     p.add_argument("--labels", help="a text file with one class name per line")

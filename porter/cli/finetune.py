@@ -4,9 +4,14 @@ from __future__ import annotations
 
 import argparse
 import sys
+from functools import partial
 
-from ..options import DEVICES
+from ..options import DEVICES, default
+from ..transfer.options import HEADS, FinetuneOptions
 from .args import add_preprocess_args, add_ray_args, add_source_args, command, parse_dims, parse_floats, source_options
+
+
+D = partial(default, FinetuneOptions)  # every flag's default is FinetuneOptions' (the API's)
 
 
 def add_finetune_parser(sub) -> None:
@@ -22,32 +27,32 @@ def add_finetune_parser(sub) -> None:
                                 "CSV / JSON Lines table with one column per task (--task)")
     p.add_argument("-o", "--output", required=True, help="the ONNX file to write")
     g = p.add_argument_group("training")
-    g.add_argument("--epochs", type=int, default=100, help="AdamW: upper bound; early stopping on validation loss decides (default 100)")
-    g.add_argument("--patience", type=int, default=20, help="AdamW: epochs without a better validation loss before stopping (default 20)")
-    g.add_argument("--batch-size", type=int, default=32, help="AdamW: head training batch size (default 32)")
+    g.add_argument("--epochs", type=int, default=D("epochs"), help=f"AdamW: upper bound; early stopping on validation loss decides (default {D('epochs')})")
+    g.add_argument("--patience", type=int, default=D("patience"), help=f"AdamW: epochs without a better validation loss before stopping (default {D('patience')})")
+    g.add_argument("--batch-size", type=int, default=D("batch_size"), help=f"AdamW: head training batch size (default {D('batch_size')})")
     g.add_argument("--lr", type=float, default=None,
                    help="train with AdamW at this learning rate (halved on plateaus). Default: the linear head is "
                         "solved by L-BFGS; the mlp head's lr is chosen on validation from 0.001, 0.003")
     g.add_argument("--weight-decay", type=float, default=None,
                    help="linear probe: the L2 strength; AdamW: its weight decay. Default: chosen on validation")
-    g.add_argument("--head", choices=["linear", "mlp"], default="linear", help="head architecture (default linear)")
-    g.add_argument("--hidden", type=int, default=256, help="mlp hidden units (default 256)")
+    g.add_argument("--head", choices=HEADS, default=D("head"), help=f"head architecture (default {D('head')})")
+    g.add_argument("--hidden", type=int, default=D("hidden"), help=f"mlp hidden units (default {D('hidden')})")
     g.add_argument("--dropout", type=float, default=None, help="dropout (default 0 for linear, 0.2 for mlp)")
-    g.add_argument("--val-split", type=float, default=0.2, help="stratified validation fraction (default 0.2)")
+    g.add_argument("--val-split", type=float, default=D("val_split"), help=f"stratified validation fraction (default {D('val_split')})")
     g.add_argument("--balance", action="store_true", help="weight classes by inverse frequency (imbalanced data)")
-    g.add_argument("--seed", type=int, default=0, help="seed for the split, init and shuffling (default 0)")
+    g.add_argument("--seed", type=int, default=D("seed"), help=f"seed for the split, init and shuffling (default {D('seed')})")
     g = p.add_argument_group("partial fine-tuning and augmentation")
-    g.add_argument("--unfreeze", type=int, default=0, metavar="N",
+    g.add_argument("--unfreeze", type=int, default=D("unfreeze"), metavar="N",
                    help="after the head, train it together with the last N weight-carrying layers (Conv, Gemm, "
                         "MatMul) before the cut, normalization frozen; their weights are written back into the "
-                        "model's own initializers (default 0: the head only)")
+                        f"model's own initializers (default {D('unfreeze')}: the head only)")
     g.add_argument("--train-from", metavar="TENSOR",
                    help="instead of --unfreeze: train every layer from this tensor to the cut")
     g.add_argument("--finetune-lr", type=float, default=None,
                    help="AdamW learning rate of that phase (default 0.0001, or --lr / 10)")
-    g.add_argument("--finetune-epochs", type=int, default=30,
-                   help="upper bound of that phase; early stopping on validation loss decides (default 30)")
-    g.add_argument("--train-precision", choices=["auto", "fp32", "bf16"], default="auto",
+    g.add_argument("--finetune-epochs", type=int, default=D("finetune_epochs"),
+                   help=f"upper bound of that phase; early stopping on validation loss decides (default {D('finetune_epochs')})")
+    g.add_argument("--train-precision", choices=["auto", "fp32", "bf16"], default=D("train_precision"),
                    help="the tail's training steps: bf16 autocast where the CPU has AMX or AVX512-BF16 (auto), "
                         "or always fp32 / bf16; weights and checks stay fp32")
     g.add_argument("--augment", metavar="OPS",
@@ -61,13 +66,13 @@ def add_finetune_parser(sub) -> None:
     g.add_argument("--int8", action="store_true",
                    help="also write NAME.int8.onnx: quantized as porter quantize does, calibrated on the training "
                         "split, kept only if its top-1 agreement with fp32 on the validation split holds --max-drop")
-    g.add_argument("--max-drop", type=float, default=1.0,
-                   help="with --int8: points of top-1 agreement with fp32 it may lose (default 1)")
+    g.add_argument("--max-drop", type=float, default=D("max_drop"),
+                   help=f"with --int8: points of top-1 agreement with fp32 it may lose (default {D('max_drop')})")
     g = p.add_argument_group("several tasks (DATA is a CSV or JSON Lines table, one column per task)")
     g.add_argument("--task", action="append", metavar="NAME[:TYPE]", dest="tasks",
                    help="a target column, TYPE classification or regression (default: inferred from the column); "
                         "repeat for each task. Default for a table with an image-path column: every other column")
-    g.add_argument("--path-column", default="path", help="the table's column of image paths (default path)")
+    g.add_argument("--path-column", default=D("path_column"), help=f"the table's column of image paths (default {D('path_column')})")
     g.add_argument("--shared-hidden", type=int, default=None, metavar="N",
                    help="a shared trainable layer of N units before the task heads, all trained jointly (AdamW, "
                         "early stopping on the weighted sum of validation losses); default: each head solved alone")
@@ -80,10 +85,10 @@ def add_finetune_parser(sub) -> None:
                         "(every candidate), or a tensor name (pooled if spatial); porter inspect MODEL --cuts lists them")
     g.add_argument("--image-size", metavar="H,W", help="image size for backbones without a fixed input size")
     add_preprocess_args(g)
-    g.add_argument("--label-column", default="label", help="CSV label column (default label)")
-    g.add_argument("--device", choices=DEVICES, default="auto",
-                   help="where the backbone runs (default auto: CUDA if it works, else CPU)")
-    g.add_argument("--feature-batch-size", type=int, default=64, help="images per backbone batch (default 64)")
+    g.add_argument("--label-column", default=D("label_column"), help=f"CSV label column (default {D('label_column')})")
+    g.add_argument("--device", choices=DEVICES, default=D("device"),
+                   help=f"where the backbone runs (default {D('device')}: CUDA if it works, else CPU)")
+    g.add_argument("--feature-batch-size", type=int, default=D("feature_batch_size"), help=f"images per backbone batch (default {D('feature_batch_size')})")
     g.add_argument("--workers", type=int, default=None, help="image decoding threads (default: CPUs, at most 8)")
     add_ray_args(g, "run the backbone pass (the features) on Ray Data; the head trains here")
     g.add_argument("--no-cache", action="store_true", help="recompute backbone features; don't store them")

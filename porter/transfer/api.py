@@ -164,9 +164,7 @@ def _finetune(source: Any, data: Any, output: str | os.PathLike | None, opts: Fi
         t_views = time.perf_counter()
         by_view = featurize(model, extract, views, geometry, spec, opts, ray)
         timings["views"] = time.perf_counter() - t_views
-    config = TrainConfig(epochs=opts.epochs, batch_size=opts.batch_size, lr=opts.lr, weight_decay=opts.weight_decay,
-                         head=opts.head, hidden=opts.hidden, dropout=opts.head_dropout, patience=opts.patience,
-                         balance=opts.balance, seed=opts.seed, refit=not opts.partial)
+    config = opts.train_config
 
     def fit(c: Cut, cfg: TrainConfig, verbose: bool):
         f = by_cut[c.key]

@@ -18,7 +18,6 @@ if TYPE_CHECKING:
     import onnx
     import torch
 
-HEADS = ("linear", "mlp")
 HEAD_INPUT = "porter/head/features"
 PROBABILITIES = "probabilities"
 LABEL = "label"

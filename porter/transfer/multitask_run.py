@@ -55,7 +55,6 @@ def finetune_tasks(source: Any, table, output, opts, start: float, ray: Any = No
     from .inputs import batch_dim, input_geometry, resolve_preprocess, sample_inputs
     from .report import confusion_png, metrics_json, regularization_png, series_png
     from .tables import load_table, parse_tasks, task_split
-    from .train import TrainConfig
 
     if opts.int8:
         raise UsageError("--int8 quantizes single-task models; quantize a multi-task model with porter quantize "
@@ -114,7 +113,7 @@ def finetune_tasks(source: Any, table, output, opts, start: float, ray: Any = No
                                           lr=opts.lr or 1e-3,
                                           log=log if opts.progress else None)
     else:
-        config = TrainConfig(weight_decay=opts.weight_decay, balance=opts.balance, seed=opts.seed)
+        config = opts.train_config  # each classification task: the linear probe with these settings
         results = fit_tasks(x, rows, tasks, train_idx, val_idx, config, log if opts.progress else None)
     timings["train"] = time.perf_counter() - t0
 

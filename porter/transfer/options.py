@@ -9,7 +9,8 @@ from typing import Any
 from ..errors import UsageError
 from ..options import DEVICES, as_floats, reject_unknown
 from ..spec import PRESETS
-from .heads import HEADS
+
+HEADS = ("linear", "mlp")  # the head architectures (heads.make_head builds them)
 
 
 @dataclass(frozen=True)
@@ -150,6 +151,16 @@ class FinetuneOptions:
     @property
     def head_dropout(self) -> float:
         return self.dropout if self.dropout is not None else (0.2 if self.head == "mlp" else 0.0)
+
+    @property
+    def train_config(self):
+        """The head trainer's settings (train.TrainConfig), made in this one place from these options. A partial
+        fine-tune fits its probe on the training split only, so phase 2's validation stays honest: no refit."""
+        from .train import TrainConfig
+
+        return TrainConfig(epochs=self.epochs, batch_size=self.batch_size, lr=self.lr, weight_decay=self.weight_decay,
+                           head=self.head, hidden=self.hidden, dropout=self.head_dropout, patience=self.patience,
+                           balance=self.balance, seed=self.seed, refit=not self.partial)
 
 
 def parse_bytes(value: str, what: str) -> int:
