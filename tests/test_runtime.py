@@ -399,18 +399,18 @@ def test_missing_driver_is_named(monkeypatch):
 def test_optimized_model_is_cached_per_device(tmp_path):
     model = classifier()
     first = load(model, device="cpu", cache_dir=tmp_path / "c")
-    assert not first._info.optimized_from_cache and first._info.cache_path
+    assert not first.session_info.optimized_from_cache and first.session_info.cache_path
     second = load(model, device="cpu", cache_dir=tmp_path / "c")
-    assert second._info.optimized_from_cache
+    assert second.session_info.optimized_from_cache
     x = first.example_inputs(3)
     np.testing.assert_allclose(first.run(x)["probabilities"], second.run(x)["probabilities"], atol=1e-6)
     files = list((tmp_path / "c" / "ort").glob("*.onnx"))
     assert len(files) == 1 and "-cpu-" in files[0].name
     files[0].write_bytes(b"garbage")  # a corrupt entry is rebuilt, not fatal
     third = load(model, device="cpu", cache_dir=tmp_path / "c")
-    assert not third._info.optimized_from_cache and third.predict(random_images(1))[0].score > 0
+    assert not third.session_info.optimized_from_cache and third.predict(random_images(1))[0].score > 0
     off = load(model, device="cpu", cache=False, cache_dir=tmp_path / "d")
-    assert off._info.cache_path is None and not (tmp_path / "d").exists()
+    assert off.session_info.cache_path is None and not (tmp_path / "d").exists()
 
 
 def test_session_options_fit_the_machine():

@@ -151,6 +151,8 @@ class Predictor:
     score_output = property(lambda self: self.signature.score_output)
     score_transform = property(lambda self: self.signature.score_transform)
     fixed_batch = property(lambda self: self.signature.fixed_batch, doc="The only batch size the model takes, or None.")
+    session_info = property(lambda self: self._info, doc="How the session was opened (session.SessionInfo): its "
+                                                         "providers, and whether the optimized model came from cache.")
 
     # --- construction helpers -------------------------------------------------------------------------------------
 
