@@ -100,7 +100,7 @@ def convert(source: Any, output: str | Path | None = None, **options: Any) -> Co
         source=ref.canonical(), framework=imported.framework, porter_version=__version__,
         framework_versions=imported.framework_versions, preprocess=preprocess,
         labels=tuple(labels) if labels is not None else None,
-        parity=report.to_dict() if report else None, provenance=dict(imported.provenance), batch=plan.to_dict(),
+        parity=report.to_record() if report else None, provenance=dict(imported.provenance), batch=plan.to_dict(),
         source_form=ref.form, weights=imported.weights, source_sha256=source_digest(ref))
     _check_labels(card, model)
     card.apply_to(model)

@@ -55,10 +55,8 @@ class InspectReport:
                 shown = ", ".join(c.labels[:8]) + (", ..." if len(c.labels) > 8 else "")
                 lines.append(f"  labels ({len(c.labels)}): {shown}")
             if c.parity:
-                outs = c.parity.get("outputs", {})
-                worst = max((o.get("scaled", 0.0) for o in outs.values()), default=0.0)
-                lines.append(f"  parity: {'passed' if c.parity.get('passed') else 'FAILED'}, max scaled diff "
-                             f"{worst:.2e} at batch sizes {c.parity.get('batch_sizes')}")
+                lines.append(f"  parity: {'passed' if c.parity.passed else 'FAILED'}, max scaled diff "
+                             f"{c.parity.max_scaled:.2e} at batch sizes {list(c.parity.batch_sizes)}")
             if c.batch:
                 from .graph.batch import BatchPlan
 

@@ -142,6 +142,74 @@ def _fmt(values: Sequence[float]) -> str:
 
 
 @dataclass(frozen=True)
+class OutputFigures:
+    """One output's figures in a parity record: the worst over the batch sizes checked."""
+
+    max_abs: float = 0.0
+    max_rel: float = 0.0
+    scaled: float = 0.0  # max_abs / max(1, max |reference|): the headline figure
+    top1_agreement: float | None = None  # (batch, classes) outputs
+    equal: bool | None = None  # integer outputs (labels) compared exactly
+
+    def to_dict(self) -> dict[str, Any]:
+        d: dict[str, Any] = {"max_abs": self.max_abs, "max_rel": self.max_rel, "scaled": self.scaled}
+        if self.top1_agreement is not None:
+            d["top1_agreement"] = self.top1_agreement
+        if self.equal is not None:
+            d["equal"] = self.equal
+        return d
+
+
+@dataclass(frozen=True)
+class ParityRecord:
+    """A parity check as a model card records it (``porter.parity``): source vs ONNX after ``porter convert``
+    (graph.validate.ParityReport.to_record), or the merged model vs its parts after ``porter finetune`` (``check``
+    says what was compared). Read from metadata defensively: metadata is untrusted input."""
+
+    passed: bool
+    outputs: dict[str, OutputFigures] = field(default_factory=dict)
+    atol: float | None = None
+    rtol: float | None = None
+    batch_sizes: tuple[int, ...] = ()
+    seed: int | None = None
+    check: str | None = None
+
+    @property
+    def max_scaled(self) -> float:
+        return max((o.scaled for o in self.outputs.values()), default=0.0)
+
+    def to_dict(self) -> dict[str, Any]:
+        d: dict[str, Any] = {"passed": self.passed, "atol": self.atol, "rtol": self.rtol,
+                             "batch_sizes": list(self.batch_sizes), "seed": self.seed,
+                             "outputs": {k: v.to_dict() for k, v in self.outputs.items()}}
+        if self.check is not None:
+            d["check"] = self.check
+        return d
+
+    @classmethod
+    def from_dict(cls, d: Any) -> "ParityRecord | None":
+        """The record in ``d`` (``to_dict``'s shape), or None when it isn't one."""
+        if not isinstance(d, dict) or not isinstance(d.get("passed"), bool):
+            return None
+
+        def number(v: Any) -> float | None:
+            return float(v) if isinstance(v, (int, float)) and not isinstance(v, bool) else None
+
+        outputs = {}
+        for name, o in (d.get("outputs") or {}).items() if isinstance(d.get("outputs"), dict) else ():
+            if isinstance(o, dict):
+                outputs[str(name)] = OutputFigures(number(o.get("max_abs")) or 0.0, number(o.get("max_rel")) or 0.0,
+                                                   number(o.get("scaled")) or 0.0, number(o.get("top1_agreement")),
+                                                   o["equal"] if isinstance(o.get("equal"), bool) else None)
+        sizes = d.get("batch_sizes")
+        sizes = tuple(int(b) for b in sizes if isinstance(b, int)) if isinstance(sizes, list) else ()
+        seed = d.get("seed")
+        return cls(d["passed"], outputs, number(d.get("atol")), number(d.get("rtol")), sizes,
+                   seed if isinstance(seed, int) and not isinstance(seed, bool) else None,
+                   str(d["check"]) if d.get("check") is not None else None)
+
+
+@dataclass(frozen=True)
 class ModelCard:
     """What porter records about a model, serialized under ``porter.*`` in ONNX ``metadata_props``.
 
@@ -155,7 +223,7 @@ class ModelCard:
     framework_versions: dict[str, str] = field(default_factory=dict)
     preprocess: PreprocessSpec | None = None
     labels: tuple[str, ...] | None = None
-    parity: dict[str, Any] | None = None
+    parity: ParityRecord | None = None
     provenance: dict[str, str] = field(default_factory=dict)
     cut: str | None = None
     training: dict[str, Any] | None = None
@@ -188,7 +256,7 @@ class ModelCard:
         if self.labels is not None:
             m["porter.labels"] = json.dumps(list(self.labels))
         if self.parity is not None:
-            m["porter.parity"] = json.dumps(self.parity, sort_keys=True)
+            m["porter.parity"] = json.dumps(self.parity.to_dict(), sort_keys=True)
         if self.provenance:
             m["porter.provenance"] = json.dumps(self.provenance, sort_keys=True)
         if self.cut is not None:
@@ -221,7 +289,7 @@ class ModelCard:
             framework_versions=json.loads(props.get("porter.framework_versions", "{}")),
             preprocess=None if pre == "unknown" else PreprocessSpec.from_dict(json.loads(pre)),
             labels=tuple(json.loads(props["porter.labels"])) if "porter.labels" in props else None,
-            parity=json.loads(props["porter.parity"]) if "porter.parity" in props else None,
+            parity=ParityRecord.from_dict(_json_dict(props.get("porter.parity"))),
             provenance=json.loads(props.get("porter.provenance", "{}")),
             cut=props.get("porter.cut"),
             training=json.loads(props["porter.training"]) if "porter.training" in props else None,

@@ -76,7 +76,7 @@ def test_metadata_is_written_and_read_back(fixtures_dir, tmp_path):
     assert set(card.framework_versions) == {"tensorflow", "keras", "tf2onnx"}
     assert card.labels == ("a", "b", "c", "d")
     assert card.preprocess.mode == "unit" and card.preprocess.size == (16, 16) and card.preprocess.layout == "NHWC"
-    assert card.parity["passed"] is True and card.parity["outputs"]["probs"]["max_abs"] < 1e-5
+    assert card.parity.passed is True and card.parity.outputs["probs"].max_abs < 1e-5
     assert card.provenance["exporter"] == "tf2onnx"
 
 

@@ -8,7 +8,7 @@ import pytest
 from onnx import helper
 
 from porter.errors import UsageError
-from porter.spec import ModelCard, PreprocessSpec
+from porter.spec import ModelCard, OutputFigures, ParityRecord, PreprocessSpec
 
 
 def _apply(spec: PreprocessSpec, pixels: np.ndarray) -> np.ndarray:
@@ -64,7 +64,7 @@ def test_model_card_round_trip_through_onnx_file(tmp_path):
     entry.key, entry.value = "author", "someone"
     card = ModelCard(source="keras:MobileNetV2", framework="keras", porter_version="0.1.0",
                      framework_versions={"keras": "3"}, preprocess=PreprocessSpec.preset("tf", size=(96, 96)),
-                     labels=("cat", "dog"), parity={"passed": True, "outputs": {"y": {"max_abs": 1e-7}}},
+                     labels=("cat", "dog"), parity=ParityRecord(True, {"y": OutputFigures(max_abs=1e-7)}, 1e-4, 1e-3, (1, 3), 0),
                      provenance={"exporter": "tf2onnx"}, cut="features", training={"epochs": 3})
     card.apply_to(model)
     card.apply_to(model)  # idempotent: no duplicate keys
@@ -75,3 +75,17 @@ def test_model_card_round_trip_through_onnx_file(tmp_path):
     assert len(keys) == len(set(keys)) and "author" in keys
     assert ModelCard.from_onnx(loaded) == card
     assert ModelCard.from_onnx(helper.make_model(graph)) is None
+
+
+def test_the_parity_record_is_typed_and_read_defensively():
+    record = ParityRecord(True, {"probs": OutputFigures(1e-6, 1e-5, 1e-6, 1.0), "label": OutputFigures(equal=True)},
+                          1e-4, 1e-3, (1, 3), 0, check=None)
+    assert ParityRecord.from_dict(record.to_dict()) == record and record.max_scaled == 1e-6
+    # metadata is untrusted: anything that isn't a record is None, wrong-typed fields are dropped, never a crash
+    for bad in (None, [], "x", {"passed": "yes"}, {"outputs": {}}):
+        assert ParityRecord.from_dict(bad) is None
+    odd = ParityRecord.from_dict({"passed": False, "outputs": {"y": {"max_abs": "big"}, "z": 3},
+                                  "batch_sizes": [1, "2"], "seed": True, "atol": None})
+    assert odd == ParityRecord(False, {"y": OutputFigures()}, None, None, (1,), None)
+    props = {"porter.source": "keras:x", "porter.parity": "{not json"}
+    assert ModelCard.from_metadata(props).parity is None

@@ -15,7 +15,7 @@ import numpy as np
 import onnx
 
 from ..errors import UsageError, ValidationError, runtime_message
-from ..spec import PreprocessSpec
+from ..spec import ParityRecord, PreprocessSpec
 from .inspect import TensorInfo, format_shape, graph_inputs, graph_outputs
 
 
@@ -85,6 +85,10 @@ class ParityReport:
                 cur["top1_agreement"] = min(cur.get("top1_agreement", 1.0), r.top1_agreement)
         return {"passed": self.passed, "atol": self.atol, "rtol": self.rtol, "batch_sizes": list(self.batch_sizes),
                 "seed": self.seed, "outputs": per_output}
+
+    def to_record(self) -> ParityRecord:
+        """The typed record a model card keeps (``porter.parity``)."""
+        return ParityRecord.from_dict(self.to_dict())
 
     def summary(self) -> str:
         top1 = f", top-1 agreement {self.min_top1:.0%}" if self.min_top1 is not None else ""

@@ -16,7 +16,7 @@ import numpy as np
 
 from .. import __version__
 from ..errors import UsageError, ValidationError
-from ..spec import ModelCard, PreprocessSpec
+from ..spec import ModelCard, OutputFigures, ParityRecord, PreprocessSpec
 from .data import Dataset, load_data
 from .features import Features, InputGeometry
 from .inputs import batch_dim as batch_dim_of
@@ -379,7 +379,7 @@ def _card(card: ModelCard, dataset: Dataset, spec, cut: str, metrics: dict, sour
         "examples": metrics["examples"], "class_counts": metrics["data"]["class_counts"],
         "features": metrics["cut"]["features"], "seed": metrics["training"]["seed"],
         "data": dataset.source, "skipped": len(metrics["data"]["skipped"]),
-        "source_parity": card.parity,
+        "source_parity": card.parity.to_dict() if card.parity else None,
     }
     if metrics["partial"]:
         p = metrics["partial"]
@@ -388,12 +388,10 @@ def _card(card: ModelCard, dataset: Dataset, spec, cut: str, metrics: dict, sour
                         head_only_val_accuracy=p["head_only"]["val_accuracy"])
     if metrics["augment"]:
         training.update(augment=",".join(metrics["augment"]["ops"]), views=metrics["augment"]["views"])
-    # the shape of porter.graph.validate.ParityReport.to_dict, so inspect and predict read it the same way
-    parity = {"check": check["what"], "passed": True,
-              "atol": check["atol"], "rtol": check["rtol"], "batch_sizes": [check["examples"]],
-              "seed": metrics["training"]["seed"],
-              "outputs": {"probabilities": {"max_abs": check["max_abs_diff"], "max_rel": check["max_rel_diff"],
-                                            "scaled": check["scaled"], "top1_agreement": check["label_agreement"]}}}
+    parity = ParityRecord(True, {"probabilities": OutputFigures(check["max_abs_diff"], check["max_rel_diff"],
+                                                               check["scaled"], check["label_agreement"])},
+                          check["atol"], check["rtol"], (check["examples"],), metrics["training"]["seed"],
+                          check=check["what"])
     return card.with_(labels=tuple(dataset.classes), preprocess=spec, cut=cut, training=training,
                       parity=parity, provenance=provenance, porter_version=__version__)
 

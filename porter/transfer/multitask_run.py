@@ -9,6 +9,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from ..spec import ParityRecord
 from .multitask import card_tasks, fit_joint, fit_tasks, heads_to_onnx, output_names, reference_outputs
 from .tables import Task
 
@@ -176,9 +177,10 @@ def finetune_tasks(source: Any, table, output, opts, start: float, ray: Any = No
                                                **{k: v for k, v in r.validation.items()
                                                   if k in ("accuracy", "mae", "rmse", "r2")}} for r in results],
                                     "examples": metrics["examples"], "seed": opts.seed, "data": dataset.source},
-                          parity={"check": "merged model vs backbone features -> heads (on validation examples)",
-                                  "passed": True, "atol": CHECK_ATOL, "rtol": CHECK_RTOL,
-                                  "batch_sizes": [int(len(sample))], "outputs": check["outputs"]},
+                          parity=ParityRecord.from_dict({
+                              "check": "merged model vs backbone features -> heads (on validation examples)",
+                              "passed": True, "atol": CHECK_ATOL, "rtol": CHECK_RTOL,
+                              "batch_sizes": [int(len(sample))], "outputs": check["outputs"]}),
                           porter_version=__version__)
     new_card.apply_to(merged)
     merged.producer_name, merged.producer_version = "porter", __version__
