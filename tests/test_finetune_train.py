@@ -148,3 +148,17 @@ def test_pick_by_validation_needs_more_than_one_standard_error():
     assert best == 0 and errors[0] == 0.0 and nll(base) - nll(mixed) < errors[1]
     best, _ = pick_by_validation(results, y)
     assert best == 2
+
+
+def test_loss_margin_is_the_one_standard_error_rule():
+    from porter.transfer.train import loss_margin
+
+    y = np.array([0, 1, 0, 1])
+    base = np.array([[0.6, 0.4], [0.4, 0.6], [0.6, 0.4], [0.4, 0.6]])
+    better = np.array([[0.9, 0.1], [0.1, 0.9], [0.9, 0.1], [0.1, 0.9]])  # every example better by the same amount
+    margin, se = loss_margin(better, base, y)
+    assert se == 0.0 and margin == pytest.approx(np.log(0.6) - np.log(0.9))  # clearly better: margin < 0
+    noisy = np.array([[0.99, 0.01], [0.5, 0.5], [0.2, 0.8], [0.4, 0.6]])  # better on some, worse on others
+    d = -np.log([0.99, 0.5, 0.2, 0.6]) + np.log([0.6, 0.6, 0.6, 0.6])
+    margin, se = loss_margin(noisy, base, y)
+    assert se == pytest.approx(d.std(ddof=1) / 2) and margin == pytest.approx(d.mean() + se) and margin > 0

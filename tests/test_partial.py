@@ -239,6 +239,33 @@ def test_a_tail_that_does_not_help_leaves_the_weights_unchanged(tmp_path):
         if t.name in original:
             assert np.array_equal(numpy_helper.to_array(t), original[t.name]), t.name
     assert "kept the head-only model" in r.summary()
+    # ... and the head is head-only's (refit on train + validation), so the model is head-only's, weight for weight
+    head_only = finetune(src, data, cut="backbone", progress=False).model
+    assert p["head_refit"]
+    assert ({t.name: t.SerializeToString() for t in r.model.graph.initializer}
+            == {t.name: t.SerializeToString() for t in head_only.graph.initializer})
+    assert [n.SerializeToString() for n in r.model.graph.node] == [n.SerializeToString() for n in head_only.graph.node]
+
+
+def test_a_tail_that_helps_ships_the_probe_refit_on_its_features(tmp_path):
+    src = _src(tmp_path)
+    data = make_folder(tmp_path / "data", n=16)
+    r = finetune(src, data, unfreeze=2, finetune_lr=3e-3, finetune_epochs=8, progress=False)
+    p = r.metrics["partial"]
+    assert p["improved"] and p["head_refit"]
+    # the shipped head is the linear probe at the chosen L2 on the trained tail's features of train + validation:
+    # its standardization is theirs (all 16 x 3 images), not the training split's
+    shipped = r.model  # the written-back graph: its backbone cut (gap) is the source's
+    feats, = run(extract_backbone(shipped, choose_cut(onnx.load(src))), _pixels(shipped, data))
+    mean = numpy_helper.to_array(next(t for t in shipped.graph.initializer if t.name == "porter/head/mean"))
+    np.testing.assert_allclose(mean, feats.reshape(len(feats), -1).mean(0), rtol=1e-4, atol=1e-5)
+
+
+def _pixels(model, data):
+    from porter.imaging import preprocess
+    from porter.spec import ModelCard
+
+    return preprocess(sorted(data.glob("*/*.png")), ModelCard.from_onnx(model).preprocess, channels=3)
 
 
 def test_partial_options_are_checked_before_any_work(tmp_path):

@@ -6,6 +6,7 @@ head ONNX at the backbone's opset -> merged model -> check (merged == backbone +
 
 from __future__ import annotations
 
+import copy
 import os
 import time
 from dataclasses import dataclass, field, replace
@@ -185,7 +186,10 @@ def _finetune(source: Any, data: Any, output: str | os.PathLike | None, opts: Fi
         t = time.perf_counter()
         from .partial import run_partial
 
-        partial = run_partial(tail, trained.head, cut, by_cut, by_view, train_idx, val_idx, lr=opts.tail_lr,
+        # phase 2 starts from the probe fitted on train only, so its validation stays honest; the shipped head is
+        # refit on train + validation afterwards, as head-only's is (refit_head)
+        start_head = copy.deepcopy(trained.train_only_head if trained.refit else trained.head)
+        partial = run_partial(tail, start_head, cut, by_cut, by_view, train_idx, val_idx, lr=opts.tail_lr,
                               epochs=opts.finetune_epochs, patience=min(opts.patience, opts.finetune_epochs),
                               batch_size=opts.batch_size, seed=opts.seed, balance=opts.balance,
                               n_classes=len(dataset.classes), precision=opts.train_precision,
@@ -194,6 +198,14 @@ def _finetune(source: Any, data: Any, output: str | os.PathLike | None, opts: Fi
             from ..graph.tail import write_back
 
             model = write_back(model, partial.module.trained_weights())  # the graph as it was, new weights
+        if trained.refit:
+            from .partial import refit_head
+
+            at_l2 = replace(config, weight_decay=trained.chosen["l2"])
+            refit_head(partial, trained.head,
+                       lambda xt, yt, xv, yv: train_head(xt, yt, xv, yv, len(dataset.classes), at_l2).head,
+                       by_cut, by_view, tail, train_idx, val_idx)
+        trained.head = partial.head  # refit, or (an AdamW head) as trained with the tail
         timings["finetune"] = time.perf_counter() - t
 
     t = time.perf_counter()

@@ -154,13 +154,12 @@ class FinetuneOptions:
 
     @property
     def train_config(self):
-        """The head trainer's settings (train.TrainConfig), made in this one place from these options. A partial
-        fine-tune fits its probe on the training split only, so phase 2's validation stays honest: no refit."""
+        """The head trainer's settings (train.TrainConfig), made in this one place from these options."""
         from .train import TrainConfig
 
         return TrainConfig(epochs=self.epochs, batch_size=self.batch_size, lr=self.lr, weight_decay=self.weight_decay,
                            head=self.head, hidden=self.hidden, dropout=self.head_dropout, patience=self.patience,
-                           balance=self.balance, seed=self.seed, refit=not self.partial)
+                           balance=self.balance, seed=self.seed)
 
 
 def parse_bytes(value: str, what: str) -> int:

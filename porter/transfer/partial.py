@@ -110,6 +110,8 @@ class PartialResult:
     seconds: float = 0.0
     net: Any = field(default=None, repr=False)  # the TailNet: tail + head on the tail's input
     precision: str = "fp32"  # of the training steps
+    refit: bool = False  # the head refit on train + validation after the tail was chosen (refit_head)
+    within_noise: bool = False  # an epoch beat the head alone, by less than one standard error: head-only kept
 
 
 class TailNet:
@@ -155,6 +157,39 @@ class TailNet:
         return np.concatenate(out) if out else np.zeros((0, 0), np.float32)
 
 
+def refit_head(result: "PartialResult", head_only: Any, fit: Callable[..., Any], by_cut: dict, by_view: dict,
+               planned: "PlannedTail", train_idx: np.ndarray, val_idx: np.ndarray) -> None:
+    """The shipped head, refit on train + validation as head-only's is (fine-tuning chose the tail on validation
+    with a head fitted on train only). A tail that didn't help ships ``head_only`` (the head-only model's refit
+    head, so the model is head-only's exactly); a trained tail gets the probe refit at its chosen strength on the
+    features it now computes. ``fit(x_train, y_train, x_val, y_val)`` returns that head."""
+    import torch
+
+    if not result.improved:
+        result.head = result.net.head = head_only
+        result.refit = True
+        return
+    start = by_cut[planned.cut.key]
+    train_rows, labels = [(start.features, train_idx)], [start.labels[train_idx]]
+    if planned.cut.key in by_view:  # the training views train the head, as in head-only
+        views = by_view[planned.cut.key]
+        train_rows.append((views.features, np.arange(len(views.index))))
+        labels.append(views.labels)
+
+    def through_tail(rows: Rows) -> np.ndarray:
+        out = []
+        with torch.no_grad():
+            for i in range(0, len(rows), EVAL_BATCH):
+                x = torch.from_numpy(rows.take(np.arange(i, min(len(rows), i + EVAL_BATCH))))
+                out.append(result.net.features(x).numpy())
+        return np.concatenate(out)
+
+    head = fit(through_tail(Rows(train_rows)), np.concatenate(labels), through_tail(Rows([(start.features, val_idx)])),
+               start.labels[val_idx])
+    result.head = result.net.head = head
+    result.refit = True
+
+
 def check_translation(net: TailNet, start_rows: np.ndarray, cut_rows: np.ndarray) -> float:
     """Max |torch tail - ONNX Runtime| over these examples' cut features, scaled; raises past the tolerance."""
     import torch
@@ -187,8 +222,11 @@ def bf16_training(precision: str) -> bool:
 def train_tail(net: TailNet, train: Rows, y_train: np.ndarray, val: Rows, y_val: np.ndarray, *, lr: float,
                epochs: int, patience: int, batch_size: int, seed: int, class_weights: np.ndarray | None = None,
                bf16: bool = False, log: Callable[[str], None] | None = None) -> PartialResult:
-    """AdamW on the tail and the head together; the best epoch by validation loss is kept (0: the head alone)."""
+    """AdamW on the tail and the head together; the best epoch by validation loss is kept (0: the head alone) if it
+    beats the head alone by more than one standard error."""
     import torch
+
+    from .train import loss_margin
 
     start = time.perf_counter()
     yt = torch.from_numpy(np.asarray(y_train, np.int64))
@@ -219,8 +257,9 @@ def train_tail(net: TailNet, train: Rows, y_train: np.ndarray, val: Rows, y_val:
 
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        best_prob = record(0)
-        best_loss, best_epoch, best_state, since = history["val_loss"][0], 0, net.state(), 0
+        best_prob = head_only_prob = record(0)
+        head_only_state = net.state()
+        best_loss, best_epoch, best_state, since = history["val_loss"][0], 0, head_only_state, 0
         opt = torch.optim.AdamW(net.parameters(), lr=lr, weight_decay=0.0)
         gen = torch.Generator().manual_seed(seed)
         n, bs = len(train), max(1, min(batch_size, len(train)))
@@ -250,17 +289,26 @@ def train_tail(net: TailNet, train: Rows, y_train: np.ndarray, val: Rows, y_val:
                 since += 1
                 if since >= patience:
                     break
+        # the one-standard-error rule, as for cuts: on a few hundred validation examples the lowest loss of 30
+        # epochs beats the head alone by chance; the tail is kept only if it is better by more than that
+        margin = loss_margin(best_prob, head_only_prob, y_val)[0] if best_epoch else 0.0
+        within_noise = best_epoch > 0 and margin >= 0
+        if within_noise:
+            best_epoch, best_state, best_prob = 0, head_only_state, head_only_prob
         net.load(best_state)
         net.module.eval()
         net.head.eval()
     final = {k: history[k][best_epoch] for k in ("loss", "accuracy", "val_loss", "val_accuracy")}
     if log:
         kept = (f"kept epoch {best_epoch} (val_loss {final['val_loss']:.4f}, val_acc {final['val_accuracy']:.4f})"
-                if best_epoch else "no epoch beat the head alone on validation loss; kept the head-only model")
+                if best_epoch else
+                "the best epoch beat the head alone by less than one standard error of the validation loss; kept "
+                "the head-only model" if within_noise else
+                "no epoch beat the head alone on validation loss; kept the head-only model")
         log(f"fine-tune: {kept}")
     return PartialResult(net.module, net.head, best_epoch > 0, history, best_epoch, epoch, epoch < epochs, lr,
                          {"val_loss": history["val_loss"][0], "val_accuracy": history["val_accuracy"][0]}, final,
-                         best_prob, seconds=time.perf_counter() - start)
+                         best_prob, seconds=time.perf_counter() - start, within_noise=within_noise)
 
 
 def tail_cut(tail: "Tail") -> "Cut":
@@ -339,6 +387,8 @@ def partial_metrics(planned: PlannedTail, r: PartialResult, views: int) -> dict[
             "frozen_constants": len(t.frozen), "notes": list(t.notes),
             "lr": r.lr, "precision": r.precision, "epochs_run": r.epochs_run, "best_epoch": r.best_epoch, "stopped_early": r.stopped_early,
             "improved": r.improved, "kept": "partial" if r.improved else "head-only",
+            "head_refit": r.refit,  # the probe refit on train + validation on the kept tail's features
+            "gain_within_noise": r.within_noise,
             "head_only": {k: round(v, 6) for k, v in r.head_only.items()},
             "partial": {k: round(v, 6) for k, v in r.final.items()},
             "translation_max_scaled_diff": r.translation_diff, "augmented_views": views,

@@ -38,6 +38,7 @@ class ProbeResult:
     refit: bool  # refit on train + validation at the chosen strength
     seconds: float
     val_probabilities: np.ndarray = field(repr=False, default=None)  # of the model fitted on train only
+    train_only_head: object = field(repr=False, default=None)  # that model (LP-FT's phase 2 starts from it)
 
     @property
     def best(self) -> dict[str, float]:
@@ -138,6 +139,7 @@ def fit_probe(x_train: np.ndarray, y_train: np.ndarray, x_val: np.ndarray, y_val
         with torch.no_grad():
             val_prob = torch.softmax(xv @ w.T + b, dim=1).numpy().astype(np.float32)
         head_mean, head_std = mean, std
+        train_only = (w, b)
         if refit:
             x_all = np.concatenate([x_train, x_val])
             y_all = np.concatenate([y_train, y_val])
@@ -147,12 +149,14 @@ def fit_probe(x_train: np.ndarray, y_train: np.ndarray, x_val: np.ndarray, y_val
             b0 = b + (w * torch.as_tensor((head_mean - mean) / std, dtype=torch.float64)[None, :]).sum(1)
             w, b, _ = solve((x_all.astype(np.float64) - head_mean) / head_std, y_all, n_classes, chosen,
                             weights=class_weights, init=(w0, b0))
-    with torch.random.fork_rng(devices=[]):  # the layer's random init is overwritten; the caller's RNG is left alone
-        head = make_head("linear", x_train.shape[1], n_classes, mean=head_mean, std=head_std)
-    with torch.no_grad():
-        layer = head.net[-1]
-        layer.weight.copy_(w.float())
-        layer.bias.copy_(b.float())
-    head.eval()
+    def linear_head(w, b, mean, std):
+        with torch.random.fork_rng(devices=[]):  # the random init is overwritten; the caller's RNG is left alone
+            head = make_head("linear", x_train.shape[1], n_classes, mean=mean, std=std)
+        with torch.no_grad():
+            head.net[-1].weight.copy_(w.float())
+            head.net[-1].bias.copy_(b.float())
+        return head.eval()
+
     points = [curve[k] for k in sorted(curve)]
-    return ProbeResult(head, chosen, points, refit, time.perf_counter() - start, val_prob)
+    return ProbeResult(linear_head(w, b, head_mean, head_std), chosen, points, refit, time.perf_counter() - start,
+                       val_prob, linear_head(*train_only, mean, std) if refit else None)

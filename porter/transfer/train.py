@@ -40,7 +40,7 @@ class TrainConfig:
     lr_patience: int = 5  # epochs without improvement before the learning rate is halved
     balance: bool = False
     seed: int = 0
-    refit: bool = True  # linear probe: refit on train + validation at the chosen strength (off for LP-FT)
+    refit: bool = True  # linear probe: refit on train + validation at the chosen strength
 
     @property
     def method(self) -> str:
@@ -65,6 +65,7 @@ class TrainResult:
     epochs_run: int | None = None
     stopped_early: bool | None = None
     refit: bool = False  # lbfgs: refit on train + validation at the chosen strength
+    train_only_head: object = field(repr=False, default=None)  # lbfgs with refit: the head fitted on train only
     val_probabilities: np.ndarray = field(repr=False, default=None)
 
 
@@ -113,7 +114,8 @@ def train_head(x_train: np.ndarray, y_train: np.ndarray, x_val: np.ndarray, y_va
         best = r.best
         return TrainResult(r.head, "lbfgs", best["loss"], best["accuracy"], best["val_loss"], best["val_accuracy"],
                            {"l2": r.l2}, r.curve, weights.tolist() if weights is not None else None,
-                           time.perf_counter() - start, refit=r.refit, val_probabilities=r.val_probabilities)
+                           time.perf_counter() - start, refit=r.refit, val_probabilities=r.val_probabilities,
+                           train_only_head=r.train_only_head)
     import torch
 
     lrs = (config.lr,) if config.lr is not None else MLP_LR_GRID
@@ -234,24 +236,29 @@ def pick_by_validation(results: Sequence[TrainResult], y_val: np.ndarray) -> tup
     per-example loss difference (the one-standard-error rule): on a few hundred validation examples, picking the
     raw minimum among several cuts chases noise. Returns (index, the standard error for each result vs the first).
     """
-    y = np.asarray(y_val, np.int64)
-
-    def per_example(r: TrainResult) -> np.ndarray:
-        p = np.clip(r.val_probabilities[np.arange(len(y)), y].astype(np.float64), 1e-12, 1.0)
-        return -np.log(p)
-
-    base = per_example(results[0])
     errors = [0.0]
     margins = [0.0]
     for r in results[1:]:
-        d = per_example(r) - base
-        se = float(d.std(ddof=1) / np.sqrt(len(d))) if len(d) > 1 else 0.0
+        margin, se = loss_margin(r.val_probabilities, results[0].val_probabilities, y_val)
         errors.append(se)
-        margins.append(float(d.mean()) + se)  # < 0: better than the first by more than one standard error
+        margins.append(margin)
     best = min(range(len(results)), key=lambda i: (results[i].val_loss, i))
     if best != 0 and margins[best] >= 0:
         best = 0
     return best, errors
+
+
+def loss_margin(prob: np.ndarray, base: np.ndarray, y: np.ndarray) -> tuple[float, float]:
+    """(mean per-example validation loss difference of ``prob`` vs ``base`` plus its standard error, that standard
+    error): a margin below 0 means ``prob`` is better by more than one standard error (the one-SE rule)."""
+    y = np.asarray(y, np.int64)
+
+    def per_example(p: np.ndarray) -> np.ndarray:
+        return -np.log(np.clip(p[np.arange(len(y)), y].astype(np.float64), 1e-12, 1.0))
+
+    d = per_example(prob) - per_example(base)
+    se = float(d.std(ddof=1) / np.sqrt(len(d))) if len(d) > 1 else 0.0
+    return float(d.mean()) + se, se
 
 
 def stderr_log(line: str) -> None:
