@@ -167,9 +167,14 @@ def _check_shapes_applied(opts: ConvertOptions, model) -> None:
         if name is None and len(opts.input_shapes) > 1:
             continue
         matches = [t for t in inputs if name in (None, t.name, f"{t.name}:0") or t.name == str(name).split(":")[0]]
-        if len(matches) != 1 or len(matches[0].shape) != len(dims) + 1:
+        if not matches and len(inputs) == 1 == len(opts.input_shapes):
+            matches = inputs  # the one input, under a name its source chose after reading the shape (keras:NAME)
+        if len(matches) != 1 or not matches[0].shape:
             continue
         t = matches[0]
+        if len(t.shape) != len(dims) + 1:
+            raise UsageError(f"--input-shape {','.join(map(str, dims))}: the model's input {t.name!r} is "
+                             f"{format_shape(t.shape)}, {len(t.shape) - 1} dims after the batch; give that many")
         if any(isinstance(have, int) and have != want for have, want in zip(t.shape[1:], dims)):
             raise UsageError(f"--input-shape {','.join(map(str, dims))}: the model's input {t.name!r} is "
                              f"{format_shape(t.shape)} and its source keeps those dims fixed; give only dims the "

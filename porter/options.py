@@ -76,7 +76,8 @@ class ConvertOptions:
         given = [("--weights", self.weights is not None, importer == "keras" and form == "application",
                   "keras:NAME applications"),
                  ("--hub-arg", bool(self.hub_args), hub, "torchhub: entry points"),
-                 ("--trust-repo", self.trust_repo, hub, "torchhub: repos"),
+                 ("--trust-repo", self.trust_repo, importer == "torchhub" and form == "hub-remote",
+                  "torchhub:OWNER/REPO GitHub repos (a local folder you name is trusted by naming it)"),
                  ("--unsafe", self.unsafe, importer == "keras" and form != "application",
                   "Keras model files and SavedModels")]
         return [f"{flag} is ignored: only {users} use it" for flag, on, used, users in given if on and not used]

@@ -58,32 +58,57 @@ class SourceRef:
         return f"{prefix}:{location}"
 
 
-# the files that decide what a local source computes, per form (a directory's, relative to it)
-DIGEST_FILES = {"savedmodel": ("saved_model.pb", "variables/variables.index"), "hub-local": ("hubconf.py",)}
+HUB_FILES = ("*.py", "*.pt", "*.pth", "*.bin", "*.safetensors", "*.ckpt")  # a hub repo's code and weights
+
+
+def _digest_files(ref: SourceRef) -> list[Path]:
+    """The files that decide what a local source computes."""
+    import json
+
+    root = Path(ref.location).expanduser()
+    if ref.form == "savedmodel":
+        graph = [root / n for n in ("saved_model.pb", "saved_model.pbtxt")]
+        return [f for f in graph if f.is_file()] + sorted((root / "variables").glob("*"))
+    if ref.form == "hub-local":
+        return sorted({f for pattern in HUB_FILES for f in root.rglob(pattern)
+                       if not any(part.startswith(".") for part in f.relative_to(root).parts)})
+    files = [root]
+    if ref.form == "json-file":  # a TF.js model.json and the weight shards its manifest names, beside it
+        try:
+            manifest = json.loads(root.read_text(encoding="utf-8")).get("weightsManifest") or []
+            folder = root.parent.resolve()
+            for group in manifest:
+                for rel in group.get("paths", []):
+                    shard = (folder / str(rel)).resolve()
+                    if shard.is_relative_to(folder):
+                        files.append(shard)
+        except (OSError, ValueError, AttributeError, TypeError, RecursionError):
+            pass  # the importer reports what is wrong with the file
+    return files
 
 
 def source_digest(ref: SourceRef) -> str | None:
-    """sha256 of what a local source is made of (its file; a SavedModel's graph and variable index; a hub repo's
-    hubconf.py), recorded at conversion so a later rebuild can tell the source was replaced; None for sources that
-    aren't local files (applications, remote hubs, URLs, in-memory models) or can't be read."""
+    """sha256 over what a local source is made of (its file; a TF.js model.json with its weight shards; a
+    SavedModel's graph and variables; a hub repo's code and weight files), recorded at conversion so a later rebuild
+    can tell the source was replaced; None for sources that aren't local files (applications, remote hubs, URLs,
+    in-memory models), can't be read, or hold none of those files."""
     import hashlib
 
     if ref.form in ("application", "hub-remote", "url", "module", "object"):
         return None
-    root = Path(ref.location).expanduser()
-    files = [root / f for f in DIGEST_FILES[ref.form]] if ref.form in DIGEST_FILES else [root]
-    h = hashlib.sha256()
+    h, hashed = hashlib.sha256(), 0
     try:
-        for f in files:
+        for f in _digest_files(ref):
             if not f.is_file():
                 continue
             h.update(f.name.encode() + b"\0")
             with open(f, "rb") as fh:
                 for chunk in iter(lambda: fh.read(1 << 20), b""):
                     h.update(chunk)
+            hashed += 1
     except OSError:
         return None
-    return h.hexdigest()
+    return h.hexdigest() if hashed else None
 
 
 def parse_source(source: Any) -> SourceRef:

@@ -8,6 +8,7 @@ in porter parses those keys.
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any, Sequence
 
@@ -192,8 +193,14 @@ class ParityRecord:
         if not isinstance(d, dict) or not isinstance(d.get("passed"), bool):
             return None
 
-        def number(v: Any) -> float | None:
-            return float(v) if isinstance(v, (int, float)) and not isinstance(v, bool) else None
+        def number(v: Any) -> float | None:  # a finite float, or None (JSON allows integers of any size)
+            if not isinstance(v, (int, float)) or isinstance(v, bool):
+                return None
+            try:
+                f = float(v)
+            except OverflowError:
+                return None
+            return f if math.isfinite(f) else None
 
         outputs = {}
         for name, o in (d.get("outputs") or {}).items() if isinstance(d.get("outputs"), dict) else ():

@@ -57,6 +57,14 @@ def test_an_input_shape_the_source_keeps_fixed_is_an_error(fixtures_dir, tmp_pat
         porter.convert(keras_file, tmp_path / "m.onnx", input_shapes={None: (64, 64, 1)})
     assert not (tmp_path / "m.onnx").exists()
     assert porter.convert(keras_file, input_shapes={None: (32, 32, 1)}, validate=False).model is not None
+    with pytest.raises(UsageError, match=r"--input-shape 64,64: the model's input 'image' is \[batch, 32, 32, 1\], "
+                                         r"3 dims after the batch; give that many"):
+        porter.convert(keras_file, input_shapes={None: (64, 64)})
+
+
+def test_a_keras_application_takes_its_shape_under_its_input_name(tmp_path):
+    r = porter.convert("keras:MobileNetV2", weights="none", input_shapes={"input_layer": (96, 96, 3)}, validate=False)
+    assert [list(i.type.tensor_type.shape.dim)[1].dim_value for i in r.model.graph.input] == [96]
 
 
 @pytest.mark.parametrize("source", ["keras", "tfjs-url"])
@@ -73,7 +81,8 @@ def test_options_a_source_does_not_use_are_named(fixtures_dir):
                        hub_args={"pretrained": False}, validate=False)
     assert r.notes[:3] == ["--weights is ignored: only keras:NAME applications use it",
                            "--hub-arg is ignored: only torchhub: entry points use it",
-                           "--trust-repo is ignored: only torchhub: repos use it"]
+                           "--trust-repo is ignored: only torchhub:OWNER/REPO GitHub repos (a local folder you name "
+                           "is trusted by naming it) use it"]
     used = porter.convert(str(fixtures_dir / "heads" / "dense1.keras"), unsafe=True, validate=False)
     assert not any("ignored" in n for n in used.notes)  # --unsafe is a Keras file's option
 

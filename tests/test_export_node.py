@@ -119,11 +119,19 @@ def test_the_package_decodes_cmyk_and_refuses_bombs_and_non_images(tmp_path, nod
     # a PNG whose header claims 20000 x 20000 pixels (400 M, over Pillow's bomb limit) in a few hundred bytes
     Image.new("L", (20000, 20000)).save(tmp_path / "bomb.png", optimize=True)
     (tmp_path / "text.jpg").write_text("not an image")
+    # a JPEG whose frame header claims 14000 x 14000 behind a stray byte libjpeg skips (so would a naive parser)
+    Image.fromarray(rgb).save(tmp_path / "small.jpg", quality=90)
+    data = bytearray((tmp_path / "small.jpg").read_bytes())
+    sof = data.index(b"\xff\xc0")
+    data[sof + 5:sof + 9] = (14000).to_bytes(2, "big") * 2
+    (tmp_path / "bomb.jpg").write_bytes(bytes(data[:sof]) + b"\x00" + bytes(data[sof:]))
+    (tmp_path / "cut.jpg").write_bytes((tmp_path / "small.jpg").read_bytes()[:200])  # truncated in its headers
+    names = ("cmyk.jpg", "bomb.png", "text.jpg", "bomb.jpg", "cut.jpg")
     got = run_node(tmp_path / "pkg", node_modules, f"""
         const pkg = require('./index.js');
         (async () => {{
           const out = {{}};
-          for (const f of {json.dumps([str(tmp_path / n) for n in ("cmyk.jpg", "bomb.png", "text.jpg")])}) {{
+          for (const f of {json.dumps([str(tmp_path / n) for n in names])}) {{
             try {{ const d = await pkg.decode(f); out[f] = [d.width, d.height]; }}
             catch (e) {{ out[f] = e.message; }}
           }}
@@ -132,5 +140,7 @@ def test_the_package_decodes_cmyk_and_refuses_bombs_and_non_images(tmp_path, nod
     assert got[str(tmp_path / "cmyk.jpg")] == [11, 9]  # jpeg-js (close to Pillow's conversion, not exact)
     assert "refused, image too large (20000 x 20000 pixels" in got[str(tmp_path / "bomb.png")]
     assert got[str(tmp_path / "text.jpg")].endswith("not a PNG or JPEG file")
+    assert "refused, image too large (14000 x 14000 pixels" in got[str(tmp_path / "bomb.jpg")]
+    assert got[str(tmp_path / "cut.jpg")].startswith(f"{tmp_path / 'cut.jpg'}: can't decode JPEG")
     with pytest.raises(DataError, match="too large"):  # what porter itself says of the same file
         porter.load(ok, device="cpu").predict([tmp_path / "bomb.png"])

@@ -267,3 +267,22 @@ def test_against_a_source_file_replaced_since_conversion_is_one_line(tmp_path, p
     r = porter_cli("bench", out, "--against-source", "--batch-sizes", "1", "--seconds", "0")
     assert r.returncode == 1 and r.stderr.count("\n") == 1, r.stderr
     assert f"--against-source: {src} has changed since m.onnx was converted from it" in r.stderr
+
+
+def test_the_source_digest_covers_what_decides_the_model(tmp_path):
+    import shutil
+
+    from porter.sources import parse_source, source_digest
+
+    folder = tmp_path / "tfjs"
+    shutil.copytree(Path(__file__).parent.parent / "fixtures" / "tfjs" / "graph_int32", folder)
+    ref = parse_source(str(folder / "model.json"))
+    first = source_digest(ref)
+    (folder / "notes.txt").write_text("unrelated")
+    assert source_digest(ref) == first
+    shard = next(folder.glob("*.bin"))
+    data = bytearray(shard.read_bytes())
+    data[-1] ^= 1  # other weights, the same model.json
+    shard.write_bytes(bytes(data))
+    assert source_digest(ref) != first
+    assert source_digest(parse_source("keras:MobileNetV2")) is None  # an application: nothing local to hash

@@ -87,5 +87,7 @@ def test_the_parity_record_is_typed_and_read_defensively():
     odd = ParityRecord.from_dict({"passed": False, "outputs": {"y": {"max_abs": "big"}, "z": 3},
                                   "batch_sizes": [1, "2"], "seed": True, "atol": None})
     assert odd == ParityRecord(False, {"y": OutputFigures()}, None, None, (1,), None)
+    huge = ParityRecord.from_dict({"passed": True, "atol": 10 ** 400, "outputs": {"y": {"max_abs": 10 ** 400}}})
+    assert huge == ParityRecord(True, {"y": OutputFigures()}, None)  # not an OverflowError
     props = {"porter.source": "keras:x", "porter.parity": "{not json"}
     assert ModelCard.from_metadata(props).parity is None

@@ -89,7 +89,10 @@ def load_application(name: str, opts: ConvertOptions):
     ctor = getattr(keras.applications, name)
     weights: Any = opts.weights or "imagenet"
     kwargs: dict[str, Any] = {}
-    shape = opts.shape_for("input", 1) or opts.shape_for(None, 1)
+    # an application has one input, whose name Keras picks (input_layer, input_1 ...): a shape under any one name
+    # is its shape
+    named = list(opts.input_shapes.values())
+    shape = opts.shape_for(None, 1) or (named[0] if len(named) == 1 else None)
     if shape:
         kwargs["input_shape"] = tuple(shape)
     if weights.lower() == "none":

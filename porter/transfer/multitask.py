@@ -327,14 +327,14 @@ def fit_joint(features: np.ndarray, rows: np.ndarray, tasks: Sequence[Task], tra
         def losses(idx: torch.Tensor, train: bool) -> list[torch.Tensor]:
             return [task_loss(t, pair) for t, pair in zip(tasks, outputs(idx, train))]
 
-        def figure(t: Task, pair) -> float:  # accuracy, or R² (the same on the standardized target)
+        def figure(t: Task, pair) -> float | None:  # accuracy, or R² (the same on the standardized target)
             if pair is None:
-                return math.nan
+                return None
             pred, y = pair
             if t.type == "classification":
                 return float((pred.argmax(1) == y).double().mean())
             var = float(((y - y.mean()) ** 2).mean())
-            return 1.0 - float(((pred[:, 0] - y) ** 2).mean()) / var if var > 0 else math.nan
+            return 1.0 - float(((pred[:, 0] - y) ** 2).mean()) / var if var > 0 else None
 
         tr, va = torch.from_numpy(train_idx), torch.from_numpy(val_idx)
         with torch.no_grad():
@@ -360,8 +360,8 @@ def fit_joint(features: np.ndarray, rows: np.ndarray, tasks: Sequence[Task], tra
                 val = outputs(va, False)
                 vls = [float(task_loss(t, pair)) for t, pair in zip(tasks, val)]
                 vl = float(sum(wk * lk for wk, lk in zip(w, vls)))
-                for t, pair, lk in zip(tasks, val, vls):
-                    per_task[t.name]["val_loss"].append(lk)
+                for t, pair, lk in zip(tasks, val, vls):  # None: no labelled validation row for this task
+                    per_task[t.name]["val_loss"].append(None if pair is None else lk)
                     per_task[t.name]["val_" + _figure_name(t)].append(figure(t, pair))
             history["loss"].append(tl), history["val_loss"].append(vl)
             if not math.isfinite(tl):
@@ -404,10 +404,11 @@ def fit_joint(features: np.ndarray, rows: np.ndarray, tasks: Sequence[Task], tra
     # each task's own best epoch on validation, beside the joint one the shipped model keeps
     own_best = {}
     for t in tasks:
-        h = per_task[t.name]
-        e = int(np.nanargmin(h["val_loss"])) if np.isfinite(h["val_loss"]).any() else best_epoch - 1
-        key = "val_" + _figure_name(t)
-        own_best[t.name] = {"epoch": e + 1, "val_loss": h["val_loss"][e], key: h[key][e],
+        h, key = per_task[t.name], "val_" + _figure_name(t)
+        seen = [e for e, v in enumerate(h["val_loss"]) if v is not None]
+        e = min(seen, key=lambda k: h["val_loss"][k]) if seen else None
+        own_best[t.name] = {"epoch": None if e is None else e + 1, "val_loss": None if e is None else h["val_loss"][e],
+                            key: None if e is None else h[key][e],
                             "at_kept_epoch": {"val_loss": h["val_loss"][best_epoch - 1], key: h[key][best_epoch - 1]}}
     history["tasks"] = per_task
     info = {"hidden": hidden, "lr": lr, "weights": dict(zip([t.name for t in tasks], w)), "initial_losses": initial,

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import math
 import re
 import time
 from typing import Any, Sequence
@@ -206,7 +207,8 @@ def finetune_tasks(source: Any, table, output, opts, start: float, ray: Any = No
         if joint:
             h = joint["history"]
             series = {"train (weighted)": h["loss"], "validation (weighted)": h["val_loss"]}
-            series.update({f"{name} validation loss": t["val_loss"] for name, t in h["tasks"].items()})
+            series.update({f"{name} validation loss": [math.nan if v is None else v for v in t["val_loss"]]
+                           for name, t in h["tasks"].items()})
             blobs[paths["training/shared"]] = series_png(
                 range(1, len(h["loss"]) + 1), series,
                 xlabel="epoch", mark=joint["best_epoch"], title=f"shared trunk ({joint['hidden']} units)")
@@ -258,8 +260,9 @@ def tasks_summary(m: dict[str, Any], source: str, path, seconds: float, report: 
                    f"val R² {v['r2']:.4f}, MAE {v['mae']:.4g}, RMSE {v['rmse']:.4g}")
             own = j["task_best"][t["name"]]
             key, label = ("val_accuracy", "val_acc") if t["type"] == "classification" else ("val_r2", "val R²")
-            fig += (f" at the kept epoch; its own best epoch {own['epoch']}: val_loss {own['val_loss']:.4f}, "
-                    f"{label} {own[key]:.4f}")
+            if own["epoch"] is not None and own[key] is not None:
+                fig += (f" at the kept epoch; its own best epoch {own['epoch']}: val_loss {own['val_loss']:.4f}, "
+                        f"{label} {own[key]:.4f}")
         elif t["type"] == "classification":
             fig = (f"{len(t['classes'])} classes; linear probe L2 {t['chosen']['l2']:.3g}; val_acc {v['accuracy']:.4f}, "
                    f"val_loss {v['loss']:.4f}")

@@ -30,13 +30,15 @@ async function libjpeg() {
   return jpegDecoder;
 }
 
-// (width, height, components) from a JPEG's frame header, or null
+// (width, height, components) from a JPEG's frame header, or null when there is none. Bytes between segments
+// are skipped as libjpeg skips them ("extraneous bytes before marker"), so a header can't hide from this check.
 function jpegFrame(data) {
   let i = 2;
   while (i + 9 < data.length) {
-    if (data[i] !== 0xff) return null;
+    if (data[i] !== 0xff) { i += 1; continue; }
     const marker = data[i + 1];
-    if (marker === 0xff) { i += 1; continue; }
+    if (marker === 0xff || marker === 0x00 || (marker >= 0xd0 && marker <= 0xd8) || marker === 0x01) { i += 1; continue; }
+    if (marker === 0xd9 || marker === 0xda) return null;  // end of image, or the scan began before any frame header
     const length = data.readUInt16BE(i + 2);
     if (marker >= 0xc0 && marker <= 0xcf && marker !== 0xc4 && marker !== 0xc8 && marker !== 0xcc) {
       return { height: data.readUInt16BE(i + 5), width: data.readUInt16BE(i + 7), components: data[i + 9] };
@@ -63,14 +65,19 @@ async function decode(file) {
   }
   if (data[0] === 0xff && data[1] === 0xd8) {
     const frame = jpegFrame(data);
-    if (frame) checkSize(frame.width, frame.height, label);
-    if (!frame || frame.components !== 4) {
-      const img = await (await libjpeg())(data.buffer.slice(data.byteOffset, data.byteOffset + data.length),
-        { preserveOrientation: true });  // jsquash's name for "apply the EXIF orientation", as porter does
+    if (!frame) throw new Error(`${label}: can't decode JPEG (no frame header before the image data)`);
+    checkSize(frame.width, frame.height, label);
+    try {
+      if (frame.components !== 4) {
+        const img = await (await libjpeg())(data.buffer.slice(data.byteOffset, data.byteOffset + data.length),
+          { preserveOrientation: true });  // jsquash's name for "apply the EXIF orientation", as porter does
+        return { width: img.width, height: img.height, rgba: img.data };
+      }
+      const img = require('jpeg-js').decode(data, { useTArray: true, formatAsRGBA: true, maxMemoryUsageInMB: 1024 });
       return { width: img.width, height: img.height, rgba: img.data };
+    } catch (e) {  // libjpeg reports through emscripten ("Program terminated with exit(1)"): name the file
+      throw new Error(`${label}: can't decode JPEG (${e && e.message ? e.message : e}); the file may be truncated or corrupt`);
     }
-    const img = require('jpeg-js').decode(data, { useTArray: true, formatAsRGBA: true, maxMemoryUsageInMB: 1024 });
-    return { width: img.width, height: img.height, rgba: img.data };
   }
   throw new Error(`${label}: not a PNG or JPEG file`);
 }

@@ -83,8 +83,9 @@ def import_hubconf(directory: Path, where: str):
 
 
 def entry_points(module) -> list[str]:
-    """The functions hubconf offers (what its users call): torch.hub.list's public callables less the classes a
-    hubconf imports to build with (``from model import Net`` is not an entry point beside ``net``)."""
+    """The functions hubconf offers (what its users call): torch.hub.list's public callables less classes (the
+    ones a hubconf imports or defines to build with: ``Net`` is not an entry point beside ``net``; naming a class
+    still calls it, as torch.hub.load would)."""
     import inspect
 
     return sorted(n for n in dir(module) if not n.startswith("_") and callable(getattr(module, n))
