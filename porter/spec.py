@@ -288,19 +288,19 @@ class ModelCard:
     def from_metadata(cls, props: dict[str, str]) -> "ModelCard | None":
         if "porter.source" not in props:
             return None
-        pre = props.get("porter.preprocess", "unknown")
+        # every field is untrusted input (a model file someone sent): malformed JSON or a wrong type reads as absent
         return cls(
-            source=props["porter.source"],
+            source=str(props["porter.source"]),
             framework=props.get("porter.framework", "unknown"),
             porter_version=props.get("porter.version", "unknown"),
-            framework_versions=json.loads(props.get("porter.framework_versions", "{}")),
-            preprocess=None if pre == "unknown" else PreprocessSpec.from_dict(json.loads(pre)),
-            labels=tuple(json.loads(props["porter.labels"])) if "porter.labels" in props else None,
+            framework_versions=_str_dict(_json_value(props.get("porter.framework_versions"))),
+            preprocess=_preprocess(props.get("porter.preprocess")),
+            labels=_labels(_json_value(props.get("porter.labels"))),
             parity=ParityRecord.from_dict(_json_dict(props.get("porter.parity"))),
-            provenance=json.loads(props.get("porter.provenance", "{}")),
+            provenance=_str_dict(_json_value(props.get("porter.provenance"))),
             cut=props.get("porter.cut"),
-            training=json.loads(props["porter.training"]) if "porter.training" in props else None,
-            batch=json.loads(props["porter.batch"]) if "porter.batch" in props else None,
+            training=_json_dict(props.get("porter.training")),
+            batch=_batch(_json_dict(props.get("porter.batch"))),
             source_form=props.get("porter.source_form"),
             weights=props.get("porter.weights"),
             source_sha256=props.get("porter.source_sha256"),
@@ -321,23 +321,69 @@ class ModelCard:
             entry.key, entry.value = key, value
 
 
-def _json_dict(text: str | None) -> dict[str, Any] | None:
-    """A JSON object from metadata (untrusted): anything else is None, not a crash."""
+def _json_value(text: str | None) -> Any:
+    """JSON from metadata (untrusted): None when absent or malformed (too deep included), not a crash."""
     if text is None:
         return None
     try:
-        value = json.loads(text)
-    except ValueError:
+        return json.loads(text)
+    except (ValueError, RecursionError):
         return None
+
+
+def _json_dict(text: str | None) -> dict[str, Any] | None:
+    """A JSON object from metadata (untrusted): anything else is None, not a crash."""
+    value = _json_value(text)
     return value if isinstance(value, dict) else None
+
+
+def _str_dict(value: Any) -> dict[str, str]:
+    return {str(k): str(v) for k, v in value.items()} if isinstance(value, dict) else {}
+
+
+def _labels(value: Any) -> tuple[str, ...] | None:
+    return tuple(str(v) for v in value) if isinstance(value, list) else None
+
+
+def _finite(v: Any) -> bool:
+    try:
+        return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(float(v))
+    except OverflowError:
+        return False
+
+
+def _preprocess(text: str | None) -> "PreprocessSpec | None":
+    """The recorded preprocessing, or None (unknown) unless every field is what porter writes: sizes, channels and
+    statistics a model file made up would otherwise reach the image pipeline."""
+    d = _json_dict(text) if text not in (None, "unknown") else None
+    if d is None:
+        return None
+    size, channels = d.get("size"), d.get("channels")
+    stats = [d.get("mean", [0.0]), d.get("std", [1.0])]
+    if not (isinstance(d.get("mode", "custom"), str) and d.get("layout", "NHWC") in ("NHWC", "NCHW")
+            and d.get("channel_order", "RGB") in ("RGB", "BGR") and _finite(d.get("scale", 1.0))
+            and (size is None or (isinstance(size, list) and len(size) == 2
+                                  and all(isinstance(v, int) and not isinstance(v, bool) and 0 < v <= 65535
+                                          for v in size)))
+            and (channels is None or channels in (1, 3, 4))
+            and all(isinstance(v, list) and len(v) in (1, 3) and all(_finite(x) for x in v) for v in stats)
+            and all(float(x) != 0 for x in stats[1])):
+        return None
+    return PreprocessSpec.from_dict(d)
+
+
+def _batch(d: dict[str, Any] | None) -> dict[str, Any] | None:
+    """graph.batch.BatchPlan's record, or None when it isn't one."""
+    if d is None or d.get("mode") not in ("dynamic", "freed", "fixed"):
+        return None
+    if not (d.get("size") is None or (isinstance(d.get("size"), int) and not isinstance(d.get("size"), bool))):
+        return None
+    return d if isinstance(d.get("rewrites", 0), int) and isinstance(d.get("reason", ""), str) else None
 
 
 def _tasks(text: str) -> tuple[dict[str, Any], ...] | None:
     """``porter.tasks`` read defensively (metadata is untrusted): malformed entries make it None, not a crash."""
-    try:
-        raw = json.loads(text)
-    except ValueError:
-        return None
+    raw = _json_value(text)
     if not isinstance(raw, list):
         return None
     tasks = []

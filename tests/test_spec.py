@@ -91,3 +91,31 @@ def test_the_parity_record_is_typed_and_read_defensively():
     assert huge == ParityRecord(True, {"y": OutputFigures()}, None)  # not an OverflowError
     props = {"porter.source": "keras:x", "porter.parity": "{not json"}
     assert ModelCard.from_metadata(props).parity is None
+
+
+@pytest.mark.parametrize("key, value", [
+    ("porter.training", "{not json"), ("porter.provenance", "[1, 2]"), ("porter.framework_versions", "{"),
+    ("porter.batch", '{"mode": "fixed", "size": "x"}'), ("porter.labels", "[" * 100000),
+    ("porter.preprocess", '{"size": [0, 2]}'), ("porter.preprocess", '{"std": [0]}'),
+    ("porter.preprocess", '{"mean": ["a"]}'), ("porter.parity", '{"passed": true, "outputs": []}'),
+    ("porter.tasks", "[" * 100000),
+])
+def test_malformed_metadata_reads_as_absent_not_a_crash(tmp_path, key, value, porter_cli):
+    """A model file someone sent carries porter.* metadata; a bad value must not crash inspect or load."""
+    import porter
+    from model_builders import build, save
+
+    model = onnx.load(save(build("gemm", seed=0), tmp_path / "card.onnx"))  # with a porter card
+    for p in model.metadata_props:
+        if p.key == key:
+            p.value = value
+            break
+    else:
+        entry = model.metadata_props.add()
+        entry.key, entry.value = key, value
+    path = tmp_path / "m.onnx"
+    onnx.save(model, path)
+    assert ModelCard.from_onnx(model).source == "test:gemm"  # the rest of the card still reads
+    r = porter_cli("inspect", path)
+    assert r.returncode == 0 and "Traceback" not in r.stderr, r.stderr
+    assert porter.load(path, device="cpu").run(porter.load(path, device="cpu").example_inputs(1))
