@@ -57,9 +57,11 @@ def build(kind: str, opset: int = 17, seed: int | None = None) -> onnx.ModelProt
                   helper.make_node("Conv", ["pool", "cls_w", "cls_b"], ["cls"], name="classifier"),
                   helper.make_node("Flatten", ["cls"], ["logits"], axis=1),
                   helper.make_node("Softmax", ["logits"], ["prob"], axis=1)]
-    elif kind == "classmaps":  # SqueezeNet style: 1x1 conv class maps, then pooling, no classifier after it
-        inits += [_w("cls_w", 5, 4, 1, 1), _w("cls_b", 5)]
-        nodes += [helper.make_node("Conv", ["relu", "cls_w", "cls_b"], ["maps"], name="classmaps"),
+    elif kind in ("classmaps", "classmaps3x3"):  # class maps, then pooling, no classifier after it: SqueezeNet's
+        k = 3 if kind == "classmaps3x3" else 1       # 1x1 conv; oarriaga's mini-Xception (TF.js emotion) a 3x3 one
+        inits += [_w("cls_w", 5, 4, k, k), _w("cls_b", 5)]
+        nodes += [helper.make_node("Conv", ["relu", "cls_w", "cls_b"], ["maps"], name="classmaps",
+                                   pads=[k // 2] * 4),
                   helper.make_node("GlobalAveragePool", ["maps"], ["pool"], name="gap"),
                   helper.make_node("Flatten", ["pool"], ["logits"], axis=1),
                   helper.make_node("Softmax", ["logits"], ["prob"], axis=1)]

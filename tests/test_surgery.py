@@ -43,11 +43,12 @@ def test_cut_lands_on_the_pooled_backbone_past_the_old_head(kind, name, shape, r
     assert cut.name == name and cut.features == 4 and cut.note is None
 
 
-def test_classmap_head_is_cut_off_and_the_feature_map_pooled():
-    cut = choose_cut(build("classmaps"))
+@pytest.mark.parametrize("kind, kernel", [("classmaps", "1x1"), ("classmaps3x3", "3x3")])
+def test_classmap_head_is_cut_off_and_the_feature_map_pooled(kind, kernel):
+    cut = choose_cut(build(kind))
     assert cut.name == "relu" and cut.pool_axes == (2, 3) and cut.feature_shape == ("batch", 4)
-    assert "class-map head" in cut.reason and "'classmaps'" in cut.reason
-    assert [c.name for c in cut_candidates(build("classmaps"))] == ["relu"]  # the pooled class scores are no candidate
+    assert "class-map head" in cut.reason and f"{kernel} Conv class maps 'classmaps'" in cut.reason
+    assert [c.name for c in cut_candidates(build(kind))] == ["relu"]  # the pooled class scores are no candidate
 
 
 def test_a_model_without_head_is_cut_at_its_output_and_pooled():
@@ -95,7 +96,7 @@ def test_user_cut_at_a_feature_map_is_pooled_and_a_sequence_is_refused():
         choose_cut(build("sequence"), "tokens")
 
 
-@pytest.mark.parametrize("kind", ["gemm", "matmul_add", "conv1x1", "classmaps", "reducemean"])
+@pytest.mark.parametrize("kind", ["gemm", "matmul_add", "conv1x1", "classmaps", "classmaps3x3", "reducemean"])
 def test_extracted_backbone_computes_the_cut_tensor(kind):
     model = build(kind)
     cut = choose_cut(model)

@@ -2,8 +2,8 @@
 
 Framework-free: imports only onnx and numpy. Walking back from the model's output, porter steps over the *whole*
 old classifier head -- every trailing dense-like layer (``Gemm``; ``MatMul`` [+ ``Add``]; a 1x1 ``Conv`` on pooled
-features or producing class maps) with the activations, dropout, flatten/reshape, softmax and global pooling between
-them -- and lands on the backbone's last feature map (Keras's ``include_top=False``). A spatial feature map
+features; a conv of any kernel writing class maps that a global pool averages into the softmax's scores) with the
+activations, dropout, flatten/reshape, softmax and global pooling between them -- and lands on the backbone's last feature map (Keras's ``include_top=False``). A spatial feature map
 (NCHW or NHWC) is globally average-pooled: by the model's own pooling when it has one, else by a ``ReduceMean``
 porter appends, so the merged model computes exactly what the head was trained on.
 
@@ -259,6 +259,15 @@ def _dense_input(g: ModelGraph, name: str) -> tuple[str, str] | None:
     return None
 
 
+def _class_map_kernel(g: ModelGraph, node: onnx.NodeProto) -> str | None:
+    """``KxK`` when ``node`` is a dense (not grouped) convolution with constant weights: one that can write class
+    maps; None otherwise."""
+    if len(node.input) < 2 or node.input[1] not in g.consts or (attr(node, "group", 1) or 1) != 1:
+        return None
+    w = g.consts[node.input[1]]
+    return "x".join(map(str, w.dims[2:])) if len(w.dims) == 4 else None
+
+
 def _is_1x1(g: ModelGraph, node: onnx.NodeProto) -> bool:
     if len(node.input) < 2 or node.input[1] not in g.consts:
         return False
@@ -349,12 +358,14 @@ def _at_pool(g: ModelGraph, pool: onnx.NodeProto, pooled: str, layers, softmax: 
     spatial = pool.input[0]
     layers = list(reversed(layers))
     if not layers and softmax:
-        # SqueezeNet / mini-Xception style: a 1x1 conv writes class maps, pooling averages them into class scores
+        # SqueezeNet / mini-Xception style: a conv writes one map per class (1x1 in SqueezeNet, 3x3 in oarriaga's
+        # mini-Xception), pooling averages them into the class scores the softmax reads
         maps = _through(g, spatial, ACTIVATIONS | {"Dropout", "Identity", "Transpose"})
         node = g.producer.get(maps)
-        if node is not None and node.op_type == "Conv" and _is_1x1(g, node):
+        kernel = _class_map_kernel(g, node) if node is not None and node.op_type == "Conv" else None
+        if kernel is not None:
             source = node.input[0]
-            layer = (source, maps, f"1x1 Conv class maps '{node.name or maps}' + {_pool_name(g, pool)}")
+            layer = (source, maps, f"{kernel} Conv class maps '{node.name or maps}' + {_pool_name(g, pool)}")
             cut = _pooled(g, source, "NCHW", f"the backbone's last feature map (before the class-map head: "
                           f"{layer[2]})", "backbone")
             return OldHead(cut, (layer,), source)
