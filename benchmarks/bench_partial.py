@@ -1,6 +1,7 @@
 """Partial fine-tuning (LP-FT): porter ``--unfreeze N`` and ``--augment`` vs head-only vs the Keras recipe.
 
     .venv/bin/python benchmarks/bench_partial.py [--tasks classmap,dense2,backbone] [--unfreeze 1,2,3] [--json]
+    .venv/bin/python benchmarks/bench_partial.py --tasks "" --graph-tasks emotion --copies 4 --unfreeze 1,2
 
 Real transfer: each backbone was pretrained on scikit-learn's digits 0-4 (fixtures/heads, fixtures/backbone) and is
 fine-tuned on digits 5-9; half of each class is held out for testing, the other half is the training folder (PNG
@@ -157,6 +158,31 @@ def keras_recipe(path: Path, layer: str, pool: bool, train_dir: Path, test_x, te
     return row
 
 
+# porter only: a real pretrained TF.js graph-model (no Keras layers, so no Keras recipe to compare with), the
+# emotion classifier of @vladmandic/human (oarriaga's mini-Xception, 64x64 grey, pixels to -1..1), from npm
+GRAPH_TASKS = {"emotion": ("human/emotion", "tf")}
+
+
+def run_graph_task(name: str, work: Path, unfreeze: list[int], copies: int) -> dict:
+    import porter
+    from bench_tfjs_zoo import unpack_models
+
+    folder, preset = GRAPH_TASKS[name]
+    cache = Path("/tmp/porter-zoo")
+    cache.mkdir(parents=True, exist_ok=True)
+    model_json = unpack_models(cache)[folder] / "model.json"
+    d = work / name
+    test_x, test_y = write_split(CLASSES, d, copies)
+    src = d / "backbone.onnx"
+    porter.convert(str(model_json), src, preprocess=preset, force=True)
+    rows = {0: porter_run(src, d / "train", d / "p0.onnx", test_x, test_y)}
+    for n in unfreeze:
+        rows[n] = porter_run(src, d / "train", d / f"p{n}.onnx", test_x, test_y, unfreeze=n)
+    return {"task": f"{name} ({folder}, real pretrained) -> digits 5-9, {copies} copies per training image",
+            "train_images": len(list((d / "train").glob("*/*.png"))), "test_images": int(len(test_y)),
+            "porter": rows}
+
+
 def run_task(name: str, work: Path, unfreeze: list[int]) -> dict:
     import porter
 
@@ -186,6 +212,10 @@ def main(argv=None) -> int:
     p.add_argument("--tasks", default=",".join(TASKS))
     p.add_argument("--unfreeze", default="1,2,3")
     p.add_argument("--json", action="store_true")
+    p.add_argument("--graph-tasks", default="",
+                   help=f"also run these porter-only tasks on real TF.js graph-models ({', '.join(GRAPH_TASKS)})")
+    p.add_argument("--copies", type=int, default=1,
+                   help="training images per original for the graph tasks (the original plus jittered copies)")
     args = p.parse_args(argv)
     import keras  # noqa: F401 - both frameworks imported before any clock starts
     import torch  # noqa: F401
@@ -193,15 +223,26 @@ def main(argv=None) -> int:
     unfreeze = [int(v) for v in args.unfreeze.split(",")]
     work = Path(tempfile.mkdtemp(prefix="porter-bench-partial-"))
     rows = []
+    graph_rows = []
     try:
-        for name in args.tasks.split(","):
+        for name in filter(None, args.tasks.split(",")):
             rows.append(run_task(name, work, unfreeze))
+        for name in filter(None, args.graph_tasks.split(",")):
+            graph_rows.append(run_graph_task(name, work, unfreeze, args.copies))
     finally:
         shutil.rmtree(work, ignore_errors=True)
     if args.json:
-        print(json.dumps(rows, indent=2))
+        print(json.dumps(rows + graph_rows, indent=2))
         return 0
     ok = True
+    for r in graph_rows:
+        print(f"\n{r['task']}: {r['train_images']} train / {r['test_images']} test images (porter only)")
+        po = r["porter"]
+        for n in po:
+            label = "head only" if n == 0 else f"unfreeze {n} ({po[n]['layers']} layers)"
+            kept = f"  [{po[n]['kept']}, best epoch {po[n]['best_epoch']}]" if n else ""
+            gain = f"  {100 * (po[n]['test_accuracy'] - po[0]['test_accuracy']):+.2f} points" if n else ""
+            print(f"  {label:<26} {po[n]['test_accuracy']:>8.4f} {po[n]['wall_s']:>7.2f} s{gain}{kept}")
     for r in rows:
         print(f"\n{r['task']}: {r['train_images']} train / {r['test_images']} test images")
         po, ke = r["porter"], r["keras"]
