@@ -151,10 +151,15 @@ def _check_named_shapes(opts: ConvertOptions, imported) -> None:
     """``--input-shape NAME:DIMS`` for an input the model doesn't have would be ignored without a word."""
     names = [n for n in opts.input_shapes if n is not None]
     known = set(imported.input_names or [])
-    unknown = [n for n in names if known and n not in known and f"{n}:0" not in known and n.split(":")[0] not in known]
+    unknown = [n for n in names if known and not any(_names_input(n, k) for k in known)]
     if unknown:
         raise UsageError(f"--input-shape names {', '.join(map(repr, unknown))}, but the model's inputs are "
                          f"{', '.join(sorted(known))}")
+
+
+def _names_input(given: str, name: str) -> bool:
+    """Whether ``--input-shape GIVEN:...`` names the input ``name`` (TensorFlow's ``x:0`` spelling either way)."""
+    return given == name or given == f"{name}:0" or given.split(":")[0] == name.split(":")[0]
 
 
 def _check_shapes_applied(opts: ConvertOptions, model) -> None:
@@ -166,7 +171,7 @@ def _check_shapes_applied(opts: ConvertOptions, model) -> None:
     for name, dims in opts.input_shapes.items():
         if name is None and len(opts.input_shapes) > 1:
             continue
-        matches = [t for t in inputs if name in (None, t.name, f"{t.name}:0") or t.name == str(name).split(":")[0]]
+        matches = [t for t in inputs if name is None or _names_input(name, t.name)]
         if not matches and len(inputs) == 1 == len(opts.input_shapes):
             matches = inputs  # the one input, under a name its source chose after reading the shape (keras:NAME)
         if len(matches) != 1 or not matches[0].shape:

@@ -193,15 +193,7 @@ class ParityRecord:
         if not isinstance(d, dict) or not isinstance(d.get("passed"), bool):
             return None
 
-        def number(v: Any) -> float | None:  # a finite float, or None (JSON allows integers of any size)
-            if not isinstance(v, (int, float)) or isinstance(v, bool):
-                return None
-            try:
-                f = float(v)
-            except OverflowError:
-                return None
-            return f if math.isfinite(f) else None
-
+        number = _finite_float
         outputs = {}
         for name, o in (d.get("outputs") or {}).items() if isinstance(d.get("outputs"), dict) else ():
             if isinstance(o, dict):
@@ -345,11 +337,19 @@ def _labels(value: Any) -> tuple[str, ...] | None:
     return tuple(str(v) for v in value) if isinstance(value, list) else None
 
 
-def _finite(v: Any) -> bool:
+def _finite_float(v: Any) -> float | None:
+    """A JSON number as a finite float, or None (not a number, inf/nan, or an integer too large for a float)."""
+    if not isinstance(v, (int, float)) or isinstance(v, bool):
+        return None
     try:
-        return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(float(v))
+        f = float(v)
     except OverflowError:
-        return False
+        return None
+    return f if math.isfinite(f) else None
+
+
+def _finite(v: Any) -> bool:
+    return _finite_float(v) is not None
 
 
 def _preprocess(text: str | None) -> "PreprocessSpec | None":

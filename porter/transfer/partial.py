@@ -148,13 +148,33 @@ class TailNet:
     def probabilities(self, rows: Rows, positions: np.ndarray | None = None) -> np.ndarray:
         import torch
 
+        return self._batched(rows, positions, lambda x: torch.softmax(self(x), dim=1))
+
+    def feature_rows(self, rows: Rows) -> np.ndarray:
+        """The cut's features the tail computes from these cached start features (what the head reads)."""
+        return self._batched(rows, None, self.features)
+
+    def _batched(self, rows: Rows, positions: np.ndarray | None, fn) -> np.ndarray:
+        import torch
+
         positions = np.arange(len(rows)) if positions is None else positions
         out = []
         with torch.no_grad():
             for i in range(0, len(positions), EVAL_BATCH):
-                x = torch.from_numpy(rows.take(positions[i:i + EVAL_BATCH]))
-                out.append(torch.softmax(self(x), dim=1).numpy())
+                out.append(fn(torch.from_numpy(rows.take(positions[i:i + EVAL_BATCH]))).numpy())
         return np.concatenate(out) if out else np.zeros((0, 0), np.float32)
+
+
+def training_rows(planned: "PlannedTail", by_cut: dict, by_view: dict, train_idx: np.ndarray
+                  ) -> tuple[Rows, np.ndarray]:
+    """(rows, labels) the tail and head train on: the training split's start features, then its augmented views'."""
+    start = by_cut[planned.cut.key]
+    parts, labels = [(start.features, train_idx)], [start.labels[train_idx]]
+    if planned.cut.key in by_view:
+        views = by_view[planned.cut.key]
+        parts.append((views.features, np.arange(len(views.index))))
+        labels.append(views.labels)
+    return Rows(parts), np.concatenate(labels)
 
 
 def refit_head(result: "PartialResult", head_only: Any, fit: Callable[..., Any], by_cut: dict, by_view: dict,
@@ -163,29 +183,14 @@ def refit_head(result: "PartialResult", head_only: Any, fit: Callable[..., Any],
     with a head fitted on train only). A tail that didn't help ships ``head_only`` (the head-only model's refit
     head, so the model is head-only's exactly); a trained tail gets the probe refit at its chosen strength on the
     features it now computes. ``fit(x_train, y_train, x_val, y_val)`` returns that head."""
-    import torch
-
     if not result.improved:
         result.head = result.net.head = head_only
         result.refit = True
         return
     start = by_cut[planned.cut.key]
-    train_rows, labels = [(start.features, train_idx)], [start.labels[train_idx]]
-    if planned.cut.key in by_view:  # the training views train the head, as in head-only
-        views = by_view[planned.cut.key]
-        train_rows.append((views.features, np.arange(len(views.index))))
-        labels.append(views.labels)
-
-    def through_tail(rows: Rows) -> np.ndarray:
-        out = []
-        with torch.no_grad():
-            for i in range(0, len(rows), EVAL_BATCH):
-                x = torch.from_numpy(rows.take(np.arange(i, min(len(rows), i + EVAL_BATCH))))
-                out.append(result.net.features(x).numpy())
-        return np.concatenate(out)
-
-    head = fit(through_tail(Rows(train_rows)), np.concatenate(labels), through_tail(Rows([(start.features, val_idx)])),
-               start.labels[val_idx])
+    train_rows, y_train = training_rows(planned, by_cut, by_view, train_idx)
+    head = fit(result.net.feature_rows(train_rows), y_train,
+               result.net.feature_rows(Rows([(start.features, val_idx)])), start.labels[val_idx])
     result.head = result.net.head = head
     result.refit = True
 
@@ -356,12 +361,7 @@ def run_partial(planned: PlannedTail, head, cut: "Cut", by_cut: dict, by_view: d
     net = TailNet(planned.module, head, planned.shape, cut.pool_axes)
     sample = val_idx[np.unique(np.linspace(0, len(val_idx) - 1, min(len(val_idx), 16)).round().astype(np.int64))]
     diff = check_translation(net, start.features[sample], np.asarray(feats.features[sample], np.float32))
-    parts = [(start.features, train_idx)]
-    y_train = start.labels[train_idx]
-    if planned.cut.key in by_view:
-        views = by_view[planned.cut.key]
-        parts.append((views.features, np.arange(len(views.index))))
-        y_train = np.concatenate([y_train, views.labels])
+    train_rows, y_train = training_rows(planned, by_cut, by_view, train_idx)
     weights = class_weights(y_train, n_classes) if balance else None
     if log:
         t = planned.tail
@@ -369,7 +369,7 @@ def run_partial(planned: PlannedTail, head, cut: "Cut", by_cut: dict, by_view: d
             f"AdamW lr {lr:g}, up to {epochs} epochs{' in bf16 autocast' if bf16_training(precision) else ''} "
             f"(torch tail == ONNX Runtime within {diff:.1g})")
     bf16 = bf16_training(precision)
-    result = train_tail(net, Rows(parts), y_train, Rows([(start.features, val_idx)]), start.labels[val_idx], lr=lr,
+    result = train_tail(net, train_rows, y_train, Rows([(start.features, val_idx)]), start.labels[val_idx], lr=lr,
                         epochs=epochs, patience=patience, batch_size=batch_size, seed=seed, class_weights=weights,
                         bf16=bf16, log=log)
     result.precision = "bf16 autocast" if bf16 else "fp32"
