@@ -94,9 +94,9 @@ def test_probe_solves_the_same_problem_as_sklearn():
         w, b, _ = solve(xs, y, 3, l2, weights=weights, tolerance_grad=1e-10, max_iter=5000)
         sk = LogisticRegression(C=1.0 / (len(x) * l2), tol=1e-12, max_iter=10000,
                                 class_weight=None if weights is None else dict(enumerate(weights))).fit(xs, y)
-        np.testing.assert_allclose(w.numpy(), sk.coef_, atol=2e-5 * np.abs(sk.coef_).max())
-        np.testing.assert_allclose(b.numpy() - b.numpy().mean(), sk.intercept_ - sk.intercept_.mean(), atol=1e-4)
-        probs = torch.softmax(torch.as_tensor(xs) @ w.T + b, 1).numpy()
+        np.testing.assert_allclose(w, sk.coef_, atol=2e-5 * np.abs(sk.coef_).max())
+        np.testing.assert_allclose(b - b.mean(), sk.intercept_ - sk.intercept_.mean(), atol=1e-4)
+        probs = torch.softmax(torch.as_tensor(xs @ w.T + b), 1).numpy()
         np.testing.assert_allclose(probs, sk.predict_proba(xs), atol=1e-5)
 
 
