@@ -40,7 +40,7 @@ class FinetuneResult:
     timings: dict[str, float]
     notes: list[str] = field(default_factory=list)
     features_cached: bool = False
-    head: Any = field(default=None, repr=False)  # the trained torch head (unfolded)
+    head: Any = field(default=None, repr=False)  # the trained head, unfolded: heads.LinearHead (the probe), else torch
     int8: Any = None  # --int8: the quantization.api.QuantizeResult (its model written as NAME.int8.onnx)
     int8_refusal: str | None = None  # --int8 asked for, but the gate refused it (the fp32 model is still written)
 
@@ -106,7 +106,7 @@ def _finetune(source: Any, data: Any, output: str | os.PathLike | None, opts: Fi
         for p in [Path(output), *paths.values(), *([int8_out] if int8_out else [])]:
             check_output(p, opts.force)  # before any work
 
-    prefetch_imports(report=output is not None)
+    prefetch_imports(report=output is not None, optimizer=opts.partial or opts.train_config.method == "adamw")
     t = time.perf_counter()
     dataset = load_data(data, label_column=opts.label_column, preprocessed=opts.preprocessed)
     timings["data"] = time.perf_counter() - t
@@ -184,11 +184,12 @@ def _finetune(source: Any, data: Any, output: str | os.PathLike | None, opts: Fi
     partial = None
     if tail is not None:
         t = time.perf_counter()
+        from .heads import as_torch
         from .partial import run_partial
 
         # phase 2 starts from the probe fitted on train only, so its validation stays honest; the shipped head is
         # refit on train + validation afterwards, as head-only's is (refit_head)
-        start_head = copy.deepcopy(trained.train_only_head if trained.refit else trained.head)
+        start_head = copy.deepcopy(as_torch(trained.train_only_head if trained.refit else trained.head))
         partial = run_partial(tail, start_head, cut, by_cut, by_view, train_idx, val_idx, lr=opts.tail_lr,
                               epochs=opts.finetune_epochs, patience=min(opts.patience, opts.finetune_epochs),
                               batch_size=opts.batch_size, seed=opts.seed, balance=opts.balance,

@@ -10,7 +10,8 @@ grow to 1e4 and cancel, and float32 then missed the trained head's probabilities
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -51,6 +52,38 @@ def make_head(kind: str, in_features: int, classes: int, *, hidden: int = 256, d
     return Head()
 
 
+@dataclass(frozen=True)
+class LinearHead:
+    """The linear probe's head as arrays (float32): logits = ((x - mean) / std) @ weight.T + bias. Built, evaluated,
+    checked and exported without torch, so the default finetune never imports it (~1.4 s); ``to_torch()`` gives the
+    same head as a module (partial fine-tuning trains it)."""
+
+    mean: np.ndarray
+    std: np.ndarray
+    weight: np.ndarray  # classes x features
+    bias: np.ndarray
+    kind = "linear"
+
+    def logits(self, features: np.ndarray) -> np.ndarray:
+        x = (np.asarray(features, np.float32) - self.mean) / self.std
+        return x @ self.weight.T + self.bias
+
+    def to_torch(self) -> "torch.nn.Module":
+        import torch
+
+        with torch.random.fork_rng(devices=[]):  # the random init is overwritten; the caller's RNG is left alone
+            head = make_head("linear", self.weight.shape[1], self.weight.shape[0], mean=self.mean, std=self.std)
+        with torch.no_grad():
+            head.net[-1].weight.copy_(torch.from_numpy(self.weight))
+            head.net[-1].bias.copy_(torch.from_numpy(self.bias))
+        return head.eval()
+
+
+def as_torch(head: Any) -> "torch.nn.Module":
+    """A head as a torch module (a LinearHead converted; a torch head as it is)."""
+    return head.to_torch() if isinstance(head, LinearHead) else head
+
+
 def standardization(features: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Per-feature mean and std of the training features; constant features get std 1 (nothing to scale)."""
     f = features.astype(np.float64)
@@ -60,8 +93,10 @@ def standardization(features: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return mean.astype(np.float32), std.astype(np.float32)
 
 
-def head_layers(head: "torch.nn.Module") -> tuple[np.ndarray, np.ndarray, list[tuple[np.ndarray, np.ndarray]]]:
+def head_layers(head: "LinearHead | torch.nn.Module") -> tuple[np.ndarray, np.ndarray, list[tuple[np.ndarray, np.ndarray]]]:
     """(mean, std, [(W [out x in], b), ...]): the head's standardization and its linear layers, float32."""
+    if isinstance(head, LinearHead):
+        return head.mean.copy(), head.std.copy(), [(head.weight.copy(), head.bias.copy())]
     from torch import nn
 
     linears = [m for m in head.net if isinstance(m, nn.Linear)]
@@ -69,8 +104,12 @@ def head_layers(head: "torch.nn.Module") -> tuple[np.ndarray, np.ndarray, list[t
     return head.mean.float().numpy().copy(), head.std.float().numpy().copy(), layers
 
 
-def predict_proba(head: "torch.nn.Module", features: np.ndarray, batch: int = 4096) -> np.ndarray:
-    """Softmax probabilities of the (unfolded) torch head, in eval mode."""
+def predict_proba(head: "LinearHead | torch.nn.Module", features: np.ndarray, batch: int = 4096) -> np.ndarray:
+    """Softmax probabilities of the (unfolded) head; a torch head in eval mode."""
+    if isinstance(head, LinearHead):
+        logits = head.logits(features)
+        e = np.exp(logits - logits.max(1, keepdims=True))
+        return e / e.sum(1, keepdims=True)
     import torch
 
     head.eval()
@@ -82,7 +121,7 @@ def predict_proba(head: "torch.nn.Module", features: np.ndarray, batch: int = 40
     return np.concatenate(out) if out else np.zeros((0, 0), np.float32)
 
 
-def head_to_onnx(head: "torch.nn.Module", *, opset: int, ir_version: int, batch_dim: str | int | None = "batch",
+def head_to_onnx(head: "LinearHead | torch.nn.Module", *, opset: int, ir_version: int, batch_dim: str | int | None = "batch",
                  input_name: str = HEAD_INPUT) -> "onnx.ModelProto":
     """The head as an ONNX model: ``input_name`` (batch x features) -> ``probabilities``, ``label``."""
     import onnx

@@ -80,7 +80,8 @@ def finetune_tasks(source: Any, table, output, opts, start: float, ray: Any = No
     if output is not None:
         for p in [Path(output), *paths.values()]:
             check_output(p, opts.force)
-    prefetch_imports(report=output is not None)
+    stochastic = bool(opts.shared_hidden) or opts.train_config.method == "adamw"  # else every head is the probe
+    prefetch_imports(report=output is not None, optimizer=stochastic)
     t0 = time.perf_counter()
     model, card, notes = load_source(source, opts)
     timings["load"] = time.perf_counter() - t0

@@ -183,15 +183,17 @@ def refit_head(result: "PartialResult", head_only: Any, fit: Callable[..., Any],
     with a head fitted on train only). A tail that didn't help ships ``head_only`` (the head-only model's refit
     head, so the model is head-only's exactly); a trained tail gets the probe refit at its chosen strength on the
     features it now computes. ``fit(x_train, y_train, x_val, y_val)`` returns that head."""
+    from .heads import as_torch
+
     if not result.improved:
-        result.head = result.net.head = head_only
+        result.head = result.net.head = as_torch(head_only)
         result.refit = True
         return
     start = by_cut[planned.cut.key]
     train_rows, y_train = training_rows(planned, by_cut, by_view, train_idx)
     head = fit(result.net.feature_rows(train_rows), y_train,
                result.net.feature_rows(Rows([(start.features, val_idx)])), start.labels[val_idx])
-    result.head = result.net.head = head
+    result.head = result.net.head = as_torch(head)
     result.refit = True
 
 

@@ -20,7 +20,7 @@ from typing import Callable, Sequence
 
 import numpy as np
 
-from .heads import make_head, standardization
+from .heads import LinearHead, standardization
 from .train import few_threads
 
 # coarse: one per decade, refined to half decades around the best. Below 1e-5 a separable training set drives the
@@ -32,13 +32,13 @@ MAX_ITER = 500
 
 @dataclass
 class ProbeResult:
-    head: object  # torch head (linear), standardization in its buffers, eval mode
+    head: LinearHead  # its standardization included
     l2: float  # the chosen strength
     curve: list[dict[str, float]]  # per strength: l2, loss (train), val_loss, val_accuracy, iterations
     refit: bool  # refit on train + validation at the chosen strength
     seconds: float
     val_probabilities: np.ndarray = field(repr=False, default=None)  # of the model fitted on train only
-    train_only_head: object = field(repr=False, default=None)  # that model (LP-FT's phase 2 starts from it)
+    train_only_head: LinearHead = field(repr=False, default=None)  # that model (LP-FT's phase 2 starts from it)
 
     @property
     def best(self) -> dict[str, float]:
@@ -193,15 +193,9 @@ def fit_probe(x_train: np.ndarray, y_train: np.ndarray, x_val: np.ndarray, y_val
             w, b, _ = solve((x_all.astype(np.float64) - head_mean) / head_std, y_all, n_classes, chosen,
                             weights=class_weights, init=(w0, b0))
 
-    def linear_head(w, b, mean, std):
-        import torch
-
-        with torch.random.fork_rng(devices=[]):  # the random init is overwritten; the caller's RNG is left alone
-            head = make_head("linear", x_train.shape[1], n_classes, mean=mean, std=std)
-        with torch.no_grad():
-            head.net[-1].weight.copy_(torch.from_numpy(w))
-            head.net[-1].bias.copy_(torch.from_numpy(b))
-        return head.eval()
+    def linear_head(w, b, mean, std) -> LinearHead:
+        return LinearHead(np.asarray(mean, np.float32), np.asarray(std, np.float32), w.astype(np.float32),
+                          b.astype(np.float32))
 
     points = [curve[k] for k in sorted(curve)]
     return ProbeResult(linear_head(w, b, head_mean, head_std), chosen, points, refit, time.perf_counter() - start,

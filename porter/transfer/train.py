@@ -50,7 +50,7 @@ class TrainConfig:
 
 @dataclass
 class TrainResult:
-    head: object  # torch.nn.Module with the chosen weights, in eval mode
+    head: object  # heads.LinearHead (lbfgs), or a torch.nn.Module with the chosen weights in eval mode (adamw)
     method: str  # lbfgs | adamw
     loss: float  # train loss of the chosen model (before a refit)
     accuracy: float
@@ -145,19 +145,21 @@ def few_threads(small: bool):
     """One thread (torch's and the BLAS numpy uses) while ``small``: tiny matmuls run several times faster on one
     thread than on two, and on a busy machine OpenBLAS's spinning threads make them 10-20x slower (measured: the
     probe on 2883 x 64 features, 0.16 s alone vs 3 s beside another process); the caller's settings are restored."""
-    import torch
     from threadpoolctl import threadpool_limits
 
+    torch = sys.modules.get("torch")  # not imported: nothing in the block uses it (the probe runs on numpy)
     if not small:
         yield
         return
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
+    threads = torch.get_num_threads() if torch else None
+    if torch:
+        torch.set_num_threads(1)
     try:
         with threadpool_limits(limits=1, user_api="blas"):
             yield
     finally:
-        torch.set_num_threads(threads)
+        if torch:
+            torch.set_num_threads(threads)
 
 
 def _train(torch, nn, x_train, y_train, x_val, y_val, n_classes, config, log, mean, std, weights):
