@@ -70,7 +70,7 @@ class InputShapes:
             return shapes
         return cls(tuple((name, tuple(dims)) for name, dims in (shapes or {}).items()))
 
-    def __bool__(self) -> bool:
+    def __bool__(self) -> bool:  # none given reads as false, as the dict this replaces did
         return bool(self.entries)
 
     @property
