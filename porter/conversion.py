@@ -149,17 +149,11 @@ def settle_batch(model, run_source, opts: ConvertOptions, preprocess):
 
 def _check_named_shapes(opts: ConvertOptions, imported) -> None:
     """``--input-shape NAME:DIMS`` for an input the model doesn't have would be ignored without a word."""
-    names = [n for n in opts.input_shapes if n is not None]
-    known = set(imported.input_names or [])
-    unknown = [n for n in names if known and not any(_names_input(n, k) for k in known)]
+    known = imported.input_names or []
+    unknown = opts.input_shapes.unmatched(known)
     if unknown:
         raise UsageError(f"--input-shape names {', '.join(map(repr, unknown))}, but the model's inputs are "
-                         f"{', '.join(sorted(known))}")
-
-
-def _names_input(given: str, name: str) -> bool:
-    """Whether ``--input-shape GIVEN:...`` names the input ``name`` (TensorFlow's ``x:0`` spelling either way)."""
-    return given == name or given == f"{name}:0" or given.split(":")[0] == name.split(":")[0]
+                         f"{', '.join(sorted(set(known)))}")
 
 
 def _check_shapes_applied(opts: ConvertOptions, model) -> None:
@@ -167,16 +161,11 @@ def _check_shapes_applied(opts: ConvertOptions, model) -> None:
     be ignored without a word: the converted input must have the dims asked for wherever it has fixed ones."""
     from .graph.inspect import format_shape, graph_inputs
 
-    inputs = graph_inputs(model)
-    for name, dims in opts.input_shapes.items():
-        if name is None and len(opts.input_shapes) > 1:
+    inputs = {t.name: t for t in graph_inputs(model)}
+    for name, dims in opts.input_shapes.applied_to(list(inputs)):
+        t = inputs[name]
+        if not t.shape:
             continue
-        matches = [t for t in inputs if name is None or _names_input(name, t.name)]
-        if not matches and len(inputs) == 1 == len(opts.input_shapes):
-            matches = inputs  # the one input, under a name its source chose after reading the shape (keras:NAME)
-        if len(matches) != 1 or not matches[0].shape:
-            continue
-        t = matches[0]
         if len(t.shape) != len(dims) + 1:
             raise UsageError(f"--input-shape {','.join(map(str, dims))}: the model's input {t.name!r} is "
                              f"{format_shape(t.shape)}, {len(t.shape) - 1} dims after the batch; give that many")

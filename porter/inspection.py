@@ -74,7 +74,7 @@ class InspectReport:
             if c.cut:
                 lines.append(f"  cut: {c.cut}")
             if c.training:
-                lines.append("  training: " + ", ".join(f"{k} {v}" for k, v in c.training.items()
+                lines.append("  training: " + ", ".join(f"{k} {v}" for k, v in sorted(c.training.to_dict().items())
                                                         if not isinstance(v, (list, dict))))
             for k, v in sorted(c.provenance.items()):
                 lines.append(f"  {k}: {v}")

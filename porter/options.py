@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import MISSING, dataclass, field, fields
-from typing import Any
+from typing import Any, Mapping, Sequence
 
 from .errors import UsageError
 
@@ -50,11 +50,81 @@ def reject_unknown(cls: type, kwargs: dict[str, Any], what: str) -> None:
         raise UsageError(f"unknown {what} option(s): {', '.join(unknown)}; known: {', '.join(sorted(known))}")
 
 
+def names_input(given: str, name: str) -> bool:
+    """Whether ``--input-shape GIVEN:...`` names the input ``name`` (TensorFlow's ``x:0`` spelling either way)."""
+    return given == name or given == f"{name}:0" or given.split(":")[0] == name.split(":")[0]
+
+
+@dataclass(frozen=True)
+class InputShapes:
+    """``--input-shape [NAME:]DIMS`` as given: each input name (None for "the only input") with its dims without the
+    batch axis, in the order given. Built once (``of``) from the CLI's parse or the API's dict; the importers and the
+    conversion's checks ask it questions instead of indexing a mapping."""
+
+    entries: tuple[tuple[str | None, tuple[int, ...]], ...] = ()
+
+    @classmethod
+    def of(cls, shapes: "InputShapes | Mapping[str | None, Sequence[int]] | None") -> "InputShapes":
+        """The API's ``input_shapes={None: (H, W, C)}`` / ``{'name': dims}`` (or an InputShapes, or None: none)."""
+        if isinstance(shapes, InputShapes):
+            return shapes
+        return cls(tuple((name, tuple(dims)) for name, dims in (shapes or {}).items()))
+
+    def __bool__(self) -> bool:  # none given reads as false, as the dict this replaces did
+        return bool(self.entries)
+
+    @property
+    def named(self) -> tuple[str, ...]:
+        """The input names given (``NAME:DIMS``), in the order given."""
+        return tuple(name for name, _ in self.entries if name is not None)
+
+    @property
+    def unnamed(self) -> tuple[int, ...] | None:
+        """The dims given without a name (for a model's only input), if any."""
+        return next((dims for name, dims in self.entries if name is None), None)
+
+    def shape_for(self, name: str | None, n_inputs: int) -> tuple[int, ...] | None:
+        """The dims for the input ``name`` of a model with ``n_inputs`` inputs: given under exactly that name, else
+        the unnamed dims when it is the only input."""
+        for given, dims in self.entries:
+            if given == name:
+                return dims
+        return self.unnamed if n_inputs == 1 else None
+
+    def only_shape(self) -> tuple[int, ...] | None:
+        """The dims for a model with one input whose name is only known after it is built (keras:NAME picks
+        input_layer, input_1 ...): the unnamed dims, else the dims given under any one name."""
+        if self.unnamed is not None:
+            return self.unnamed
+        return self.entries[0][1] if len(self.entries) == 1 else None
+
+    def unmatched(self, input_names: Sequence[str]) -> list[str]:
+        """The names given that name none of ``input_names`` (by ``names_input``); none when those are unknown."""
+        if not input_names:
+            return []
+        return [n for n in self.named if not any(names_input(n, k) for k in input_names)]
+
+    def applied_to(self, input_names: Sequence[str]) -> list[tuple[str, tuple[int, ...]]]:
+        """Each shape given with the one input of ``input_names`` it is for; a shape that names no single input is
+        left out (unnamed dims name the only input, and a lone shape the lone input whatever the name it was given
+        under: its source chose the name after reading the shape)."""
+        applied = []
+        for name, dims in self.entries:
+            if name is None and len(self.entries) > 1:
+                continue
+            matches = [k for k in input_names if name is None or names_input(name, k)]
+            if not matches and len(input_names) == 1 == len(self.entries):
+                matches = list(input_names)
+            if len(matches) == 1:
+                applied.append((matches[0], dims))
+        return applied
+
+
 @dataclass(frozen=True)
 class ConvertOptions:
     opset: int = DEFAULT_OPSET
-    # input name (or None for "the only input") -> dims without the batch axis
-    input_shapes: dict[str | None, tuple[int, ...]] = field(default_factory=dict)
+    # the API takes the dict input_shapes={None: dims} / {'name': dims}: made an InputShapes on construction
+    input_shapes: InputShapes = field(default_factory=InputShapes)
     atol: float = 1e-4
     rtol: float = 1e-3
     validate: bool = True
@@ -82,6 +152,9 @@ class ConvertOptions:
                   "Keras model files and SavedModels")]
         return [f"{flag} is ignored: only {users} use it" for flag, on, used, users in given if on and not used]
 
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "input_shapes", InputShapes.of(self.input_shapes))
+
     @classmethod
     def from_kwargs(cls, **kwargs: Any) -> "ConvertOptions":
         reject_unknown(cls, kwargs, "convert")
@@ -96,10 +169,3 @@ class ConvertOptions:
         if not 7 <= int(kwargs.get("opset", DEFAULT_OPSET)) <= 21:
             raise UsageError(f"opset {kwargs['opset']} is out of range; porter supports opsets 7 to 21 (default {DEFAULT_OPSET})")
         return cls(**kwargs)
-
-    def shape_for(self, name: str, n_inputs: int) -> tuple[int, ...] | None:
-        if name in self.input_shapes:
-            return self.input_shapes[name]
-        if None in self.input_shapes and n_inputs == 1:
-            return self.input_shapes[None]
-        return None

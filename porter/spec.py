@@ -209,11 +209,142 @@ class ParityRecord:
 
 
 @dataclass(frozen=True)
+class PartialTraining:
+    """Partial fine-tuning's figures in a training record (its ``partial_*`` keys)."""
+
+    start: str | None = None  # the tensor the trained tail starts at
+    layers: int | None = None  # the weight-carrying layers it trained
+    lr: float | None = None
+    best_epoch: int | None = None
+    kept: str | None = None  # "partial" (the tail beat the head alone on validation) or "head-only"
+    head_only_val_accuracy: float | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"partial_start": self.start, "partial_layers": self.layers, "partial_lr": self.lr,
+                "partial_best_epoch": self.best_epoch, "partial_kept": self.kept,
+                "head_only_val_accuracy": self.head_only_val_accuracy}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "PartialTraining | None":
+        """The ``partial_*`` keys of a training record's JSON, or None when it has none."""
+        if not any(key in d for key in cls().to_dict()):
+            return None
+        kept = d.get("partial_kept")
+        return cls(_text(d.get("partial_start")), _count(d.get("partial_layers"), least=1),
+                   _within(d.get("partial_lr")), _count(d.get("partial_best_epoch"), least=1),
+                   kept if kept in ("partial", "head-only") else None,
+                   _within(d.get("head_only_val_accuracy"), 0.0, 1.0))
+
+
+@dataclass(frozen=True)
+class TaskTraining:
+    """One task's figures in a multi-task training record: the strength chosen on validation and its scores."""
+
+    name: str
+    type: str  # classification | regression
+    # chosen: a head of its own -> l2 (the linear probe) or alpha (the ridge); a shared trunk -> hidden and weight
+    l2: float | None = None
+    alpha: float | None = None
+    hidden: int | None = None  # the shared layer's units
+    weight: float | None = None  # this task's weight in the joint loss
+    accuracy: float | None = None  # classification
+    mae: float | None = None  # regression, in the target's units
+    rmse: float | None = None
+    r2: float | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        figures = {"l2": self.l2, "alpha": self.alpha, "hidden": self.hidden, "weight": self.weight,
+                   "accuracy": self.accuracy, "mae": self.mae, "rmse": self.rmse, "r2": self.r2}
+        return {"name": self.name, "type": self.type, **{k: v for k, v in figures.items() if v is not None}}
+
+    @classmethod
+    def from_dict(cls, d: Any) -> "TaskTraining | None":
+        if not isinstance(d, dict) or not isinstance(d.get("name"), str) or d.get("type") not in (
+                "classification", "regression"):
+            return None
+        return cls(d["name"], d["type"], l2=_within(d.get("l2")), alpha=_within(d.get("alpha")),
+                   hidden=_count(d.get("hidden"), least=1), weight=_within(d.get("weight")),
+                   accuracy=_within(d.get("accuracy"), 0.0, 1.0), mae=_within(d.get("mae")),
+                   rmse=_within(d.get("rmse")), r2=_within(d.get("r2"), -math.inf, 1.0))
+
+
+@dataclass(frozen=True)
+class TrainingRecord:
+    """What ``porter finetune`` records about the training (``porter.training``): one head trained on classes, or
+    (``tasks``) the heads of a multi-task model. ``to_dict`` is the JSON porter has always written there, so files
+    from older versions read the same; read from metadata defensively (untrusted input): a missing, wrongly typed or
+    impossible value reads as absent."""
+
+    examples: dict[str, int] = field(default_factory=dict)  # {"train": n, "val": n}
+    seed: int | None = None  # never negative: numpy refuses negative seeds
+    data: str | None = None  # where the data came from
+    # one head on classes
+    head: str | None = None  # transfer.options.HEADS
+    method: str | None = None  # lbfgs | adamw
+    l2: float | None = None  # lbfgs: the L2 strength chosen on validation
+    lr: float | None = None  # adamw: the learning rate and weight decay chosen on validation
+    weight_decay: float | None = None
+    best_epoch: int | None = None  # adamw, 1-based
+    epochs_run: int | None = None
+    val_accuracy: float | None = None
+    val_loss: float | None = None
+    train_accuracy: float | None = None
+    class_counts: dict[str, int] = field(default_factory=dict)
+    features: int | None = None  # the width of the features at the cut
+    skipped: int | None = None  # unreadable files left out
+    source_parity: ParityRecord | None = None  # the conversion's check, when the source was converted first
+    partial: PartialTraining | None = None  # partial fine-tuning (--unfreeze / --train-from)
+    augment: tuple[str, ...] = ()  # the augmentations whose views trained the head
+    views: int | None = None  # augmented views per training image
+    # several targets (--task): each task's figures; the fields above for one head stay None
+    tasks: tuple[TaskTraining, ...] | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        if self.tasks is not None:
+            return {"tasks": [t.to_dict() for t in self.tasks], "examples": dict(self.examples), "seed": self.seed,
+                    "data": self.data}
+        chosen = {"l2": self.l2, "lr": self.lr, "weight_decay": self.weight_decay}
+        d: dict[str, Any] = {
+            "head": self.head, "method": self.method, **{k: v for k, v in chosen.items() if v is not None},
+            "best_epoch": self.best_epoch, "epochs_run": self.epochs_run, "val_accuracy": self.val_accuracy,
+            "val_loss": self.val_loss, "train_accuracy": self.train_accuracy, "examples": dict(self.examples),
+            "class_counts": dict(self.class_counts), "features": self.features, "seed": self.seed, "data": self.data,
+            "skipped": self.skipped, "source_parity": self.source_parity.to_dict() if self.source_parity else None}
+        if self.partial is not None:
+            d.update(self.partial.to_dict())
+        if self.augment:
+            d.update(augment=",".join(self.augment), views=self.views)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: Any) -> "TrainingRecord | None":
+        """The record in ``d`` (``to_dict``'s shape), or None when ``d`` is not a JSON object."""
+        if not isinstance(d, dict):
+            return None
+        tasks, augment = d.get("tasks"), d.get("augment")
+        return cls(
+            examples=_counts(d.get("examples")), seed=_count(d.get("seed")), data=_text(d.get("data")),
+            head=_text(d.get("head")), method=d["method"] if d.get("method") in ("lbfgs", "adamw") else None,
+            l2=_within(d.get("l2")), lr=_within(d.get("lr")), weight_decay=_within(d.get("weight_decay")),
+            best_epoch=_count(d.get("best_epoch"), least=1), epochs_run=_count(d.get("epochs_run"), least=1),
+            val_accuracy=_within(d.get("val_accuracy"), 0.0, 1.0), val_loss=_within(d.get("val_loss")),
+            train_accuracy=_within(d.get("train_accuracy"), 0.0, 1.0),
+            class_counts=_counts(d.get("class_counts")), features=_count(d.get("features"), least=1),
+            skipped=_count(d.get("skipped")), source_parity=ParityRecord.from_dict(d.get("source_parity")),
+            partial=PartialTraining.from_dict(d),
+            augment=tuple(augment.split(",")) if isinstance(augment, str) and augment else (),
+            views=_count(d.get("views"), least=1),
+            tasks=tuple(t for t in map(TaskTraining.from_dict, tasks) if t is not None) if isinstance(tasks, list)
+            else None)
+
+
+@dataclass(frozen=True)
 class ModelCard:
     """What porter records about a model, serialized under ``porter.*`` in ONNX ``metadata_props``.
 
     ``provenance`` holds importer-specific facts (exporter used, TF.js format, generatedBy ...) as
-    string pairs; ``training`` holds fine-tuning figures; ``cut`` the tensor a fine-tuned head is attached to.
+    string pairs; ``training`` holds fine-tuning figures (a TrainingRecord); ``cut`` the tensor a fine-tuned head is
+    attached to.
     """
 
     source: str
@@ -225,7 +356,7 @@ class ModelCard:
     parity: ParityRecord | None = None
     provenance: dict[str, str] = field(default_factory=dict)
     cut: str | None = None
-    training: dict[str, Any] | None = None
+    training: TrainingRecord | None = None
     batch: dict[str, Any] | None = None  # graph.batch.BatchPlan.to_dict(): dynamic / freed / fixed at a size
     source_form: str | None = None  # sources.SourceRef.form: "object" / "module" = an in-memory model
     weights: str | None = None  # the named pretrained weights the source was built with (keras.applications)
@@ -261,7 +392,7 @@ class ModelCard:
         if self.cut is not None:
             m["porter.cut"] = self.cut
         if self.training is not None:
-            m["porter.training"] = json.dumps(self.training, sort_keys=True)
+            m["porter.training"] = json.dumps(self.training.to_dict(), sort_keys=True)
         if self.batch is not None:
             m["porter.batch"] = json.dumps(self.batch, sort_keys=True)
         if self.source_form is not None:
@@ -291,7 +422,7 @@ class ModelCard:
             parity=ParityRecord.from_dict(_json_dict(props.get("porter.parity"))),
             provenance=_str_dict(_json_value(props.get("porter.provenance"))),
             cut=props.get("porter.cut"),
-            training=_json_dict(props.get("porter.training")),
+            training=TrainingRecord.from_dict(_json_dict(props.get("porter.training"))),
             batch=_batch(_json_dict(props.get("porter.batch"))),
             source_form=props.get("porter.source_form"),
             weights=props.get("porter.weights"),
@@ -350,6 +481,26 @@ def _finite_float(v: Any) -> float | None:
 
 def _finite(v: Any) -> bool:
     return _finite_float(v) is not None
+
+
+def _within(v: Any, low: float = 0.0, high: float = math.inf) -> float | None:
+    """A finite JSON number in [low, high] as a float, or None (a figure no training produces reads as absent)."""
+    f = _finite_float(v)
+    return f if f is not None and low <= f <= high else None
+
+
+def _count(v: Any, least: int = 0) -> int | None:
+    """A JSON integer of at least ``least`` (not a bool), or None."""
+    return v if isinstance(v, int) and not isinstance(v, bool) and v >= least else None
+
+
+def _counts(v: Any) -> dict[str, int]:
+    """A JSON object of counts (examples per split, per class); entries that aren't a count are left out."""
+    return {str(k): n for k, n in v.items() if _count(n) is not None} if isinstance(v, dict) else {}
+
+
+def _text(v: Any) -> str | None:
+    return v if isinstance(v, str) else None
 
 
 def _preprocess(text: str | None) -> "PreprocessSpec | None":

@@ -38,7 +38,7 @@ def test_image_folder_end_to_end(tmp_path):
     assert card.preprocess.mode == "unit" and card.preprocess.layout == "NCHW" and card.preprocess.size == (8, 8)
     assert card.cut == "pool"  # the model's own global pooling, the old Gemm cut off
     assert card.source == "test:gemm" and card.provenance["finetuned_from"] == str(src)
-    assert card.training["head"] == "linear" and card.training["examples"] == {"train": 30, "val": 6}  # round(12 * 0.2) per class
+    assert card.training.head == "linear" and card.training.examples == {"train": 30, "val": 6}  # round(12 * 0.2) per class
     assert card.parity.passed and card.parity.outputs["probabilities"].max_abs < 1e-4
     metrics = json.loads(report_files(out)[1].read_text())
     assert metrics["labels"] == ["blue", "green", "red"]

@@ -81,7 +81,7 @@ def test_corrupt_images_are_skipped_counted_and_listed(src, out, tmp_path):
     assert sorted(s["file"] for s in skipped) == ["green/empty.jpg", "red/broken.png"]
     assert all(s["error"] for s in skipped)
     assert json.loads(report_files(out)[1].read_text())["data"]["skipped"] == skipped
-    assert r.card.training["skipped"] == 2
+    assert r.card.training.skipped == 2
     assert r.metrics["features"]["examples"] == 18
     assert "skipped: 2 unreadable file(s)" in r.summary()
 

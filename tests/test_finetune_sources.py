@@ -37,7 +37,7 @@ def test_finetune_from_every_importer(name, tmp_path):
     assert [o.name for o in model.graph.output] == ["probabilities", "label"]
     card = ModelCard.from_onnx(model)
     assert card.labels == ("blue", "green", "red") and card.preprocess.mode == "unit"
-    assert card.framework != "onnx" and card.training["source_parity"]["passed"]  # converted with parity first
+    assert card.framework != "onnx" and card.training.source_parity.passed  # converted with parity first
     assert card.parity.passed and card.parity.outputs["probabilities"].max_abs < 1e-4
     assert any(n.startswith("converted ") for n in r.notes)
     # the merged model runs on the preprocessed images and agrees with its own label output

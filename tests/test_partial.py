@@ -189,7 +189,7 @@ def test_partial_finetune_writes_the_tail_back_and_equals_tail_plus_head(tmp_pat
     assert p["improved"] and p["best_epoch"] >= 1
     assert r.metrics["check"]["passed"] and r.metrics["check"]["translation_max_scaled_diff"] < 1e-5
     assert out.with_name("tuned.finetune.png").stat().st_size > 0
-    assert r.card.training["partial_layers"] == 3 and r.card.training["partial_kept"] == "partial"
+    assert r.card.training.partial.layers == 3 and r.card.training.partial.kept == "partial"
     assert "tail: 3 layers from mp" in r.summary() and "head only val_loss" in r.summary()
     assert "check: merged model == torch tail + head on the tail's cached input" in r.summary()
 

@@ -79,7 +79,7 @@ def test_against_source_runs_the_importer_on_the_same_inputs(tmp_path, monkeypat
     p = load(model, device="cpu")
     report = bench(p, "1,2", min_seconds=0.0, warmup=0, source=lambda: load_source(p))
     assert seen["ref"].location == str(src) and seen["opts"].validate is False
-    assert seen["opts"].input_shapes[None] == (3, 8, 8)
+    assert seen["opts"].input_shapes.unnamed == (3, 8, 8)
     assert report.source_engine == "fakeflow" and [r.batch_size for r in report.source_rows] == [1, 2]
     assert report.max_abs_diff == {1: 0.0, 2: 0.0}
     assert "fakeflow p50 ms" in report.to_table() and "x" in report.to_table().splitlines()[2]

@@ -8,7 +8,8 @@ import pytest
 from onnx import helper
 
 from porter.errors import UsageError
-from porter.spec import ModelCard, OutputFigures, ParityRecord, PreprocessSpec
+from porter.spec import (ModelCard, OutputFigures, ParityRecord, PartialTraining, PreprocessSpec, TaskTraining,
+                         TrainingRecord)
 
 
 def _apply(spec: PreprocessSpec, pixels: np.ndarray) -> np.ndarray:
@@ -65,7 +66,9 @@ def test_model_card_round_trip_through_onnx_file(tmp_path):
     card = ModelCard(source="keras:MobileNetV2", framework="keras", porter_version="0.1.0",
                      framework_versions={"keras": "3"}, preprocess=PreprocessSpec.preset("tf", size=(96, 96)),
                      labels=("cat", "dog"), parity=ParityRecord(True, {"y": OutputFigures(max_abs=1e-7)}, 1e-4, 1e-3, (1, 3), 0),
-                     provenance={"exporter": "tf2onnx"}, cut="features", training={"epochs": 3})
+                     provenance={"exporter": "tf2onnx"}, cut="features",
+                     training=TrainingRecord(examples={"train": 3, "val": 1}, seed=0, head="linear", method="lbfgs",
+                                             l2=0.01))
     card.apply_to(model)
     card.apply_to(model)  # idempotent: no duplicate keys
     path = tmp_path / "m.onnx"
@@ -91,6 +94,42 @@ def test_the_parity_record_is_typed_and_read_defensively():
     assert huge == ParityRecord(True, {"y": OutputFigures()}, None)  # not an OverflowError
     props = {"porter.source": "keras:x", "porter.parity": "{not json"}
     assert ModelCard.from_metadata(props).parity is None
+
+
+def test_the_training_record_is_typed_and_reads_what_porter_wrote():
+    """porter.training as earlier versions wrote it (one head with partial fine-tuning and augmented views; a
+    multi-task model with a shared trunk) reads into the typed record and writes back the same JSON."""
+    one_head = {"head": "linear", "method": "lbfgs", "l2": 0.01, "best_epoch": None, "epochs_run": None,
+                "val_accuracy": 0.9, "val_loss": 0.25, "train_accuracy": 1.0, "examples": {"train": 30, "val": 6},
+                "class_counts": {"cat": 18, "dog": 18}, "features": 1280, "seed": 0, "data": "/data/pets",
+                "skipped": 0, "source_parity": ParityRecord(True, {"y": OutputFigures(1e-6, 1e-5, 1e-6)}, 1e-4, 1e-3,
+                                                            (1, 3), 0).to_dict(),
+                "partial_start": "block_16/add", "partial_layers": 3, "partial_lr": 1e-4, "partial_best_epoch": 4,
+                "partial_kept": "partial", "head_only_val_accuracy": 0.85, "augment": "flip,crop", "views": 2}
+    record = TrainingRecord.from_dict(one_head)
+    assert record.to_dict() == one_head
+    assert record.partial == PartialTraining("block_16/add", 3, 1e-4, 4, "partial", 0.85)
+    assert record.augment == ("flip", "crop") and record.source_parity.passed and record.l2 == 0.01
+    tasks = {"tasks": [{"name": "kind", "type": "classification", "hidden": 64, "weight": 0.5, "accuracy": 0.75},
+                       {"name": "age", "type": "regression", "alpha": 2.0, "mae": 1.5, "rmse": 2.0, "r2": -0.25}],
+             "examples": {"train": 40, "val": 10}, "seed": 3, "data": "table.csv"}
+    record = TrainingRecord.from_dict(tasks)
+    assert record.to_dict() == tasks
+    assert record.tasks[1] == TaskTraining("age", "regression", alpha=2.0, mae=1.5, rmse=2.0, r2=-0.25)
+
+
+def test_the_training_record_reads_malformed_values_as_absent():
+    for bad in (None, [], "x", 3):
+        assert TrainingRecord.from_dict(bad) is None
+    odd = TrainingRecord.from_dict({"head": 3, "method": "sgd", "l2": -1.0, "lr": "big", "best_epoch": 0,
+                                    "val_accuracy": 1.5, "train_accuracy": float("nan"), "val_loss": 10 ** 400,
+                                    "examples": {"train": -1, "val": True, "test": 2}, "class_counts": [1, 2],
+                                    "features": 0, "skipped": 2.5, "seed": True, "source_parity": {"passed": 1},
+                                    "partial_layers": "3", "partial_kept": "all", "augment": ["flip"], "views": -2,
+                                    "tasks": [{"name": "a", "type": "clustering"}, {"name": "b", "type": "regression",
+                                                                                    "r2": 2.0, "mae": -1}, 7]})
+    assert odd == TrainingRecord(examples={"test": 2}, partial=PartialTraining(),
+                                 tasks=(TaskTraining("b", "regression"),))  # not an OverflowError
 
 
 @pytest.mark.parametrize("key, value", [

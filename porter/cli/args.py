@@ -7,6 +7,7 @@ import argparse
 from typing import Callable, Sequence
 
 from ..errors import UsageError
+from ..options import InputShapes
 from ..spec import PRESETS
 
 COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {}
@@ -30,12 +31,13 @@ def parse_dims(text: str) -> tuple[int, ...]:
     return dims
 
 
-def parse_input_shapes(values: Sequence[str] | None) -> dict[str | None, tuple[int, ...]]:
+def parse_input_shapes(values: Sequence[str] | None) -> InputShapes:
+    """``--input-shape [NAME:]DIMS`` flags (repeatable; a name given twice keeps its last dims)."""
     shapes: dict[str | None, tuple[int, ...]] = {}
     for v in values or ():
         name, sep, dims = v.rpartition(":") if ":" in v else ("", "", v)
         shapes[name or None] = parse_dims(dims)
-    return shapes
+    return InputShapes.of(shapes)
 
 
 def parse_floats(text: str | None, what: str) -> tuple[float, ...] | None:

@@ -89,10 +89,7 @@ def load_application(name: str, opts: ConvertOptions):
     ctor = getattr(keras.applications, name)
     weights: Any = opts.weights or "imagenet"
     kwargs: dict[str, Any] = {}
-    # an application has one input, whose name Keras picks (input_layer, input_1 ...): a shape under any one name
-    # is its shape
-    named = list(opts.input_shapes.values())
-    shape = opts.shape_for(None, 1) or (named[0] if len(named) == 1 else None)
+    shape = opts.input_shapes.only_shape()  # its one input's name is Keras' choice (input_layer, input_1 ...)
     if shape:
         kwargs["input_shape"] = tuple(shape)
     if weights.lower() == "none":
@@ -217,7 +214,7 @@ def _input_specs(model, opts: ConvertOptions):
         name = _tensor_name(t)
         dims = list(t.shape[1:])
         if any(d is None for d in dims):
-            given = opts.shape_for(name, n)
+            given = opts.input_shapes.shape_for(name, n)
             if given is None:
                 example = ",".join("224" if d is None else str(d) for d in dims)
                 raise UsageError(f"input {name!r} has unknown dims {['?' if d is None else d for d in t.shape]}; give "
@@ -388,7 +385,7 @@ def import_savedmodel(ref: SourceRef, opts: ConvertOptions) -> ImportedModel:
         s = kw_specs[name]
         dims = list(s.shape[1:])
         if any(d is None for d in dims):
-            given = opts.shape_for(name, len(names))
+            given = opts.input_shapes.shape_for(name, len(names))
             if given is None:
                 raise UsageError(f"SavedModel input {name!r} has unknown dims {s.shape}; give --input-shape "
                                  f"{name}:" + ",".join("N" if d is None else str(d) for d in dims))

@@ -17,7 +17,7 @@ import numpy as np
 
 from .. import __version__
 from ..errors import UsageError, ValidationError
-from ..spec import ModelCard, OutputFigures, ParityRecord, PreprocessSpec
+from ..spec import ModelCard, OutputFigures, ParityRecord, PartialTraining, PreprocessSpec, TrainingRecord
 from .data import Dataset, load_data
 from .features import Features, InputGeometry
 from .inputs import batch_dim as batch_dim_of
@@ -384,26 +384,20 @@ def _card(card: ModelCard, dataset: Dataset, spec, cut: str, metrics: dict, sour
     provenance["finetuned_from"] = str(source) if isinstance(source, (str, os.PathLike)) else card.source
     if card.labels:
         provenance["original_classes"] = str(len(card.labels))
-    t = metrics["training"]
-    training = {
-        "head": t["head"], "method": t["method"], **{k: v for k, v in t["chosen"].items()},
-        "best_epoch": t["best_epoch"], "epochs_run": t["epochs_run"], "val_accuracy": metrics["final"]["val_accuracy"],
-        "val_loss": round(metrics["final"]["val_loss"], 6), "train_accuracy": round(metrics["final"]["accuracy"], 6),
-        "examples": metrics["examples"], "class_counts": metrics["data"]["class_counts"],
-        "features": metrics["cut"]["features"], "seed": metrics["training"]["seed"],
-        "data": dataset.source, "skipped": len(metrics["data"]["skipped"]),
-        "source_parity": card.parity.to_dict() if card.parity else None,
-    }
-    if metrics["partial"]:
-        p = metrics["partial"]
-        training.update(partial_start=p["start"], partial_layers=len(p["layers"]), partial_lr=p["lr"],
-                        partial_best_epoch=p["best_epoch"], partial_kept=p["kept"],
-                        head_only_val_accuracy=p["head_only"]["val_accuracy"])
-    if metrics["augment"]:
-        training.update(augment=",".join(metrics["augment"]["ops"]), views=metrics["augment"]["views"])
+    t, final, p, a = metrics["training"], metrics["final"], metrics["partial"], metrics["augment"]
+    training = TrainingRecord(
+        examples=metrics["examples"], seed=t["seed"], data=dataset.source, head=t["head"], method=t["method"],
+        l2=t["chosen"].get("l2"), lr=t["chosen"].get("lr"), weight_decay=t["chosen"].get("weight_decay"),
+        best_epoch=t["best_epoch"], epochs_run=t["epochs_run"], val_accuracy=final["val_accuracy"],
+        val_loss=round(final["val_loss"], 6), train_accuracy=round(final["accuracy"], 6),
+        class_counts=metrics["data"]["class_counts"], features=metrics["cut"]["features"],
+        skipped=len(metrics["data"]["skipped"]), source_parity=card.parity,
+        partial=PartialTraining(p["start"], len(p["layers"]), p["lr"], p["best_epoch"], p["kept"],
+                                p["head_only"]["val_accuracy"]) if p else None,
+        augment=tuple(a["ops"]) if a else (), views=a["views"] if a else None)
     parity = ParityRecord(True, {"probabilities": OutputFigures(check["max_abs_diff"], check["max_rel_diff"],
                                                                check["scaled"], check["label_agreement"])},
-                          check["atol"], check["rtol"], (check["examples"],), metrics["training"]["seed"],
+                          check["atol"], check["rtol"], (check["examples"],), t["seed"],
                           check=check["what"])
     return card.with_(labels=tuple(dataset.classes), preprocess=spec, cut=cut, training=training,
                       parity=parity, provenance=provenance, porter_version=__version__)

@@ -10,8 +10,8 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from ..spec import ParityRecord
-from .multitask import card_tasks, fit_joint, fit_tasks, heads_to_onnx, output_names, reference_outputs
+from ..spec import ParityRecord, TaskTraining, TrainingRecord
+from .multitask import TaskResult, card_tasks, fit_joint, fit_tasks, heads_to_onnx, output_names, reference_outputs
 from .tables import Task
 
 CHECK_ATOL, CHECK_RTOL = 1e-4, 1e-3
@@ -175,10 +175,9 @@ def finetune_tasks(source: Any, table, output, opts, start: float, ray: Any = No
         "seed": opts.seed, "val_split": opts.val_split,
     }
     new_card = card.with_(labels=None, preprocess=spec, cut=cut.name, tasks=card_tasks(results),
-                          training={"tasks": [{"name": r.task.name, "type": r.task.type, **r.chosen,
-                                               **{k: v for k, v in r.validation.items()
-                                                  if k in ("accuracy", "mae", "rmse", "r2")}} for r in results],
-                                    "examples": metrics["examples"], "seed": opts.seed, "data": dataset.source},
+                          training=TrainingRecord(
+                              tasks=tuple(_task_training(r) for r in results),
+                              examples=metrics["examples"], seed=opts.seed, data=dataset.source),
                           parity=ParityRecord.from_dict({
                               "check": "merged model vs backbone features -> heads (on validation examples)",
                               "passed": True, "atol": CHECK_ATOL, "rtol": CHECK_RTOL,
@@ -278,3 +277,11 @@ def tasks_summary(m: dict[str, Any], source: str, path, seconds: float, report: 
         lines.append("  report: " + ", ".join(str(p) for p in report.values()))
     lines += [f"  note: {n}" for n in notes]
     return "\n".join(lines)
+
+
+def _task_training(r: TaskResult) -> TaskTraining:
+    """A task's line in the card's training record: what was chosen on validation, and its headline scores."""
+    v = r.validation
+    return TaskTraining(r.task.name, r.task.type, l2=r.chosen.get("l2"), alpha=r.chosen.get("alpha"),
+                        hidden=r.chosen.get("hidden"), weight=r.chosen.get("weight"), accuracy=v.get("accuracy"),
+                        mae=v.get("mae"), rmse=v.get("rmse"), r2=v.get("r2"))

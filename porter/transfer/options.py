@@ -14,20 +14,52 @@ HEADS = ("linear", "mlp")  # the head architectures (heads.make_head builds them
 
 
 @dataclass(frozen=True)
-class FinetuneOptions:
-    """Everything ``porter finetune`` can be told; the CLI builds one of these, as a pipeline would."""
+class TrainConfig:
+    """The head trainer's settings (``train.train_head``): the one definition of each training default. Here, not in
+    ``train``, so that FinetuneOptions (which the CLI reads without numpy) takes its training keywords' defaults from
+    it; ``FinetuneOptions.train_config`` maps those keywords into one of these."""
 
-    epochs: int = 100  # upper bound: early stopping on the validation loss decides
+    epochs: int = 100
     batch_size: int = 32
-    lr: float | None = None  # None: linear -> L-BFGS probe; mlp -> chosen from a small grid. Given: AdamW at this lr
-    weight_decay: float | None = None  # linear probe: the L2 strength; AdamW's weight decay (None: chosen)
-    head: str = "linear"  # linear | mlp
+    lr: float | None = None  # None: linear -> the L-BFGS probe; mlp -> chosen on validation from train.MLP_LR_GRID
+    weight_decay: float | None = None  # linear probe: the L2 strength (None: chosen); AdamW's decay otherwise
+    head: str = "linear"  # one of HEADS
     hidden: int = 256  # mlp hidden units
-    dropout: float | None = None  # default 0.0 for linear, 0.2 for mlp
-    patience: int = 20
-    val_split: float = 0.2
+    dropout: float = 0.0
+    patience: int = 20  # epochs without a better validation loss before stopping
+    lr_patience: int = 5  # epochs without improvement before the learning rate is halved
     balance: bool = False  # class weights for imbalanced data
-    seed: int = 0
+    seed: int = 0  # weight init, shuffling, dropout
+    refit: bool = True  # linear probe: refit on train + validation at the chosen strength
+
+    @property
+    def method(self) -> str:
+        """``lbfgs`` (the linear probe solved to its optimum) or ``adamw`` (stochastic, early-stopped)."""
+        return "lbfgs" if self.head == "linear" and self.lr is None else "adamw"
+
+
+TRAIN_DEFAULTS = TrainConfig()  # FinetuneOptions' training keywords default to these
+
+
+@dataclass(frozen=True)
+class FinetuneOptions:
+    """Everything ``porter finetune`` can be told; the CLI builds one of these, as a pipeline would.
+
+    The head trainer's keywords (epochs ... seed) stay flat, as ``porter.finetune(epochs=...)`` takes them; their
+    defaults are TrainConfig's and ``train_config`` maps them into one."""
+
+    epochs: int = TRAIN_DEFAULTS.epochs  # upper bound: early stopping on the validation loss decides
+    batch_size: int = TRAIN_DEFAULTS.batch_size
+    lr: float | None = TRAIN_DEFAULTS.lr  # given: AdamW at this lr (and partial fine-tuning's default is lr / 10)
+    weight_decay: float | None = TRAIN_DEFAULTS.weight_decay
+    head: str = TRAIN_DEFAULTS.head
+    hidden: int = TRAIN_DEFAULTS.hidden
+    # None: 0.2 for mlp, 0.0 for linear (head_dropout): TrainConfig takes the number, so this default is the option's
+    dropout: float | None = None
+    patience: int = TRAIN_DEFAULTS.patience
+    val_split: float = 0.2
+    balance: bool = TRAIN_DEFAULTS.balance
+    seed: int = TRAIN_DEFAULTS.seed  # also the validation split's and the augmented views'
     cut: str | None = None  # auto (default) | backbone | search | a tensor name (see porter.graph.cuts.plan_cuts)
     image_size: tuple[int, int] | None = None  # (H, W) for backbones without a fixed size
     preprocess: str | None = None  # raw | unit | tf | torch | caffe (default: the model's metadata)
@@ -153,10 +185,8 @@ class FinetuneOptions:
         return self.dropout if self.dropout is not None else (0.2 if self.head == "mlp" else 0.0)
 
     @property
-    def train_config(self):
-        """The head trainer's settings (train.TrainConfig), made in this one place from these options."""
-        from .train import TrainConfig
-
+    def train_config(self) -> TrainConfig:
+        """The head trainer's settings, made in this one place from these options."""
         return TrainConfig(epochs=self.epochs, batch_size=self.batch_size, lr=self.lr, weight_decay=self.weight_decay,
                            head=self.head, hidden=self.hidden, dropout=self.head_dropout, patience=self.patience,
                            balance=self.balance, seed=self.seed)

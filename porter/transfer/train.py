@@ -21,31 +21,11 @@ import numpy as np
 from ..errors import DataError
 from ..runtime.session import check_fits
 from .heads import make_head, standardization
+from .options import TrainConfig
 
 
 MLP_LR_GRID = (1e-3, 3e-3)
 MLP_WEIGHT_DECAY_GRID = (1e-4, 1e-2)
-
-
-@dataclass(frozen=True)
-class TrainConfig:
-    epochs: int = 100
-    batch_size: int = 32
-    lr: float | None = None  # None: linear -> the L-BFGS probe; mlp -> chosen on validation from MLP_LR_GRID
-    weight_decay: float | None = None  # linear probe: the L2 strength (None: chosen); AdamW's decay otherwise
-    head: str = "linear"
-    hidden: int = 256
-    dropout: float = 0.0
-    patience: int = 20  # epochs without a better validation loss before stopping
-    lr_patience: int = 5  # epochs without improvement before the learning rate is halved
-    balance: bool = False
-    seed: int = 0
-    refit: bool = True  # linear probe: refit on train + validation at the chosen strength
-
-    @property
-    def method(self) -> str:
-        """``lbfgs`` (the linear probe solved to its optimum) or ``adamw`` (stochastic, early-stopped)."""
-        return "lbfgs" if self.head == "linear" and self.lr is None else "adamw"
 
 
 @dataclass

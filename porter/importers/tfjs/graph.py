@@ -343,7 +343,7 @@ def apply_input_shapes(gd, inputs: list[Endpoint], opts) -> None:
             continue
         shape = node.attr["shape"].shape
         if shape.unknown_rank:
-            given = opts.shape_for(ep.name, len(inputs))
+            given = opts.input_shapes.shape_for(ep.name, len(inputs))
             if given is None:
                 raise UsageError(f"graph-model input {ep.name!r} has unknown rank; give its dims without the batch "
                                  f"axis, e.g. --input-shape {ep.name}:224,224,3")
@@ -354,7 +354,7 @@ def apply_input_shapes(gd, inputs: list[Endpoint], opts) -> None:
                 shape.dim.add().size = int(g)
             continue
         dims = [d.size for d in shape.dim]
-        given = opts.shape_for(ep.name, len(inputs))
+        given = opts.input_shapes.shape_for(ep.name, len(inputs))
         if given is not None:
             if len(given) != len(dims) - 1 or any(d not in (-1, g) for d, g in zip(dims[1:], given)):
                 raise UsageError(f"--input-shape {','.join(map(str, given))} does not fit graph-model input "

@@ -108,11 +108,11 @@ def resolve_inputs(module, opts, what: str) -> list[InputSpec]:
     import torch
 
     names = forward_input_names(module)
-    given = {k for k in opts.input_shapes if k is not None}
+    given = set(opts.input_shapes.named)
     if names is None:  # forward(*args): the user's --input-shape names are the inputs
         if given:
             names = sorted(given)
-        elif None in opts.input_shapes:
+        elif opts.input_shapes.unnamed is not None:
             names = ["input"]
         else:
             raise UsageError(f"{what} takes forward(*args), so porter can't tell its inputs; give each input's dims "
@@ -126,7 +126,7 @@ def resolve_inputs(module, opts, what: str) -> list[InputSpec]:
     declared = declared_shapes(module, len(names)) or []
     specs, missing = [], []
     for i, name in enumerate(names):
-        shape = opts.shape_for(name, len(names))
+        shape = opts.input_shapes.shape_for(name, len(names))
         if shape is not None:
             dtype = declared[i][1] if declared else torch.float32
             specs.append(InputSpec(name, tuple(int(d) for d in shape), dtype))
