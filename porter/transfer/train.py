@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import functools
 import math
 import sys
 import time
@@ -120,13 +121,20 @@ def train_head(x_train: np.ndarray, y_train: np.ndarray, x_val: np.ndarray, y_va
     return best
 
 
+@functools.cache
+def blas_threads():
+    """threadpoolctl's view of the loaded BLAS libraries, made once: scanning them costs ~3 ms a time with
+    TensorFlow and torch loaded (7% of a probe)."""
+    from threadpoolctl import ThreadpoolController
+
+    return ThreadpoolController()
+
+
 @contextlib.contextmanager
 def few_threads(small: bool):
     """One thread (torch's and the BLAS numpy uses) while ``small``: tiny matmuls run several times faster on one
     thread than on two, and on a busy machine OpenBLAS's spinning threads make them 10-20x slower (measured: the
     probe on 2883 x 64 features, 0.16 s alone vs 3 s beside another process); the caller's settings are restored."""
-    from threadpoolctl import threadpool_limits
-
     torch = sys.modules.get("torch")  # not imported: nothing in the block uses it (the probe runs on numpy)
     if not small:
         yield
@@ -135,7 +143,7 @@ def few_threads(small: bool):
     if torch:
         torch.set_num_threads(1)
     try:
-        with threadpool_limits(limits=1, user_api="blas"):
+        with blas_threads().limit(limits=1, user_api="blas"):
             yield
     finally:
         if torch:
