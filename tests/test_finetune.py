@@ -306,3 +306,21 @@ def test_a_cache_entry_that_does_not_describe_the_data_is_recomputed(tmp_path, d
     rewritten = np.load(entry)
     assert sorted(rewritten["index"].tolist()) == list(range(18)) and np.isfinite(rewritten["features"]).all()
     assert finetune(src, data, epochs=2, progress=False).features_cached  # the rewritten entry is good
+
+
+def test_the_default_finetune_never_imports_torch(tmp_path):
+    """The linear probe runs on numpy + scipy and its head is arrays (heads.LinearHead): a default finetune, report
+    included, leaves torch unloaded (importing it costs ~1.4 s, most of a run whose features are cached)."""
+    import subprocess
+    import sys
+
+    data = make_folder(tmp_path / "data", modes=("RGB",))
+    src = save(build("gemm"), tmp_path / "gemm.onnx")
+    code = ("import sys, porter; r = porter.finetune(sys.argv[1], sys.argv[2], sys.argv[3], progress=False); "
+            "print(r.val_accuracy); print(sorted(m for m in sys.modules if m.split('.')[0] == 'torch'))")
+    out = subprocess.run([sys.executable, "-c", code, str(src), str(data), str(tmp_path / "t.onnx")],
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    accuracy, modules = out.stdout.splitlines()[-2:]
+    assert float(accuracy) >= 0.85 and (tmp_path / "t.onnx").is_file()
+    assert modules == "[]"
