@@ -62,6 +62,7 @@ for (const g of json.weightsManifest) for (const p of g.paths) {
 def download(url: str, cache: Path) -> bytes:
     path = cache / url.rsplit("/", 1)[-1]
     if not path.exists():
+        cache.mkdir(parents=True, exist_ok=True)
         with urllib.request.urlopen(url, timeout=60) as r:
             data = r.read(MAX_BYTES + 1)
         if len(data) > MAX_BYTES:

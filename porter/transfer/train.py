@@ -15,7 +15,7 @@ import math
 import sys
 import time
 from dataclasses import dataclass, field, replace
-from typing import Callable, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 
@@ -103,7 +103,7 @@ def train_head(x_train: np.ndarray, y_train: np.ndarray, x_val: np.ndarray, y_va
     decays = (config.weight_decay,) if config.weight_decay is not None else MLP_WEIGHT_DECAY_GRID
     mean, std = standardization(x_train)
     width = config.hidden if config.head == "mlp" else n_classes
-    with few_threads(config.batch_size * x_train.shape[1] * width < 4_000_000):
+    with few_threads(config.batch_size * x_train.shape[1] * width < 4_000_000, torch):
         runs = []
         for lr in lrs:
             for wd in decays:
@@ -131,22 +131,23 @@ def blas_threads():
 
 
 @contextlib.contextmanager
-def few_threads(small: bool):
-    """One thread (torch's and the BLAS numpy uses) while ``small``: tiny matmuls run several times faster on one
-    thread than on two, and on a busy machine OpenBLAS's spinning threads make them 10-20x slower (measured: the
-    probe on 2883 x 64 features, 0.16 s alone vs 3 s beside another process); the caller's settings are restored."""
-    torch = sys.modules.get("torch")  # not imported: nothing in the block uses it (the probe runs on numpy)
+def few_threads(small: bool, torch: Any = None):
+    """One thread while ``small`` -- the BLAS numpy uses, and ``torch``'s when the block trains with it: tiny matmuls
+    run several times faster on one thread than on two, and on a busy machine OpenBLAS's spinning threads make them
+    10-20x slower (measured: the probe on 2883 x 64 features, 0.16 s alone vs 3 s beside another process); the
+    caller's settings are restored. torch is passed, not looked up: the probe never loads it, and a background
+    thread may be importing it meanwhile (steps.prefetch_imports)."""
     if not small:
         yield
         return
-    threads = torch.get_num_threads() if torch else None
-    if torch:
+    threads = torch.get_num_threads() if torch is not None else None
+    if torch is not None:
         torch.set_num_threads(1)
     try:
         with blas_threads().limit(limits=1, user_api="blas"):
             yield
     finally:
-        if torch:
+        if torch is not None:
             torch.set_num_threads(threads)
 
 
