@@ -168,10 +168,10 @@ def child_porter(args) -> dict:
     wall = time.perf_counter() - start
     rss = peak_rss_mb()
     acc = _test_accuracy(out, args.data / "test")
-    f = result.metrics["features"]
+    f = result.metrics.features
     return {"wall_s": wall, "test_accuracy": acc, "peak_rss_mb": rss, "features_cached": result.features_cached,
-            "extract_images_per_s": f["per_second"], "extract_s": f["seconds"], "timings": result.timings,
-            "epochs_run": result.metrics["training"]["epochs_run"], "version": porter.__version__}
+            "extract_images_per_s": f.per_second, "extract_s": f.seconds, "timings": result.timings,
+            "epochs_run": result.metrics.training.epochs_run, "version": porter.__version__}
 
 
 def _test_accuracy(model_path: Path, test_dir: Path) -> float:

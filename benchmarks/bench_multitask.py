@@ -51,8 +51,8 @@ def table(work: Path) -> Path:
     return path
 
 
-def figure(t: dict) -> float:
-    return t["validation"]["accuracy"] if t["type"] == "classification" else t["validation"]["r2"]
+def figure(t) -> float:  # a porter.transfer.metrics.TaskMetrics
+    return t.validation["accuracy"] if t.type == "classification" else t.validation["r2"]
 
 
 def main(argv=None) -> int:
@@ -84,10 +84,10 @@ def main(argv=None) -> int:
     finally:
         shutil.rmtree(work, ignore_errors=True)
     rows = {"joint_s": round(joint_s, 3), "single_s": [round(s, 3) for s, _ in singles],
-            "joint": {t["name"]: figure(t) for t in joint.metrics["tasks"]},
-            "single": {r.metrics["tasks"][0]["name"]: figure(r.metrics["tasks"][0]) for _, r in singles},
-            "shared_trunk_s": round(trunk_s, 3), "shared_trunk": {t["name"]: figure(t) for t in trunk.metrics["tasks"]},
-            "shared_trunk_epochs": trunk.metrics["shared_trunk"]["epochs_run"]}
+            "joint": {t.name: figure(t) for t in joint.metrics.tasks},
+            "single": {r.metrics.tasks[0].name: figure(r.metrics.tasks[0]) for _, r in singles},
+            "shared_trunk_s": round(trunk_s, 3), "shared_trunk": {t.name: figure(t) for t in trunk.metrics.tasks},
+            "shared_trunk_epochs": trunk.metrics.shared_trunk.epochs_run}
     if args.json:
         print(json.dumps(rows, indent=2))
         return 0

@@ -92,13 +92,13 @@ def porter_run(src: Path, train: Path, out: Path, test_x, test_y, **options) -> 
     t = time.perf_counter()
     r = finetune(src, train, out, cut="backbone", cache_dir=cache, progress=False, force=True, **options)
     wall = time.perf_counter() - t
-    p = r.metrics["partial"]
+    p = r.metrics.partial
     row = {"wall_s": round(wall, 3), "test_accuracy": test_accuracy(r.model, test_x, test_y),
            "val_accuracy": r.val_accuracy}
     if p:
-        row.update(layers=len(p["layers"]), layer_names=[l["node"] for l in p["layers"]],
-                   head_only_val_accuracy=p["head_only"]["val_accuracy"], best_epoch=p["best_epoch"],
-                   kept=p["kept"], trainable_parameters=p["trainable_parameters"])
+        row.update(layers=len(p.layers), layer_names=[l.node for l in p.layers],
+                   head_only_val_accuracy=p.head_only.val_accuracy, best_epoch=p.best_epoch,
+                   kept=p.kept, trainable_parameters=p.trainable_parameters)
     shutil.rmtree(cache, ignore_errors=True)
     return row
 

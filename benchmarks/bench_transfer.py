@@ -117,10 +117,10 @@ def run_task(name: str, work: Path, copies: int) -> dict:
     (wall, r), (wall_cached, r_cached) = runs
     assert r_cached.features_cached
     row["porter"] = {"wall_s": round(wall, 3), "cached_wall_s": round(wall_cached, 3),
-                     "test_accuracy": porter_test_accuracy(r.model, test_x, test_y), "cut": r.metrics["cut"]["kind"],
-                     "cut_tensor": r.metrics["cut"]["tensor"], "features": r.metrics["cut"]["features"],
-                     "candidates": len(r.metrics["cut_search"]) or 1,
-                     "l2": r.metrics["training"]["chosen"].get("l2")}
+                     "test_accuracy": porter_test_accuracy(r.model, test_x, test_y), "cut": r.metrics.cut.kind,
+                     "cut_tensor": r.metrics.cut.tensor, "features": r.metrics.cut.features,
+                     "candidates": len(r.metrics.cut_search) or 1,
+                     "l2": r.metrics.training.chosen.l2}
 
     # the same pooled backbone features for scikit-learn and porter's probe
     import onnx

@@ -94,11 +94,11 @@ def test_merged_model_is_backbone_plus_appended_pooling_plus_head(converted, tmp
     model = converted["classmap"]
     x, y = digits((5, 6, 7, 8, 9), n_per_class=40)
     r = finetune(model, (x, y), cut="backbone", cache=False, progress=False)
-    cut = r.metrics["cut"]
-    assert cut["pooled"] == [2, 3] and cut["features"] == 64 and r.metrics["training"]["method"] == "lbfgs"
+    cut = r.metrics.cut
+    assert cut.pooled == [2, 3] and cut.features == 64 and r.metrics.training.method == "lbfgs"
     assert r.val_accuracy > 0.85
     images = x[:24].astype(np.float32) / 255.0  # the "unit" preprocessing the Keras model was trained with
-    (fmap,) = run(model, images, [cut["tensor"]])[-1:]
+    (fmap,) = run(model, images, [cut.tensor])[-1:]
     feats = fmap.mean(axis=(2, 3))
     from porter.transfer.heads import head_layers
 
@@ -149,10 +149,10 @@ def test_search_picks_the_cut_that_has_the_answer():
     pixels[..., 0] = np.where(y[:, None, None] == 1, rng.integers(150, 256, (n, 8, 8)), rng.integers(0, 100, (n, 8, 8)))
     pixels = pixels.astype(np.uint8)
     r = finetune(model, (pixels[:120], y[:120]), preprocess="unit", cache=False, progress=False)
-    search = {row["tensor"]: row for row in r.metrics["cut_search"]}
-    assert set(search) >= {"pool", "block"} and search["block"]["chosen"] and not search["pool"]["chosen"]
-    assert search["block"]["val_loss"] < search["pool"]["val_loss"] - search["block"]["val_loss_se_vs_first"]
-    assert r.metrics["cut"]["tensor"] == "block" and r.metrics["cut"]["pooled"] == [2, 3]
+    search = {row.tensor: row for row in r.metrics.cut_search}
+    assert set(search) >= {"pool", "block"} and search["block"].chosen and not search["pool"].chosen
+    assert search["block"].val_loss < search["pool"].val_loss - search["block"].val_loss_se_vs_first
+    assert r.metrics.cut.tensor == "block" and r.metrics.cut.pooled == [2, 3]
     assert "chosen on validation among" in r.summary() and "<- chosen" in r.summary()
     from porter.imaging import to_tensor
 
@@ -173,9 +173,9 @@ def test_search_for_an_mlp_head_chooses_its_own_l2_and_leaves_the_adamw_settings
                  cache=False, progress=False)
     from porter.transfer.probe import L2_GRID
 
-    assert len(r.metrics["cut_search"]) >= 2
-    assert all(row["l2"] != 0.3 and min(L2_GRID) <= row["l2"] <= max(L2_GRID) for row in r.metrics["cut_search"])
-    assert r.metrics["training"]["method"] == "adamw" and r.metrics["training"]["chosen"]["weight_decay"] == 0.3
+    assert len(r.metrics.cut_search) >= 2
+    assert all(row.l2 != 0.3 and min(L2_GRID) <= row.l2 <= max(L2_GRID) for row in r.metrics.cut_search)
+    assert r.metrics.training.method == "adamw" and r.metrics.training.chosen.weight_decay == 0.3
 
 
 @pytest.mark.parametrize("source", [str(HEADS / "dense1.keras"),
@@ -190,4 +190,4 @@ def test_second_finetune_from_a_converted_source_reads_the_cache(source, tmp_pat
     assert not first.features_cached and list(cache.glob("*.npz"))
     second = finetune(source, data, preprocess="unit", head="mlp", hidden=8, epochs=3, cache_dir=cache, progress=False)
     assert second.features_cached  # converted afresh, other generated tensor names, same fingerprint
-    assert second.metrics["cut"]["tensor"] == first.metrics["cut"]["tensor"]
+    assert second.metrics.cut.tensor == first.metrics.cut.tensor

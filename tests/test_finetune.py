@@ -75,16 +75,16 @@ def test_other_classifier_endings_and_nhwc(tmp_path, kind):
     r = finetune(save(build(kind), tmp_path / "m.onnx"), data, None, epochs=5, progress=False)
     assert r.path is None and r.report == {}
     assert r.card.preprocess.layout == ("NHWC" if kind in ("matmul_add", "reducemean") else "NCHW")
-    assert r.metrics["cut"]["features"] == 4
+    assert r.metrics.cut.features == 4
     assert not list(tmp_path.glob("*.json"))
 
 
 def test_classmaps_head_is_cut_off_and_the_feature_map_pooled(tmp_path):
     data = make_folder(tmp_path / "data", n=6)
     r = finetune(save(build("classmaps"), tmp_path / "m.onnx"), data, epochs=3, progress=False)
-    cut = r.metrics["cut"]
-    assert cut["tensor"] == "relu" and cut["pooled"] == [2, 3] and cut["features"] == 4  # not the 5 old class scores
-    assert "class-map head" in cut["reason"] and "average-pooled" in r.summary()
+    cut = r.metrics.cut
+    assert cut.tensor == "relu" and cut.pooled == [2, 3] and cut.features == 4  # not the 5 old class scores
+    assert "class-map head" in cut.reason and "average-pooled" in r.summary()
 
 
 def test_mlp_head_balance_and_options_land_in_metrics(tmp_path):
@@ -93,9 +93,9 @@ def test_mlp_head_balance_and_options_land_in_metrics(tmp_path):
         Image.fromarray(np.full((8, 8, 3), COLORS["red"], np.uint8)).save(data / "red" / f"x{i}.png")
     r = finetune(save(build("gemm"), tmp_path / "m.onnx"), data, head="mlp", hidden=16, balance=True, epochs=4,
                  patience=2, progress=False)
-    t = r.metrics["training"]
-    assert t["head"] == "mlp" and t["hidden"] == 16 and t["dropout"] == 0.2
-    w = t["class_weights"]
+    t = r.metrics.training
+    assert t.head == "mlp" and t.hidden == 16 and t.dropout == 0.2
+    w = t.class_weights
     assert w[2] < w[0] == pytest.approx(w[1])
     gemms = [n for n in r.model.graph.node if n.op_type == "Gemm" and n.name.startswith("porter/head")]
     assert len(gemms) == 2
@@ -173,7 +173,7 @@ def test_csv_for_a_vector_model(tmp_path):
     model = onnx.load(out)
     assert model.opset_import[0].version == 13 and model.ir_version == 7  # the backbone's, kept
     assert ModelCard.from_onnx(model).labels == ("no", "yes")
-    assert r.metrics["cut"]["tensor"] == "t"
+    assert r.metrics.cut.tensor == "t"
     prob, label = run(model, x)
     assert (label == y).mean() > 0.95
     assert r.card.preprocess is None
@@ -185,12 +185,12 @@ def test_numpy_arrays_pixels_and_vectors(tmp_path):
     colors = np.array(list(COLORS.values()))
     pixels = np.clip(colors[y][:, None, None, :] + rng.normal(0, 20, (24, 8, 8, 3)), 0, 255).astype(np.uint8)
     r = finetune(save(build("gemm"), tmp_path / "m.onnx"), (pixels, y), epochs=20, progress=False)
-    assert r.labels == ("0", "1", "2") and r.metrics["data"]["kind"] == "pixels"
+    assert r.labels == ("0", "1", "2") and r.metrics.data.kind == "pixels"
     prob, label = run(r.model, porter.imaging.to_tensor(list(pixels), r.card.preprocess, 3))
     assert (label == y).mean() > 0.9
     x, yv = blobs()
     r = finetune(vector_model(), (x, np.where(yv == 1, "pos", "neg")), epochs=20, progress=False)
-    assert r.labels == ("neg", "pos") and r.metrics["data"]["kind"] == "vectors"
+    assert r.labels == ("neg", "pos") and r.metrics.data.kind == "vectors"
 
 
 def test_progress_goes_to_stderr(tmp_path, capsys):
@@ -247,7 +247,7 @@ def test_fixed_batch_onnx_model(tmp_path):
             dims[0].dim_value = 1
     data = make_folder(tmp_path / "data", n=7)
     r = finetune(save(model, tmp_path / "b1.onnx"), data, epochs=3, feature_batch_size=4, progress=False)
-    assert r.metrics["features"]["examples"] == 21
+    assert r.metrics.features.examples == 21
     assert r.model.graph.input[0].type.tensor_type.shape.dim[0].dim_value == 1
     prob, label = run(r.model, np.zeros((1, 3, 8, 8), np.float32))
     assert prob.shape == (1, 3) and label.shape == (1,)

@@ -77,12 +77,12 @@ def test_corrupt_images_are_skipped_counted_and_listed(src, out, tmp_path):
     (data / "red" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"garbage" * 10)
     (data / "green" / "empty.jpg").write_bytes(b"")
     r = finetune(src, data, out, epochs=2, progress=False)
-    skipped = r.metrics["data"]["skipped"]
-    assert sorted(s["file"] for s in skipped) == ["green/empty.jpg", "red/broken.png"]
-    assert all(s["error"] for s in skipped)
-    assert json.loads(report_files(out)[1].read_text())["data"]["skipped"] == skipped
+    skipped = r.metrics.data.skipped
+    assert sorted(s.file for s in skipped) == ["green/empty.jpg", "red/broken.png"]
+    assert all(s.error for s in skipped)
+    assert json.loads(report_files(out)[1].read_text())["data"]["skipped"] == [s.to_dict() for s in skipped]
     assert r.card.training.skipped == 2
-    assert r.metrics["features"]["examples"] == 18
+    assert r.metrics.features.examples == 18
     assert "skipped: 2 unreadable file(s)" in r.summary()
 
 

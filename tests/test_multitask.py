@@ -66,15 +66,15 @@ def test_image_table_gives_one_model_with_an_output_group_per_task(tmp_path, mod
     card = ModelCard.from_onnx(m)
     assert [t["name"] for t in card.tasks] == ["color", "area"] and card.labels is None
     assert card.tasks[0]["labels"] == ["blue", "green", "red"] and card.tasks[1]["type"] == "regression"
-    tasks = {t["name"]: t for t in r.metrics["tasks"]}
-    assert tasks["color"]["inferred"] and not tasks["area"]["inferred"]
-    assert tasks["color"]["validation"]["accuracy"] >= 0.9
-    assert tasks["area"]["validation"]["r2"] >= 0.9  # the area is what the pixels say
+    tasks = {t.name: t for t in r.metrics.tasks}
+    assert tasks["color"].inferred and not tasks["area"].inferred
+    assert tasks["color"].validation["accuracy"] >= 0.9
+    assert tasks["area"].validation["r2"] >= 0.9  # the area is what the pixels say
     # blanks mask a row out of that task only; the row with no label at all (row 71: i=70) is skipped and reported
-    assert tasks["color"]["labelled"] == sum(1 for x in rows if x["color"] != "")
-    assert tasks["area"]["labelled"] == sum(1 for x in rows if x["area"] != "")
+    assert tasks["color"].labelled == sum(1 for x in rows if x["color"] != "")
+    assert tasks["area"].labelled == sum(1 for x in rows if x["area"] != "")
     unlabelled = [f"row {i + 1}" for i, x in enumerate(rows) if x["color"] == "" and x["area"] == ""]
-    assert r.metrics["data"]["unlabelled_rows"] == unlabelled and any("no label for any task" in n for n in r.notes)
+    assert r.metrics.data.unlabelled_rows == unlabelled and any("no label for any task" in n for n in r.notes)
     assert set(r.report.values()) == {out.with_name(f"tasks.{n}") for n in (
         "metrics.json", "color.confusion.png", "color.training.png", "area.training.png")}
     assert all(p.stat().st_size > 0 for p in r.report.values())
@@ -104,16 +104,16 @@ def test_each_task_equals_the_same_task_trained_alone(tmp_path, model):
     table, rows = image_table(tmp_path)
     both = finetune(model, table, tasks=["color", "area:regression"], progress=False)
     alone = finetune(model, table, tasks=["color"], progress=False)
-    a, b = both.metrics["tasks"][0], alone.metrics["tasks"][0]
-    assert a["validation"]["accuracy"] == b["validation"]["accuracy"] and a["chosen"] == b["chosen"]
+    a, b = both.metrics.tasks[0], alone.metrics.tasks[0]
+    assert a.validation["accuracy"] == b.validation["accuracy"] and a.chosen == b.chosen
     from porter.transfer.heads import head_layers
 
     (m1, s1, [(w1, b1)]), (m2, s2, [(w2, b2)]) = head_layers(both.head[0]), head_layers(alone.head[0])
     assert all(np.array_equal(p, q) for p, q in ((m1, m2), (s1, s2), (w1, w2), (b1, b2)))
     # the regression head is the ridge strength with the best validation R² of its curve
-    reg = both.metrics["tasks"][1]
-    assert reg["chosen"]["alpha"] in [c["alpha"] for c in reg["curve"]]
-    assert reg["validation"]["r2"] == pytest.approx(max(c["val_r2"] for c in reg["curve"]), abs=1e-9)
+    reg = both.metrics.tasks[1]
+    assert reg.chosen.alpha in [c["alpha"] for c in reg.curve]
+    assert reg.validation["r2"] == pytest.approx(max(c["val_r2"] for c in reg.curve), abs=1e-9)
     # the regression task alone: its split is a seeded shuffle (nothing to stratify on), so its 16-row validation
     # figure differs by chance; on every labelled image both models' R² agree within a point
     area_alone = finetune(model, table, tasks=["area:regression"], progress=False)
@@ -131,10 +131,10 @@ def test_each_task_equals_the_same_task_trained_alone(tmp_path, model):
 def test_type_inference_and_jsonl(tmp_path, model):
     table, _ = image_table(tmp_path, fmt="jsonl")
     r = finetune(model, table, progress=False)  # every non-path column is a task, types inferred
-    kinds = {t["name"]: t["type"] for t in r.metrics["tasks"]}
+    kinds = {t.name: t.type for t in r.metrics.tasks}
     assert kinds == {"color": "classification", "area": "classification"}  # 6 distinct integers: classes
     r = finetune(model, table, tasks=["area:regression"], progress=False)
-    assert [t["type"] for t in r.metrics["tasks"]] == ["regression"]
+    assert [t.type for t in r.metrics.tasks] == ["regression"]
 
 
 def test_vector_table_with_two_targets(tmp_path):
@@ -142,10 +142,10 @@ def test_vector_table_with_two_targets(tmp_path):
 
     path = TABLES / "vectors.csv"
     r = finetune(vector_model(), path, tasks=["kind", "level"], progress=False)
-    t = {t["name"]: t for t in r.metrics["tasks"]}
-    assert t["kind"]["type"] == "classification" and t["level"]["type"] == "regression"  # inferred: floats
-    assert t["level"]["labelled"] == 120 - len(range(0, 120, 9))  # every 9th level blank
-    assert t["kind"]["validation"]["accuracy"] > 0.8 and t["level"]["validation"]["r2"] > 0.5
+    t = {t.name: t for t in r.metrics.tasks}
+    assert t["kind"].type == "classification" and t["level"].type == "regression"  # inferred: floats
+    assert t["level"].labelled == 120 - len(range(0, 120, 9))  # every 9th level blank
+    assert t["kind"].validation["accuracy"] > 0.8 and t["level"].validation["r2"] > 0.5
 
 
 def test_bad_tables_are_one_line_errors(tmp_path, model):
@@ -188,7 +188,7 @@ def test_missing_image_files_are_skipped_and_named(tmp_path, model):
     table, rows = image_table(tmp_path)
     (tmp_path / rows[5]["path"]).unlink()
     r = finetune(model, table, tasks=["color"], progress=False)
-    assert [s["file"] for s in r.metrics["data"]["skipped"]] == [str(tmp_path / rows[5]["path"])]
+    assert [s.file for s in r.metrics.data.skipped] == [str(tmp_path / rows[5]["path"])]
 
 
 def test_predict_shows_every_task(tmp_path, model, porter_cli):
@@ -242,26 +242,26 @@ def test_shared_trunk_trains_jointly_and_exports_one_trunk(tmp_path, model):
     assert set(r.report.values()) == {out.with_name(f"trunk.{n}") for n in (
         "metrics.json", "color.confusion.png", "shared.training.png")}
     assert all(p.is_file() for p in r.report.values())
-    j = r.metrics["shared_trunk"]
-    assert j["hidden"] == 16 and 1 <= j["best_epoch"] <= j["epochs_run"] <= 150
+    j = r.metrics.shared_trunk
+    assert j.hidden == 16 and 1 <= j.best_epoch <= j.epochs_run <= 150
     # default weights: each task's loss normalized by its initial value
-    assert j["weights"]["color"] == pytest.approx(1 / j["initial_losses"][0])
-    assert j["weights"]["area"] == pytest.approx(1 / j["initial_losses"][1])
+    assert j.weights["color"] == pytest.approx(1 / j.initial_losses[0])
+    assert j.weights["area"] == pytest.approx(1 / j.initial_losses[1])
     # each task's own best epoch is reported beside the joint one, read off its own validation curve
     for name, key in (("color", "val_accuracy"), ("area", "val_r2")):
-        h, own = j["history"]["tasks"][name], j["task_best"][name]
-        assert len(h["val_loss"]) == len(h[key]) == j["epochs_run"]
+        h, own = j.history["tasks"][name], j.task_best[name]
+        assert len(h["val_loss"]) == len(h[key]) == j.epochs_run
         assert own["epoch"] == 1 + int(np.argmin(h["val_loss"])) and own["val_loss"] == min(h["val_loss"])
         assert own["at_kept_epoch"]["val_loss"] >= own["val_loss"]
     # the kept epoch's figures are the shipped model's: its R² on validation equals the report's
-    assert j["task_best"]["area"]["at_kept_epoch"]["val_r2"] == pytest.approx(
-        r.metrics["tasks"][1]["validation"]["r2"], abs=1e-4)
-    assert r.metrics["tasks"][0]["validation"]["accuracy"] == pytest.approx(
-        j["task_best"]["color"]["at_kept_epoch"]["val_accuracy"])
+    assert j.task_best["area"]["at_kept_epoch"]["val_r2"] == pytest.approx(
+        r.metrics.tasks[1].validation["r2"], abs=1e-4)
+    assert r.metrics.tasks[0].validation["accuracy"] == pytest.approx(
+        j.task_best["color"]["at_kept_epoch"]["val_accuracy"])
     m = onnx.load(out)
     gemms = [n for n in m.graph.node if n.op_type == "Gemm" and n.output[0].startswith("porter/head/")]
     assert len(gemms) == 3  # the trunk once, then one layer per task
-    assert r.metrics["tasks"][0]["validation"]["accuracy"] >= 0.8
+    assert r.metrics.tasks[0].validation["accuracy"] >= 0.8
     # the ONNX equals the trunk + task layers computed by hand
     from porter.graph.cuts import choose_cut
     from porter.graph.surgery import extract_backbone
@@ -283,7 +283,7 @@ def test_shared_trunk_trains_jointly_and_exports_one_trunk(tmp_path, model):
     assert again.model.SerializeToString() == r.model.SerializeToString()  # seeded
     w = finetune(model, table, tasks=["color", "area:regression"], shared_hidden=16, epochs=5,
                  task_weights=["area=0"], progress=False)
-    assert w.metrics["shared_trunk"]["weights"]["area"] == 0.0
+    assert w.metrics.shared_trunk.weights["area"] == 0.0
 
 
 def test_task_weights_are_checked(tmp_path, model):

@@ -180,14 +180,14 @@ def test_partial_finetune_writes_the_tail_back_and_equals_tail_plus_head(tmp_pat
     data = make_folder(tmp_path / "data", n=16)
     out = tmp_path / "tuned.onnx"
     r = finetune(src, data, out, unfreeze=2, finetune_lr=3e-3, finetune_epochs=8, progress=False)
-    p = r.metrics["partial"]
-    assert p["start"] == "mp" and [l["node"] for l in p["layers"]] == ["depthwise", "pointwise", "last"]
-    assert p["trainable_parameters"] == 8 * 9 + 8 + 64 + 8 + 128 + 8
-    assert len(p["history"]["val_loss"]) == p["epochs_run"] + 1  # epoch 0: the head alone
-    assert p["head_only"]["val_loss"] == p["history"]["val_loss"][0]
-    assert p["partial"]["val_loss"] == min(p["history"]["val_loss"]) <= p["head_only"]["val_loss"]
-    assert p["improved"] and p["best_epoch"] >= 1
-    assert r.metrics["check"]["passed"] and r.metrics["check"]["translation_max_scaled_diff"] < 1e-5
+    p = r.metrics.partial
+    assert p.start == "mp" and [l.node for l in p.layers] == ["depthwise", "pointwise", "last"]
+    assert p.trainable_parameters == 8 * 9 + 8 + 64 + 8 + 128 + 8
+    assert len(p.history["val_loss"]) == p.epochs_run + 1  # epoch 0: the head alone
+    assert p.head_only.val_loss == p.history["val_loss"][0]
+    assert p.partial.val_loss == min(p.history["val_loss"]) <= p.head_only.val_loss
+    assert p.improved and p.best_epoch >= 1
+    assert r.metrics.check.passed and r.metrics.check.translation_max_scaled_diff < 1e-5
     assert out.with_name("tuned.finetune.png").stat().st_size > 0
     assert r.card.training.partial.layers == 3 and r.card.training.partial.kept == "partial"
     assert "tail: 3 layers from mp" in r.summary() and "head only val_loss" in r.summary()
@@ -223,7 +223,7 @@ def test_unfreeze_zero_is_the_head_only_model(tmp_path):
     data = make_folder(tmp_path / "data")
     a = finetune(src, data, cut="backbone", progress=False)
     b = finetune(src, data, cut="backbone", unfreeze=0, progress=False)
-    assert b.metrics["partial"] is None
+    assert b.metrics.partial is None
     assert a.model.SerializeToString() == b.model.SerializeToString()
 
 
@@ -232,8 +232,8 @@ def test_a_tail_that_does_not_help_leaves_the_weights_unchanged(tmp_path):
     data = make_folder(tmp_path / "data")
     # a learning rate this large only makes validation worse: epoch 0 (the head alone) is kept
     r = finetune(src, data, unfreeze=1, finetune_lr=50.0, finetune_epochs=2, patience=2, progress=False)
-    p = r.metrics["partial"]
-    assert not p["improved"] and p["kept"] == "head-only" and p["best_epoch"] == 0
+    p = r.metrics.partial
+    assert not p.improved and p.kept == "head-only" and p.best_epoch == 0
     original = {t.name: numpy_helper.to_array(t) for t in onnx.load(src).graph.initializer}
     for t in r.model.graph.initializer:
         if t.name in original:
@@ -241,7 +241,7 @@ def test_a_tail_that_does_not_help_leaves_the_weights_unchanged(tmp_path):
     assert "kept the head-only model" in r.summary()
     # ... and the head is head-only's (refit on train + validation), so the model is head-only's, weight for weight
     head_only = finetune(src, data, cut="backbone", progress=False).model
-    assert p["head_refit"]
+    assert p.head_refit
     assert ({t.name: t.SerializeToString() for t in r.model.graph.initializer}
             == {t.name: t.SerializeToString() for t in head_only.graph.initializer})
     assert [n.SerializeToString() for n in r.model.graph.node] == [n.SerializeToString() for n in head_only.graph.node]
@@ -251,8 +251,8 @@ def test_a_tail_that_helps_ships_the_probe_refit_on_its_features(tmp_path):
     src = _src(tmp_path)
     data = make_folder(tmp_path / "data", n=16)
     r = finetune(src, data, unfreeze=2, finetune_lr=3e-3, finetune_epochs=8, progress=False)
-    p = r.metrics["partial"]
-    assert p["improved"] and p["head_refit"]
+    p = r.metrics.partial
+    assert p.improved and p.head_refit
     # the shipped head is the linear probe at the chosen L2 on the trained tail's features of train + validation:
     # its standardization is theirs (all 16 x 3 images), not the training split's
     shipped = r.model  # the written-back graph: its backbone cut (gap) is the source's
@@ -302,8 +302,8 @@ def test_finetune_with_views_trains_on_them_and_repeats_exactly(tmp_path):
     data = make_folder(tmp_path / "data")
     a = finetune(src, data, augment="crop,color", views=3, cache=False, progress=False)
     b = finetune(src, data, augment=["crop", "color"], views=3, cache=False, progress=False)
-    n_train = a.metrics["examples"]["train"]
-    assert a.metrics["augment"]["views"] == 3 and a.metrics["augment"]["examples"] == 3 * n_train
+    n_train = a.metrics.examples.train
+    assert a.metrics.augment.views == 3 and a.metrics.augment.examples == 3 * n_train
     assert a.model.SerializeToString() == b.model.SerializeToString()
     c = finetune(src, data, augment="crop,color", views=3, seed=1, cache=False, progress=False)
     assert c.model.SerializeToString() != a.model.SerializeToString()

@@ -170,11 +170,11 @@ def test_malformed_quantization_metadata_is_not_a_crash(tmp_path, porter_cli):
 def test_finetune_int8_writes_a_gated_int8_model_beside_it(tmp_path, images):
     src = save(colour_net(), tmp_path / "backbone.onnx")
     result = porter.finetune(src, images, tmp_path / "ft.onnx", progress=False, int8=True)
-    q = result.metrics["int8"]
+    q = result.metrics.int8
     assert result.int8 is not None and result.int8_refusal is None
-    assert (tmp_path / "ft.int8.onnx").is_file() and q["path"] == str(tmp_path / "ft.int8.onnx")
-    assert q["gate"]["inputs"] == result.metrics["examples"]["val"] and q["gate"]["drop_points"] <= 1.0
-    assert q["val_accuracy_fp32"] is not None and q["val_accuracy_int8"] is not None
+    assert (tmp_path / "ft.int8.onnx").is_file() and q.path == str(tmp_path / "ft.int8.onnx")
+    assert q.gate["inputs"] == result.metrics.examples.val and q.gate["drop_points"] <= 1.0
+    assert q.val_accuracy_fp32 is not None and q.val_accuracy_int8 is not None
     card = ModelCard.from_onnx(onnx.load(str(tmp_path / "ft.int8.onnx")))
     assert card.labels == result.card.labels and card.quantization["calibration"].startswith("the fine-tuning")
     assert "int8:" in result.summary() and "val_acc fp32" in result.summary()

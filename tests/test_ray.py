@@ -321,12 +321,12 @@ def test_finetune_on_ray_trains_the_local_head_and_caches_its_features(local_ray
     local = porter.finetune(model, class_folders, cache=False, **kw)
     cache = tmp_path / "feature-cache"
     on_ray = porter.finetune(model, class_folders, ray="local", cache_dir=cache, **kw)
-    assert on_ray.metrics["final"] == local.metrics["final"]
-    assert on_ray.metrics["features"]["device"].startswith("cpu, 2 Ray actors")
+    assert on_ray.metrics.final == local.metrics.final
+    assert on_ray.metrics.features.device.startswith("cpu, 2 Ray actors")
     assert len(list(cache.glob("*.npz"))) == 2  # the training images and their augmented views
     # a second run finds every feature in the cache and never reaches Ray
     from porter.ray import jobs
 
     monkeypatch.setattr(jobs, "RayBackbone", lambda *a, **k: pytest.fail("Ray ran although the cache holds it all"))
     again = porter.finetune(model, class_folders, ray="local", cache_dir=cache, **kw)
-    assert again.features_cached and again.metrics["final"] == local.metrics["final"]
+    assert again.features_cached and again.metrics.final == local.metrics.final

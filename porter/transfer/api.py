@@ -22,6 +22,8 @@ from .data import Dataset, load_data
 from .features import Features, InputGeometry
 from .inputs import batch_dim as batch_dim_of
 from .inputs import input_geometry, resolve_preprocess, sample_inputs
+from .metrics import (AugmentRecord, Chosen, CutCandidate, CutRecord, DataRecord, FeaturesRecord, FinetuneMetrics,
+                      HeadTraining, MergeCheck, Scores, SkippedFile, Split, TasksMetrics)
 from .options import FinetuneOptions
 from .steps import featurize, load_source, logger, prefetch_imports, ray_connection
 
@@ -34,7 +36,7 @@ class FinetuneResult:
     model: Any  # onnx.ModelProto: backbone + head
     path: Path | None
     card: ModelCard
-    metrics: dict[str, Any]
+    metrics: FinetuneMetrics | TasksMetrics  # TasksMetrics: several targets (--task)
     report: dict[str, Path]  # metrics / curves / confusion -> path (empty when no output was given)
     seconds: float
     timings: dict[str, float]
@@ -50,7 +52,7 @@ class FinetuneResult:
 
     @property
     def val_accuracy(self) -> float:
-        return self.metrics["final"]["val_accuracy"]
+        return self.metrics.final.val_accuracy
 
     def summary(self) -> str:
         from .report import summary_text
@@ -226,68 +228,63 @@ def _finetune(source: Any, data: Any, output: str | os.PathLike | None, opts: Fi
         check = _check_merged(merged, extract_backbone(model, tail.cut),
                               lambda f: partial.net.probabilities(Rows([(f, np.arange(len(f)))])), dataset,
                               by_cut[tail.cut.key], geometry, spec, positions=val_idx)
-        check["translation_max_scaled_diff"] = partial.translation_diff
-        check["what"] = "merged model vs the tail's cached input -> torch tail + head (on validation examples)"
+        check = replace(check, what="merged model vs the tail's cached input -> torch tail + head (on validation "
+                                    "examples)", translation_max_scaled_diff=partial.translation_diff)
     timings["merge"] = time.perf_counter() - t
 
     y_val = feats.labels[val_idx]
     val_prob = partial.val_probabilities if partial is not None else trained.val_probabilities
     val_metrics = classification_metrics(y_val, val_prob.argmax(1), dataset.classes)
     if partial is None:
-        final = {"loss": trained.loss, "accuracy": trained.accuracy, "val_loss": trained.val_loss,
-                 "val_accuracy": val_metrics["accuracy"]}
+        final = Scores(loss=trained.loss, accuracy=trained.accuracy, val_loss=trained.val_loss,
+                       val_accuracy=val_metrics["accuracy"], epoch=trained.best_epoch)
     else:
-        final = {**partial.final, "val_accuracy": val_metrics["accuracy"]}
-    if trained.best_epoch is not None:
-        final["epoch"] = trained.best_epoch
+        final = Scores(loss=partial.final["loss"], accuracy=partial.final["accuracy"],
+                       val_loss=partial.final["val_loss"], val_accuracy=val_metrics["accuracy"],
+                       epoch=trained.best_epoch)
     if len(cuts) > 1:
         choice = f"chosen on validation among {len(cuts)} candidates" + (" (--cut search)" if opts.cut == "search" else "")
     elif opts.cut not in (None, "auto"):
         choice = f"--cut {opts.cut}"
     else:
         choice = "the pooled backbone (the only candidate within the search budget)"
-    metrics = {
-        "porter_version": __version__,
-        "source": card.source,
-        "data": {"source": dataset.source, "kind": dataset.kind, "examples": len(dataset),
-                 "class_counts": dataset.counts(),
-                 "skipped": [{"file": n, "error": e} for n, e in feats.skipped],
-                 "ignored_files": dataset.ignored[:100], "ignored_count": len(dataset.ignored)},
-        "labels": list(dataset.classes),
-        "examples": {"train": int(len(train_idx)), "val": int(len(val_idx))},
-        "cut": {"tensor": cut.name, "shape": format_shape(cut.shape), "kind": cut.kind, "reason": cut.reason,
-                "pooled": list(cut.pool_axes) if cut.pool_axes else None,
-                "features": int(feats.features.shape[1]), "choice": choice},
-        "cut_search": search,
-        "partial": partial_metrics(tail, partial, opts.view_count) if tail is not None else None,
-        "augment": {"ops": list(opts.augment), "views": opts.view_count,
-                    "examples": int(len(next(iter(by_view.values())).index)),
-                    "seconds": round(timings["views"], 4)} if by_view else None,
-        "preprocess": spec.to_dict() if spec else None,
-        "features": {"cached": feats.cached, "cache": feats.cache_path, "examples": int(len(feats.index)),
-                     "seconds": round(feats.seconds, 4),
-                     "per_second": round(feats.per_second, 1) if not feats.cached else None,
-                     "device": feats.device if not feats.cached else None, "providers": feats.providers,
-                     "cuts_extracted": sum(1 for f in by_cut.values() if not f.cached)},
-        "training": {"head": opts.head, "method": trained.method, "chosen": trained.chosen,
-                     "refit_on_train_and_val": trained.refit,
-                     "hidden": opts.hidden if opts.head == "mlp" else None,
-                     "dropout": opts.head_dropout, "epochs": opts.epochs, "epochs_run": trained.epochs_run,
-                     "best_epoch": trained.best_epoch, "stopped_early": trained.stopped_early,
-                     "patience": opts.patience, "batch_size": opts.batch_size, "lr": opts.lr,
-                     "weight_decay": opts.weight_decay, "balance": opts.balance, "class_weights": trained.class_weights,
-                     "val_split": opts.val_split, "seed": opts.seed, "seconds": round(trained.seconds, 4)},
-        "regularization": trained.curve if trained.method == "lbfgs" else [],
-        "grid": trained.curve if trained.method == "adamw" else [],
-        "history": {k: [round(float(v), 6) for v in vals] for k, vals in trained.history.items()},
-        "final": final,
-        "validation": val_metrics,
-        "check": check,
-        "timings": {k: round(v, 4) for k, v in timings.items()},
-        "notes": notes,
-    }
+    metrics = FinetuneMetrics(
+        porter_version=__version__, source=card.source,
+        data=DataRecord(dataset.source, dataset.kind, len(dataset), dataset.counts(),
+                        tuple(SkippedFile(n, e) for n, e in feats.skipped), dataset.ignored[:100],
+                        len(dataset.ignored)),
+        labels=list(dataset.classes),
+        examples=Split(int(len(train_idx)), int(len(val_idx))),
+        cut=CutRecord(cut.name, format_shape(cut.shape), cut.reason, list(cut.pool_axes) if cut.pool_axes else None,
+                      int(feats.features.shape[1]), kind=cut.kind, choice=choice),
+        cut_search=search,
+        partial=partial_metrics(tail, partial, opts.view_count) if tail is not None else None,
+        augment=AugmentRecord(list(opts.augment), opts.view_count, int(len(next(iter(by_view.values())).index)),
+                              round(timings["views"], 4)) if by_view else None,
+        preprocess=spec,
+        features=FeaturesRecord(feats.cached, feats.cache_path, int(len(feats.index)), round(feats.seconds, 4),
+                                round(feats.per_second, 1) if not feats.cached else None,
+                                feats.device if not feats.cached else None, feats.providers,
+                                sum(1 for f in by_cut.values() if not f.cached)),
+        training=HeadTraining(
+            head=opts.head, method=trained.method, chosen=Chosen.of(trained.chosen),
+            refit_on_train_and_val=trained.refit, hidden=opts.hidden if opts.head == "mlp" else None,
+            dropout=opts.head_dropout, epochs=opts.epochs, epochs_run=trained.epochs_run,
+            best_epoch=trained.best_epoch, stopped_early=trained.stopped_early, patience=opts.patience,
+            batch_size=opts.batch_size, lr=opts.lr, weight_decay=opts.weight_decay, balance=opts.balance,
+            class_weights=trained.class_weights, val_split=opts.val_split, seed=opts.seed,
+            seconds=round(trained.seconds, 4)),
+        regularization=trained.curve if trained.method == "lbfgs" else [],
+        grid=trained.curve if trained.method == "adamw" else [],
+        history={k: [round(float(v), 6) for v in vals] for k, vals in trained.history.items()},
+        final=final,
+        validation=val_metrics,
+        check=check,
+        timings={k: round(v, 4) for k, v in timings.items()},
+        notes=notes,
+    )
 
-    new_card = _card(card, dataset, spec, cut.name, metrics, source, check)
+    new_card = _card(card, dataset, spec, cut.name, metrics, source)
     new_card.apply_to(merged)
     merged.producer_name, merged.producer_version = "porter", __version__
     int8 = refusal = None
@@ -296,8 +293,8 @@ def _finetune(source: Any, data: Any, output: str | os.PathLike | None, opts: Fi
         int8, refusal = quantize_finetuned(merged, dataset, first.index[train_idx], first.index[val_idx],
                                            opts.max_drop, opts.seed, log)
         timings["int8"] = time.perf_counter() - t
-        metrics["int8"] = int8_metrics(int8, refusal, int8_out if int8 is not None else None)
-    metrics["seconds"] = round(time.perf_counter() - start, 4)
+        metrics = replace(metrics, int8=int8_metrics(int8, refusal, int8_out if int8 is not None else None))
+    metrics = replace(metrics, seconds=round(time.perf_counter() - start, 4))
 
     path = None
     if output is not None:
@@ -312,14 +309,14 @@ def _finetune(source: Any, data: Any, output: str | os.PathLike | None, opts: Fi
 
 # --- steps ------------------------------------------------------------------------------------------------------
 
-def _search_cuts(cuts, fit, config, y_val, log) -> tuple[Any, Any, list[dict[str, Any]]]:
+def _search_cuts(cuts, fit, config, y_val, log) -> tuple[Any, Any, tuple[CutCandidate, ...]]:
     """(chosen cut, its trained head when the probe is the final head too, the search table).
 
     Every candidate gets the linear probe (deterministic, its L2 chosen on validation); the backbone (the first)
     is kept unless another cut is better by more than one standard error (``pick_by_validation``).
     """
     if len(cuts) == 1:
-        return cuts[0], None, []
+        return cuts[0], None, ()
     from .train import pick_by_validation
 
     # an AdamW config's lr and weight decay mean nothing to the probe: it chooses its own L2
@@ -329,17 +326,16 @@ def _search_cuts(cuts, fit, config, y_val, log) -> tuple[Any, Any, list[dict[str
     table = []
     for i, (c, r) in enumerate(zip(cuts, fits)):
         width = int(r.head.mean.shape[0])
-        table.append({"tensor": c.name, "kind": c.kind, "features": width, "pooled": bool(c.pool_axes),
-                      "val_loss": round(r.val_loss, 6), "val_loss_se_vs_first": round(errors[i], 6),
-                      "val_accuracy": round(r.val_accuracy, 6), "l2": r.chosen.get("l2"), "chosen": i == best})
+        table.append(CutCandidate(c.name, c.kind, width, bool(c.pool_axes), round(r.val_loss, 6),
+                                  round(errors[i], 6), round(r.val_accuracy, 6), r.chosen.get("l2"), i == best))
         if log:
             log(f"porter: cut {c.name} ({c.kind}, {width} features): val_loss {r.val_loss:.4f}, "
                 f"val_acc {r.val_accuracy:.4f}{'  <- chosen' if i == best else ''}")
-    return cuts[best], fits[best] if probe is config else None, table
+    return cuts[best], fits[best] if probe is config else None, tuple(table)
 
 
 def _check_merged(merged, backbone, reference, dataset: Dataset, feats: Features, g: InputGeometry,
-                  spec: PreprocessSpec | None, positions: np.ndarray | None = None) -> dict[str, Any]:
+                  spec: PreprocessSpec | None, positions: np.ndarray | None = None) -> MergeCheck:
     """The merged model's outputs == ``reference`` (torch: features -> probabilities) on the features ``backbone``
     computes, on real examples; and those features == the cached ``feats`` training used."""
     from ..graph.validate import difference
@@ -372,54 +368,52 @@ def _check_merged(merged, backbone, reference, dataset: Dataset, feats: Features
                         f"(a stale feature cache? rerun with cache=False)")
     if problems:
         raise ValidationError("the merged model does not compute backbone + head: " + "; ".join(problems))
-    return {"what": "merged model vs backbone features -> head (on training examples)",
-            "examples": int(len(x)), "max_abs_diff": diff, "max_rel_diff": rel, "scaled": d.scaled,
-            "tolerance_ratio": tolerance_ratio,
-            "label_agreement": agree, "atol": VALIDATION_ATOL, "rtol": VALIDATION_RTOL,
-            "cached_feature_max_abs_diff": cache_diff, "passed": True}
+    return MergeCheck(what="merged model vs backbone features -> head (on training examples)", examples=int(len(x)),
+                      max_abs_diff=diff, max_rel_diff=rel, scaled=d.scaled, tolerance_ratio=tolerance_ratio,
+                      label_agreement=agree, atol=VALIDATION_ATOL, rtol=VALIDATION_RTOL,
+                      cached_feature_max_abs_diff=cache_diff, passed=True)
 
 
-def _card(card: ModelCard, dataset: Dataset, spec, cut: str, metrics: dict, source: Any, check: dict) -> ModelCard:
+def _card(card: ModelCard, dataset: Dataset, spec, cut: str, metrics: FinetuneMetrics, source: Any) -> ModelCard:
     provenance = dict(card.provenance)
     provenance["finetuned_from"] = str(source) if isinstance(source, (str, os.PathLike)) else card.source
     if card.labels:
         provenance["original_classes"] = str(len(card.labels))
-    t, final, p, a = metrics["training"], metrics["final"], metrics["partial"], metrics["augment"]
+    t, final, p, a, check = metrics.training, metrics.final, metrics.partial, metrics.augment, metrics.check
     training = TrainingRecord(
-        examples=metrics["examples"], seed=t["seed"], data=dataset.source, head=t["head"], method=t["method"],
-        l2=t["chosen"].get("l2"), lr=t["chosen"].get("lr"), weight_decay=t["chosen"].get("weight_decay"),
-        best_epoch=t["best_epoch"], epochs_run=t["epochs_run"], val_accuracy=final["val_accuracy"],
-        val_loss=round(final["val_loss"], 6), train_accuracy=round(final["accuracy"], 6),
-        class_counts=metrics["data"]["class_counts"], features=metrics["cut"]["features"],
-        skipped=len(metrics["data"]["skipped"]), source_parity=card.parity,
-        partial=PartialTraining(p["start"], len(p["layers"]), p["lr"], p["best_epoch"], p["kept"],
-                                p["head_only"]["val_accuracy"]) if p else None,
-        augment=tuple(a["ops"]) if a else (), views=a["views"] if a else None)
-    parity = ParityRecord(True, {"probabilities": OutputFigures(check["max_abs_diff"], check["max_rel_diff"],
-                                                               check["scaled"], check["label_agreement"])},
-                          check["atol"], check["rtol"], (check["examples"],), t["seed"],
-                          check=check["what"])
+        examples=metrics.examples.to_dict(), seed=t.seed, data=dataset.source, head=t.head, method=t.method,
+        l2=t.chosen.l2, lr=t.chosen.lr, weight_decay=t.chosen.weight_decay,
+        best_epoch=t.best_epoch, epochs_run=t.epochs_run, val_accuracy=final.val_accuracy,
+        val_loss=round(final.val_loss, 6), train_accuracy=round(final.accuracy, 6),
+        class_counts=metrics.data.class_counts, features=metrics.cut.features,
+        skipped=len(metrics.data.skipped), source_parity=card.parity,
+        partial=PartialTraining(p.start, len(p.layers), p.lr, p.best_epoch, p.kept,
+                                p.head_only.val_accuracy) if p else None,
+        augment=tuple(a.ops) if a else (), views=a.views if a else None)
+    parity = ParityRecord(True, {"probabilities": OutputFigures(check.max_abs_diff, check.max_rel_diff,
+                                                               check.scaled, check.label_agreement)},
+                          check.atol, check.rtol, (check.examples,), t.seed, check=check.what)
     return card.with_(labels=tuple(dataset.classes), preprocess=spec, cut=cut, training=training,
                       parity=parity, provenance=provenance, porter_version=__version__)
 
 
-def _write(model, output: Path, paths: dict[str, Path], metrics: dict, classes: Sequence[str], trained,
+def _write(model, output: Path, paths: dict[str, Path], metrics: FinetuneMetrics, classes: Sequence[str], trained,
            force: bool, models: dict[Path, Any] | None = None) -> Path:
     """The model, its report and ``models`` (other ONNX files beside it: the int8 copy), all or nothing."""
     from ..outputs import save_onnx_with_files
     from .report import confusion_png, curves_png, metrics_json, regularization_png
 
-    title = f"{output.name}: val acc {metrics['final']['val_accuracy']:.4f}"
+    title = f"{output.name}: val acc {metrics.final.val_accuracy:.4f}"
     blobs = {
         paths["metrics"]: metrics_json(metrics),
         paths["curves"]: (curves_png(trained.history, trained.best_epoch, title) if trained.method == "adamw" else
-                          regularization_png(trained.curve, trained.chosen["l2"], metrics["cut_search"], title)),
-        paths["confusion"]: confusion_png(metrics["validation"]["confusion_matrix"], classes,
-                                          f"validation confusion matrix ({metrics['examples']['val']} examples)"),
+                          regularization_png(trained.curve, trained.chosen["l2"], metrics.cut_search, title)),
+        paths["confusion"]: confusion_png(metrics.validation["confusion_matrix"], classes,
+                                          f"validation confusion matrix ({metrics.examples.val} examples)"),
     }
     if "finetune" in paths:
-        p = metrics["partial"]
-        blobs[paths["finetune"]] = curves_png(p["history"], p["best_epoch"], f"{output.name}: partial fine-tuning of "
-                                              f"{len(p['layers'])} layers (epoch 0: the head alone)", first_epoch=0)
+        p = metrics.partial
+        blobs[paths["finetune"]] = curves_png(p.history, p.best_epoch, f"{output.name}: partial fine-tuning of "
+                                              f"{len(p.layers)} layers (epoch 0: the head alone)", first_epoch=0)
     blobs.update({p: m.SerializeToString() for p, m in (models or {}).items()})
     return save_onnx_with_files(model, output, blobs, force)

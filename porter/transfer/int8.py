@@ -10,6 +10,7 @@ from typing import Any
 import numpy as np
 
 from ..errors import DataError, PorterError
+from .metrics import Int8Record
 
 
 def int8_path(output: str | Path) -> Path:
@@ -51,10 +52,10 @@ def quantize_finetuned(merged, dataset, train_rows: np.ndarray, val_rows: np.nda
     return result, None
 
 
-def int8_metrics(result, refusal: str | None, path: Path | None) -> dict[str, Any]:
+def int8_metrics(result, refusal: str | None, path: Path | None) -> Int8Record:
     if result is None:
-        return {"written": False, "refused": refusal}
+        return Int8Record(False, refused=refusal)
     a = result.agreement
-    return {"written": path is not None, "path": str(path) if path else None, "method": result.method,
-            "samples": result.samples, "excluded": result.excluded, "rounds": len(result.rounds),
-            "gate": a.to_dict(), "val_accuracy_fp32": a.accuracy_fp32, "val_accuracy_int8": a.accuracy_int8}
+    return Int8Record(path is not None, path=str(path) if path else None, method=result.method,
+                      samples=result.samples, excluded=result.excluded, rounds=len(result.rounds), gate=a.to_dict(),
+                      val_accuracy_fp32=a.accuracy_fp32, val_accuracy_int8=a.accuracy_int8)

@@ -17,6 +17,7 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
+from .metrics import JointTraining
 from .tables import Task
 
 RIDGE_GRID = tuple(10.0 ** e for e in range(-4, 4))  # times the number of training rows
@@ -271,7 +272,7 @@ def _figure_name(t: Task) -> str:
 def fit_joint(features: np.ndarray, rows: np.ndarray, tasks: Sequence[Task], train_idx: np.ndarray,
               val_idx: np.ndarray, *, hidden: int, weights: dict[str, float], epochs: int, patience: int,
               batch_size: int, seed: int, dropout: float = 0.0, lr: float = 1e-3,
-              log: Callable[[str], None] | None = None) -> tuple[SharedTrunk, list[TaskResult], dict[str, Any]]:
+              log: Callable[[str], None] | None = None) -> tuple[SharedTrunk, list[TaskResult], JointTraining]:
     """The shared trunk and every task's layer trained together (AdamW, ``lr`` default 1e-3, weight decay 1e-4): the loss is
     the weighted sum of the tasks' masked losses (cross-entropy; MSE on the standardized target), each weight
     ``weights.get(task)`` or, by default, 1 / that task's initial loss (no task drowns the others); early stopping
@@ -411,7 +412,7 @@ def fit_joint(features: np.ndarray, rows: np.ndarray, tasks: Sequence[Task], tra
                             key: None if e is None else h[key][e],
                             "at_kept_epoch": {"val_loss": h["val_loss"][best_epoch - 1], key: h[key][best_epoch - 1]}}
     history["tasks"] = per_task
-    info = {"hidden": hidden, "lr": lr, "weights": dict(zip([t.name for t in tasks], w)), "initial_losses": initial,
-            "best_epoch": best_epoch, "epochs_run": epoch, "history": history, "task_best": own_best,
-            "seconds": round(time.perf_counter() - start, 4)}
+    info = JointTraining(hidden=hidden, lr=lr, weights=dict(zip([t.name for t in tasks], w)), initial_losses=initial,
+                         best_epoch=best_epoch, epochs_run=epoch, history=history, task_best=own_best,
+                         seconds=round(time.perf_counter() - start, 4))
     return shared, results, info

@@ -6,11 +6,14 @@ from __future__ import annotations
 import math
 import re
 import time
+from dataclasses import replace
 from typing import Any, Sequence
 
 import numpy as np
 
 from ..spec import ParityRecord, TaskTraining, TrainingRecord
+from .metrics import (Chosen, CutRecord, SkippedFile, Split, TableData, TableFeatures, TaskMetrics, TasksCheck,
+                      TasksMetrics)
 from .multitask import TaskResult, card_tasks, fit_joint, fit_tasks, heads_to_onnx, output_names, reference_outputs
 from .tables import Task
 
@@ -133,17 +136,17 @@ def finetune_tasks(source: Any, table, output, opts, start: float, ray: Any = No
     fresh = run(backbone)["porter/features"]
     want = reference_outputs(results, np.asarray(fresh, np.float32), trunk)
     got = run(merged)
-    check: dict[str, Any] = {"examples": int(len(sample)), "atol": CHECK_ATOL, "rtol": CHECK_RTOL, "outputs": {}}
+    outputs: dict[str, dict[str, Any]] = {}  # output -> its figures
     problems = []
     for name, w in want.items():
         g = np.asarray(got[name])
         if name.endswith("/label"):
             ok = np.array_equal(g, w)
-            check["outputs"][name] = {"equal": bool(ok)}
+            outputs[name] = {"equal": bool(ok)}
         else:
             diff = float(np.abs(g - w).max(initial=0.0))
             ok = bool(np.all(np.abs(g - w) <= CHECK_ATOL + CHECK_RTOL * np.abs(w)))
-            check["outputs"][name] = {"max_abs": diff}
+            outputs[name] = {"max_abs": diff}
         if not ok:
             problems.append(name)
     cached_diff = float(np.abs(np.asarray(fresh) - x[pos]).max(initial=0.0))
@@ -152,40 +155,37 @@ def finetune_tasks(source: Any, table, output, opts, start: float, ray: Any = No
                         f"cache=False)")
     if problems:
         raise ValidationError(f"the merged model does not compute backbone + heads for {', '.join(problems)}")
-    check["passed"] = True
+    check = TasksCheck(int(len(sample)), CHECK_ATOL, CHECK_RTOL, outputs, True)
     timings["merge"] = time.perf_counter() - t0
 
-    metrics = {
-        "porter_version": __version__, "source": card.source,
-        "data": {"source": dataset.source, "kind": dataset.kind, "examples": len(dataset),
-                 "skipped": [{"file": n, "error": e} for n, e in feats.skipped],
-                 "unlabelled_rows": dataset.ignored[:100], "unlabelled_count": len(dataset.ignored)},
-        "examples": {"train": int(len(train_idx)), "val": int(len(val_idx))},
-        "cut": {"tensor": cut.name, "shape": format_shape(cut.shape), "reason": cut.reason,
-                "pooled": list(cut.pool_axes) if cut.pool_axes else None, "features": int(x.shape[1])},
-        "preprocess": spec.to_dict() if spec else None,
-        "features": {"cached": feats.cached, "cache": feats.cache_path, "examples": int(len(feats.index)),
-                     "seconds": round(feats.seconds, 4), "device": feats.device if not feats.cached else None},
-        "tasks": [{"name": r.task.name, "type": r.task.type, "inferred": r.task.inferred,
-                   "classes": list(r.task.classes) or None, "train_rows": r.train_rows, "val_rows": r.val_rows,
-                   "labelled": int(r.task.labelled.sum()), "chosen": r.chosen, "curve": r.curve,
-                   "validation": r.validation, "outputs": output_names(r.task), "seconds": round(r.seconds, 4)}
-                  for r in results],
-        "shared_trunk": joint, "check": check, "timings": {k: round(v, 4) for k, v in timings.items()}, "notes": notes,
-        "seed": opts.seed, "val_split": opts.val_split,
-    }
+    metrics = TasksMetrics(
+        porter_version=__version__, source=card.source,
+        data=TableData(dataset.source, dataset.kind, len(dataset), tuple(SkippedFile(n, e) for n, e in feats.skipped),
+                       dataset.ignored[:100], len(dataset.ignored)),
+        examples=Split(int(len(train_idx)), int(len(val_idx))),
+        cut=CutRecord(cut.name, format_shape(cut.shape), cut.reason, list(cut.pool_axes) if cut.pool_axes else None,
+                      int(x.shape[1])),
+        preprocess=spec,
+        features=TableFeatures(feats.cached, feats.cache_path, int(len(feats.index)), round(feats.seconds, 4),
+                               feats.device if not feats.cached else None),
+        tasks=tuple(TaskMetrics(r.task.name, r.task.type, r.task.inferred, list(r.task.classes) or None, r.train_rows,
+                                r.val_rows, int(r.task.labelled.sum()), Chosen.of(r.chosen), r.curve, r.validation,
+                                output_names(r.task), round(r.seconds, 4)) for r in results),
+        shared_trunk=joint, check=check, timings={k: round(v, 4) for k, v in timings.items()}, notes=notes,
+        seed=opts.seed, val_split=opts.val_split,
+    )
     new_card = card.with_(labels=None, preprocess=spec, cut=cut.name, tasks=card_tasks(results),
                           training=TrainingRecord(
                               tasks=tuple(_task_training(r) for r in results),
-                              examples=metrics["examples"], seed=opts.seed, data=dataset.source),
+                              examples=metrics.examples.to_dict(), seed=opts.seed, data=dataset.source),
                           parity=ParityRecord.from_dict({
                               "check": "merged model vs backbone features -> heads (on validation examples)",
                               "passed": True, "atol": CHECK_ATOL, "rtol": CHECK_RTOL,
-                              "batch_sizes": [int(len(sample))], "outputs": check["outputs"]}),
+                              "batch_sizes": [int(len(sample))], "outputs": check.outputs}),
                           porter_version=__version__)
     new_card.apply_to(merged)
     merged.producer_name, merged.producer_version = "porter", __version__
-    metrics["seconds"] = round(time.perf_counter() - start, 4)
+    metrics = replace(metrics, seconds=round(time.perf_counter() - start, 4))
     path = None
     if output is not None:
         blobs = {paths["metrics"]: metrics_json(metrics)}
@@ -205,13 +205,13 @@ def finetune_tasks(source: Any, table, output, opts, start: float, ray: Any = No
                                                     "validation RMSE": [c["val_rmse"] for c in r.curve]},
                     xlabel="ridge strength (x rows)", mark=r.chosen["alpha"], log_x=True, title=f"{name}: ridge")
         if joint:
-            h = joint["history"]
+            h = joint.history
             series = {"train (weighted)": h["loss"], "validation (weighted)": h["val_loss"]}
             series.update({f"{name} validation loss": [math.nan if v is None else v for v in t["val_loss"]]
                            for name, t in h["tasks"].items()})
             blobs[paths["training/shared"]] = series_png(
                 range(1, len(h["loss"]) + 1), series,
-                xlabel="epoch", mark=joint["best_epoch"], title=f"shared trunk ({joint['hidden']} units)")
+                xlabel="epoch", mark=joint.best_epoch, title=f"shared trunk ({joint.hidden} units)")
         path = save_onnx_with_files(merged, output, blobs, opts.force)
     return FinetuneResult(merged, path, new_card, metrics, paths, time.perf_counter() - start, timings, notes,
                           feats.cached, [r.head for r in results])
@@ -238,41 +238,41 @@ def parse_task_weights(values: Sequence[str] | dict | None, tasks: Sequence[Task
     return out
 
 
-def tasks_summary(m: dict[str, Any], source: str, path, seconds: float, report: dict, notes: Sequence[str]) -> str:
+def tasks_summary(m: TasksMetrics, source: str, path, seconds: float, report: dict, notes: Sequence[str]) -> str:
     where = f" -> {path}" if path else ""
-    ex = m["examples"]
-    lines = [f"fine-tuned {source} on {m['data']['source']}: {len(m['tasks'])} tasks, {ex['train']} train / "
-             f"{ex['val']} val rows{where} in {seconds:.1f} s",
-             f"  cut: {m['cut']['tensor']} {m['cut']['shape']}, {m['cut']['features']} features ({m['cut']['reason']})"]
-    f = m["features"]
-    lines.append(f"  features: from cache ({f['cache']})" if f["cached"] else
-                 f"  features: {f['examples']} examples in {f['seconds']:.2f} s ({f['device']})")
-    j = m.get("shared_trunk")
+    ex = m.examples
+    lines = [f"fine-tuned {source} on {m.data.source}: {len(m.tasks)} tasks, {ex.train} train / "
+             f"{ex.val} val rows{where} in {seconds:.1f} s",
+             f"  cut: {m.cut.tensor} {m.cut.shape}, {m.cut.features} features ({m.cut.reason})"]
+    f = m.features
+    lines.append(f"  features: from cache ({f.cache})" if f.cached else
+                 f"  features: {f.examples} examples in {f.seconds:.2f} s ({f.device})")
+    j = m.shared_trunk
     if j:
-        lines.append(f"  shared trunk: {j['hidden']} hidden units, trained jointly (AdamW), best epoch "
-                     f"{j['best_epoch']}/{j['epochs_run']}; task weights "
-                     + ", ".join(f"{k} {v:.3g}" for k, v in j["weights"].items()))
-    for t in m["tasks"]:
-        how = "inferred" if t["inferred"] else "given"
-        v = t["validation"]
+        lines.append(f"  shared trunk: {j.hidden} hidden units, trained jointly (AdamW), best epoch "
+                     f"{j.best_epoch}/{j.epochs_run}; task weights "
+                     + ", ".join(f"{k} {v:.3g}" for k, v in j.weights.items()))
+    for t in m.tasks:
+        how = "inferred" if t.inferred else "given"
+        v = t.validation
         if j:
-            fig = (f"val_acc {v['accuracy']:.4f}, val_loss {v['loss']:.4f}" if t["type"] == "classification" else
+            fig = (f"val_acc {v['accuracy']:.4f}, val_loss {v['loss']:.4f}" if t.type == "classification" else
                    f"val R² {v['r2']:.4f}, MAE {v['mae']:.4g}, RMSE {v['rmse']:.4g}")
-            own = j["task_best"][t["name"]]
-            key, label = ("val_accuracy", "val_acc") if t["type"] == "classification" else ("val_r2", "val R²")
+            own = j.task_best[t.name]
+            key, label = ("val_accuracy", "val_acc") if t.type == "classification" else ("val_r2", "val R²")
             if own["epoch"] is not None and own[key] is not None:
                 fig += (f" at the kept epoch; its own best epoch {own['epoch']}: val_loss {own['val_loss']:.4f}, "
                         f"{label} {own[key]:.4f}")
-        elif t["type"] == "classification":
-            fig = (f"{len(t['classes'])} classes; linear probe L2 {t['chosen']['l2']:.3g}; val_acc {v['accuracy']:.4f}, "
+        elif t.type == "classification":
+            fig = (f"{len(t.classes)} classes; linear probe L2 {t.chosen.l2:.3g}; val_acc {v['accuracy']:.4f}, "
                    f"val_loss {v['loss']:.4f}")
         else:
-            fig = f"ridge alpha {t['chosen']['alpha']:.3g}; val R² {v['r2']:.4f}, MAE {v['mae']:.4g}, RMSE {v['rmse']:.4g}"
-        lines.append(f"  task {t['name']} ({t['type']}, {how}): {t['train_rows']} train / {t['val_rows']} val "
+            fig = f"ridge alpha {t.chosen.alpha:.3g}; val R² {v['r2']:.4f}, MAE {v['mae']:.4g}, RMSE {v['rmse']:.4g}"
+        lines.append(f"  task {t.name} ({t.type}, {how}): {t.train_rows} train / {t.val_rows} val "
                      f"labelled rows; {fig}")
-    c = m["check"]
-    lines.append(f"  check: merged model == backbone + heads on {c['examples']} validation examples "
-                 f"({len(c['outputs'])} outputs)")
+    c = m.check
+    lines.append(f"  check: merged model == backbone + heads on {c.examples} validation examples "
+                 f"({len(c.outputs)} outputs)")
     if report:
         lines.append("  report: " + ", ".join(str(p) for p in report.values()))
     lines += [f"  note: {n}" for n in notes]

@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any, Callable, Sequence
 import numpy as np
 
 from ..errors import DataError, UsageError, ValidationError
+from .metrics import PartialRecord, Scores, TailLayer
 
 if TYPE_CHECKING:
     import onnx
@@ -380,19 +381,19 @@ def run_partial(planned: PlannedTail, head, cut: "Cut", by_cut: dict, by_view: d
     return result
 
 
-def partial_metrics(planned: PlannedTail, r: PartialResult, views: int) -> dict[str, Any]:
+def partial_metrics(planned: PlannedTail, r: PartialResult, views: int) -> PartialRecord:
     t = planned.tail
-    return {"start": t.start, "start_shape": list(planned.shape), "end": t.end, "requested": t.requested,
-            "layers": [{"node": l.node, "op": l.op, "weights": list(l.weights), "parameters": l.parameters}
-                       for l in t.layers],
-            "trainable_parameters": t.trainable_parameters, "frozen_parameters": t.frozen_parameters,
-            "frozen_constants": len(t.frozen), "notes": list(t.notes),
-            "lr": r.lr, "precision": r.precision, "epochs_run": r.epochs_run, "best_epoch": r.best_epoch, "stopped_early": r.stopped_early,
-            "improved": r.improved, "kept": "partial" if r.improved else "head-only",
-            "head_refit": r.refit,  # the probe refit on train + validation on the kept tail's features
-            "gain_within_noise": r.within_noise,
-            "head_only": {k: round(v, 6) for k, v in r.head_only.items()},
-            "partial": {k: round(v, 6) for k, v in r.final.items()},
-            "translation_max_scaled_diff": r.translation_diff, "augmented_views": views,
-            "history": {k: [round(float(v), 6) for v in vals] for k, vals in r.history.items()},
-            "seconds": round(r.seconds, 4)}
+    return PartialRecord(
+        start=t.start, start_shape=list(planned.shape), end=t.end, requested=t.requested,
+        layers=tuple(TailLayer(l.node, l.op, list(l.weights), l.parameters) for l in t.layers),
+        trainable_parameters=t.trainable_parameters, frozen_parameters=t.frozen_parameters,
+        frozen_constants=len(t.frozen), notes=list(t.notes),
+        lr=r.lr, precision=r.precision, epochs_run=r.epochs_run, best_epoch=r.best_epoch,
+        stopped_early=r.stopped_early, improved=r.improved, kept="partial" if r.improved else "head-only",
+        head_refit=r.refit,  # the probe refit on train + validation on the kept tail's features
+        gain_within_noise=r.within_noise,
+        head_only=Scores(**{k: round(v, 6) for k, v in r.head_only.items()}),
+        partial=Scores(**{k: round(v, 6) for k, v in r.final.items()}),
+        translation_max_scaled_diff=r.translation_diff, augmented_views=views,
+        history={k: [round(float(v), 6) for v in vals] for k, vals in r.history.items()},
+        seconds=round(r.seconds, 4))

@@ -14,6 +14,8 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from .metrics import CutCandidate, FinetuneMetrics, TasksMetrics
+
 
 def report_paths(output: str | Path, partial: bool = False) -> dict[str, Path]:
     """The report files beside ``output``; with partial fine-tuning, its curves too (``NAME.finetune.png``)."""
@@ -26,82 +28,82 @@ def report_paths(output: str | Path, partial: bool = False) -> dict[str, Path]:
     return paths
 
 
-def summary_text(metrics: dict[str, Any], source: str, path: Path | None, seconds: float,
+def summary_text(metrics: FinetuneMetrics | TasksMetrics, source: str, path: Path | None, seconds: float,
                  report: dict[str, Path], notes: Sequence[str]) -> str:
     """What ``porter finetune`` prints: one line per step, the figures from ``metrics``."""
-    if "tasks" in metrics:
+    if isinstance(metrics, TasksMetrics):
         from .multitask_run import tasks_summary
 
         return tasks_summary(metrics, source, path, seconds, report, notes)
     m = metrics
     where = f" -> {path}" if path else ""
-    ex = m["examples"]
-    lines = [f"fine-tuned {source} on {m['data']['source']}: {len(m['labels'])} classes, "
-             f"{ex['train']} train / {ex['val']} val examples{where} in {seconds:.1f} s"]
-    cut = m["cut"]
-    pooled = ", average-pooled" if cut["pooled"] else ""
-    lines.append(f"  cut: {cut['tensor']} {cut['shape']}{pooled}, {cut['features']} features ({cut['reason']})")
-    if m["cut_search"]:
-        lines.append(f"  cut {cut['choice']} (linear probe; another cut replaces the backbone only if its "
+    ex = m.examples
+    lines = [f"fine-tuned {source} on {m.data.source}: {len(m.labels)} classes, "
+             f"{ex.train} train / {ex.val} val examples{where} in {seconds:.1f} s"]
+    cut = m.cut
+    pooled = ", average-pooled" if cut.pooled else ""
+    lines.append(f"  cut: {cut.tensor} {cut.shape}{pooled}, {cut.features} features ({cut.reason})")
+    if m.cut_search:
+        lines.append(f"  cut {cut.choice} (linear probe; another cut replaces the backbone only if its "
                      f"validation loss is lower by more than one standard error):")
-        for row in m["cut_search"]:
-            mark = "  <- chosen" if row["chosen"] else ""
-            lines.append(f"    {row['kind']:<10} {row['features']:>6}  val_loss {row['val_loss']:.4f}  "
-                         f"val_acc {row['val_accuracy']:.4f}  {row['tensor']}{mark}")
-    f = m["features"]
-    if f["cached"]:
-        lines.append(f"  features: from cache ({f['cache']})")
+        for row in m.cut_search:
+            mark = "  <- chosen" if row.chosen else ""
+            lines.append(f"    {row.kind:<10} {row.features:>6}  val_loss {row.val_loss:.4f}  "
+                         f"val_acc {row.val_accuracy:.4f}  {row.tensor}{mark}")
+    f = m.features
+    if f.cached:
+        lines.append(f"  features: from cache ({f.cache})")
     else:
-        lines.append(f"  features: {f['examples']} examples in {f['seconds']:.2f} s "
-                     f"({f['per_second']:,.0f}/s, {f['device']})")
-    t = m["training"]
-    final = m["final"]
-    shown = m["partial"]["head_only"] if m["partial"] else final  # the head's own scores, before the tail trains
-    scores = f"val_loss {shown['val_loss']:.4f}, val_acc {shown['val_accuracy']:.4f}"
-    if t["method"] == "lbfgs":
-        grid = m["regularization"]
-        how = "given" if t["weight_decay"] is not None else f"chosen on validation over {len(grid)} strengths"
-        refit = ", refit on train + validation" if t["refit_on_train_and_val"] else ""
-        lines.append(f"  head: linear probe (L-BFGS logistic regression), L2 {t['chosen']['l2']:.3g} {how}"
+        lines.append(f"  features: {f.examples} examples in {f.seconds:.2f} s "
+                     f"({f.per_second:,.0f}/s, {f.device})")
+    t = m.training
+    final = m.final
+    shown = m.partial.head_only if m.partial else final  # the head's own scores, before the tail trains
+    scores = f"val_loss {shown.val_loss:.4f}, val_acc {shown.val_accuracy:.4f}"
+    if t.method == "lbfgs":
+        grid = m.regularization
+        how = "given" if t.weight_decay is not None else f"chosen on validation over {len(grid)} strengths"
+        refit = ", refit on train + validation" if t.refit_on_train_and_val else ""
+        lines.append(f"  head: linear probe (L-BFGS logistic regression), L2 {t.chosen.l2:.3g} {how}"
                      f"{refit}; {scores}")
     else:
-        stop = "early stop" if t["stopped_early"] else "all epochs"
-        tried = f" (best of {len(m['grid'])} settings)" if len(m["grid"]) > 1 else ""
-        lines.append(f"  head: {t['head']}, AdamW lr {t['chosen']['lr']:g} weight decay "
-                     f"{t['chosen']['weight_decay']:g}{tried}, best epoch {t['best_epoch']}/{t['epochs_run']} "
+        stop = "early stop" if t.stopped_early else "all epochs"
+        tried = f" (best of {len(m.grid)} settings)" if len(m.grid) > 1 else ""
+        lines.append(f"  head: {t.head}, AdamW lr {t.chosen.lr:g} weight decay "
+                     f"{t.chosen.weight_decay:g}{tried}, best epoch {t.best_epoch}/{t.epochs_run} "
                      f"({stop}); {scores}")
-    if m["augment"]:
-        a = m["augment"]
-        lines.append(f"  augment: {a['views']} view{'s' if a['views'] != 1 else ''} ({', '.join(a['ops'])}) of "
-                     f"each training image, {a['examples']} featurized in {a['seconds']:.2f} s")
-    if m["partial"]:
-        p = m["partial"]
-        h, f = p["head_only"], p["partial"]
-        lines.append(f"  tail: {len(p['layers'])} layer{'s' if len(p['layers']) != 1 else ''} from {p['start']} "
-                     f"{list(p['start_shape'])} ({', '.join(l['op'] for l in p['layers'])}): "
-                     f"{p['trainable_parameters']:,} trainable, {p['frozen_parameters']:,} frozen parameters")
-        kept = (f"best epoch {p['best_epoch']}/{p['epochs_run']}" if p["improved"] else
+    if m.augment:
+        a = m.augment
+        lines.append(f"  augment: {a.views} view{'s' if a.views != 1 else ''} ({', '.join(a.ops)}) of "
+                     f"each training image, {a.examples} featurized in {a.seconds:.2f} s")
+    if m.partial:
+        p = m.partial
+        h, f = p.head_only, p.partial
+        lines.append(f"  tail: {len(p.layers)} layer{'s' if len(p.layers) != 1 else ''} from {p.start} "
+                     f"{list(p.start_shape)} ({', '.join(l.op for l in p.layers)}): "
+                     f"{p.trainable_parameters:,} trainable, {p.frozen_parameters:,} frozen parameters")
+        kept = (f"best epoch {p.best_epoch}/{p.epochs_run}" if p.improved else
                 "no epoch beat the head alone: kept the head-only model, weights unchanged")
-        lines.append(f"  fine-tune: AdamW lr {p['lr']:g} ({p['precision']}), {kept}; head only val_loss {h['val_loss']:.4f} "
-                     f"val_acc {h['val_accuracy']:.4f} -> partial val_loss {f['val_loss']:.4f} "
-                     f"val_acc {f['val_accuracy']:.4f}")
-    c = m["check"]
-    what = ("torch tail + head on the tail's cached input" if m["partial"] else "backbone + head")
-    held = " validation" if m["partial"] else ""
-    lines.append(f"  check: merged model == {what} (max |diff| {c['max_abs_diff']:.2g} on "
-                 f"{c['examples']}{held} examples, labels agree)")
-    q = m.get("int8")
-    if q and q.get("refused"):
-        lines.append(f"  int8: not written: {q['refused']}")
+        lines.append(f"  fine-tune: AdamW lr {p.lr:g} ({p.precision}), {kept}; head only val_loss {h.val_loss:.4f} "
+                     f"val_acc {h.val_accuracy:.4f} -> partial val_loss {f.val_loss:.4f} "
+                     f"val_acc {f.val_accuracy:.4f}")
+    c = m.check
+    what = ("torch tail + head on the tail's cached input" if m.partial else "backbone + head")
+    held = " validation" if m.partial else ""
+    lines.append(f"  check: merged model == {what} (max |diff| {c.max_abs_diff:.2g} on "
+                 f"{c.examples}{held} examples, labels agree)")
+    q = m.int8
+    if q and q.refused:
+        lines.append(f"  int8: not written: {q.refused}")
     elif q:
-        g = q["gate"]
-        kept = f", {len(q['excluded'])} node(s) kept in float" if q["excluded"] else ""
-        where = f" -> {q['path']}" if q.get("path") else ""
-        lines.append(f"  int8: {q['method']} calibration on {q['samples']} training images{kept}; on {g['inputs']} "
-                     f"validation examples: val_acc fp32 {q['val_accuracy_fp32']:.4f}, int8 "
-                     f"{q['val_accuracy_int8']:.4f}, top-1 agreement {g['top1_agreement']:.1%}{where}")
-    if m["data"]["skipped"]:
-        lines.append(f"  skipped: {len(m['data']['skipped'])} unreadable file(s), listed in the report")
+        g = q.gate
+        kept = f", {len(q.excluded)} node(s) kept in float" if q.excluded else ""
+        where = f" -> {q.path}" if q.path else ""
+        lines.append(f"  int8: {q.method} calibration on {q.samples} training images{kept}; on {g['inputs']} "
+                     f"validation examples: val_acc fp32 {q.val_accuracy_fp32:.4f}, int8 "
+                     f"{q.val_accuracy_int8:.4f}, top-1 agreement {g['top1_agreement']:.1%}{where}")
+    if m.data.skipped:
+        lines.append(f"  skipped: {len(m.data.skipped)} unreadable file(s), listed in the report")
     if report:
         lines.append("  report: " + ", ".join(str(p) for p in report.values()))
     lines += [f"  note: {n}" for n in notes]
@@ -153,7 +155,8 @@ def curves_png(history: dict[str, list[float]], best_epoch: int, title: str = ""
     return _png(fig)
 
 
-def regularization_png(curve: Sequence[dict], chosen: float, search: Sequence[dict] = (), title: str = "") -> bytes:
+def regularization_png(curve: Sequence[dict], chosen: float, search: Sequence[CutCandidate] = (),
+                       title: str = "") -> bytes:
     """The linear probe's regularization curve: train and validation loss and accuracy per L2 strength; with a cut
     search, a third panel with each candidate cut's validation loss."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
@@ -175,9 +178,9 @@ def regularization_png(curve: Sequence[dict], chosen: float, search: Sequence[di
         ax.legend(fontsize=8)
     if search:
         ax = axes[2]
-        names = [f"{r['kind']} {r['features']}" for r in search]
-        ax.barh(range(len(search)), [r["val_loss"] for r in search],
-                color=["tab:green" if r["chosen"] else "tab:grey" for r in search])
+        names = [f"{r.kind} {r.features}" for r in search]
+        ax.barh(range(len(search)), [r.val_loss for r in search],
+                color=["tab:green" if r.chosen else "tab:grey" for r in search])
         ax.set_yticks(range(len(search)), names, fontsize=8)
         ax.invert_yaxis()
         ax.set_xlabel("validation loss")
@@ -260,8 +263,8 @@ def _png(fig) -> bytes:
     return buf.getvalue()
 
 
-def metrics_json(metrics: dict[str, Any]) -> bytes:
-    return (json.dumps(metrics, indent=2, sort_keys=False, default=_jsonable) + "\n").encode()
+def metrics_json(metrics: FinetuneMetrics | TasksMetrics) -> bytes:
+    return (json.dumps(metrics.to_dict(), indent=2, sort_keys=False, default=_jsonable) + "\n").encode()
 
 
 def _jsonable(obj: Any) -> Any:
