@@ -413,7 +413,7 @@ def test_optimized_model_is_cached_per_device(tmp_path):
     assert off.session_info.cache_path is None and not (tmp_path / "d").exists()
 
 
-def test_session_options_fit_the_machine():
+def test_session_options_fit_the_machine(tmp_path):
     cfg = S.SessionConfig(device="cpu")
     so = S.session_options(cfg)
     assert so.intra_op_num_threads == S.cpu_threads() >= 1
@@ -421,7 +421,8 @@ def test_session_options_fit_the_machine():
     assert S.session_options(S.SessionConfig(device="cpu", threads=1, spin=False)).intra_op_num_threads == 1
     cuda = dict(S.providers_for(S.SessionConfig(device="cuda"))[0][1])
     assert cuda["cudnn_conv_algo_search"] == "EXHAUSTIVE"
-    profiles = S._trt_profiles({"image": ("batch", 224, 224, 3)}, 64, 32)
+    profiles = dict(S.providers_for(S.SessionConfig(device="tensorrt", cache_dir=str(tmp_path), max_batch=64, opt_batch=32),
+                                    {"image": ("batch", 224, 224, 3)})[0][1])
     assert profiles["trt_profile_max_shapes"] == "image:64x224x224x3"
     assert profiles["trt_profile_min_shapes"] == "image:1x224x224x3"
 

@@ -69,12 +69,11 @@ def server(tmp_path_factory):
 
 
 @pytest.fixture(autouse=True)
-def isolated_cache(tmp_path, monkeypatch):
-    monkeypatch.setenv("PORTER_CACHE", str(tmp_path / "cache"))
+def download_defaults(isolated_cache, monkeypatch):
+    """conftest's isolated $PORTER_CACHE, the download limits at their defaults, the server's request log empty."""
     monkeypatch.delenv("PORTER_HTTP_TIMEOUT", raising=False)
     monkeypatch.delenv("PORTER_MAX_DOWNLOAD_MB", raising=False)
     Handler.log.clear()
-    return tmp_path / "cache"
 
 
 def golden_check(onnx_path: Path, name: str) -> float:
