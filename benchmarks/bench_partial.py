@@ -219,6 +219,8 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     import keras  # noqa: F401 - both frameworks imported before any clock starts
     import torch  # noqa: F401
+    import torch._dynamo  # noqa: F401 - torch.optim's first optimizer imports it (~1.3 s): part of the framework, as
+    # Keras's optimizers are part of `import keras`
 
     unfreeze = [int(v) for v in args.unfreeze.split(",")]
     work = Path(tempfile.mkdtemp(prefix="porter-bench-partial-"))

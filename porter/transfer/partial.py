@@ -121,6 +121,10 @@ class TailNet:
     def __init__(self, module, head, shape: Sequence[int], pool_axes: Sequence[int] | None):
         self.module, self.head, self.shape = module, head, tuple(shape)
         self.pool_axes = tuple(pool_axes) if pool_axes else None
+        if len(self.shape) == 3:  # image maps: channels-last weights keep every activation channels-last, even after
+            import torch  # a 1-channel input, whose layout torch can't tell (NCHW pooling ran 3-6x slower, measured)
+
+            module.to(memory_format=torch.channels_last)
 
     def features(self, x: "torch.Tensor") -> "torch.Tensor":
         import torch
