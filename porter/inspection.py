@@ -73,9 +73,10 @@ class InspectReport:
                 lines.append(f"  {describe_quantization(c.quantization)}")
             if c.cut:
                 lines.append(f"  cut: {c.cut}")
-            if c.training:
-                lines.append("  training: " + ", ".join(f"{k} {v}" for k, v in sorted(c.training.to_dict().items())
-                                                        if not isinstance(v, (list, dict))))
+            training = c.training.to_dict() if c.training else {}
+            shown = [f"{k} {v}" for k, v in sorted(training.items()) if v is not None and not isinstance(v, (list, dict))]
+            if shown:
+                lines.append("  training: " + ", ".join(shown))
             for k, v in sorted(c.provenance.items()):
                 lines.append(f"  {k}: {v}")
         for k, v in sorted(self.other_metadata.items()):

@@ -231,7 +231,7 @@ class PartialTraining:
             return None
         kept = d.get("partial_kept")
         return cls(_text(d.get("partial_start")), _count(d.get("partial_layers"), least=1),
-                   _within(d.get("partial_lr")), _count(d.get("partial_best_epoch"), least=1),
+                   _within(d.get("partial_lr")), _count(d.get("partial_best_epoch")),  # 0: the head alone was kept
                    kept if kept in ("partial", "head-only") else None,
                    _within(d.get("head_only_val_accuracy"), 0.0, 1.0))
 

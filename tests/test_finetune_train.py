@@ -162,3 +162,35 @@ def test_loss_margin_is_the_one_standard_error_rule():
     d = -np.log([0.99, 0.5, 0.2, 0.6]) + np.log([0.6, 0.6, 0.6, 0.6])
     margin, se = loss_margin(noisy, base, y)
     assert se == pytest.approx(d.std(ddof=1) / 2) and margin == pytest.approx(d.mean() + se) and margin > 0
+
+
+def test_the_probe_objective_has_the_gradient_of_its_loss():
+    """LogisticObjective's hand-written gradient is its loss's, class weights included (central differences)."""
+    from porter.transfer.probe import LogisticObjective
+
+    x, y = overlapping(n=60, d=5, k=3)
+    objective = LogisticObjective((x - x.mean(0)) / x.std(0), y, 3, class_weights(y, 3) * np.array([1.0, 2.0, 0.5]))
+    theta = np.random.default_rng(1).standard_normal(3 * 5 + 3)
+    loss, grad = objective.value_and_grad(theta, 0.1)
+    eps = 1e-6
+    numeric = [(objective.value_and_grad(theta + eps * e, 0.1)[0] - objective.value_and_grad(theta - eps * e, 0.1)[0])
+               / (2 * eps) for e in np.eye(len(theta))]
+    np.testing.assert_allclose(grad, numeric, rtol=1e-6, atol=1e-8)
+    # and the loss is the weighted mean cross-entropy + (l2 / 2) ||W||^2 computed directly
+    w, b = theta[:15].reshape(3, 5), theta[15:]
+    logits = objective.x @ w.T + b
+    ce = np.log(np.exp(logits).sum(1)) - logits[np.arange(60), y]
+    assert loss == pytest.approx(float((objective.scale * ce).sum() + 0.05 * (w * w).sum()), rel=1e-12)
+
+
+def test_path_start_continues_the_regularization_path():
+    from porter.transfer.probe import path_start
+
+    a, b = (np.full((2, 3), 1.0), np.zeros(2)), (np.full((2, 3), 2.0), np.ones(2))
+    assert path_start({}, 0.1) == []
+    assert len(path_start({1.0: a}, 0.1)) == 1  # one solution: no path to continue
+    nearest, extrapolated = path_start({1.0: a, 0.1: b}, 0.01)  # a decade on: 2 * b - a
+    assert nearest is b and np.array_equal(extrapolated[0], np.full((2, 3), 3.0))
+    _, between = path_start({1.0: a, 0.01: b}, 0.1)  # half way in log(l2): the mean
+    np.testing.assert_allclose(between[0], np.full((2, 3), 1.5))
+    assert path_start({1.0: a, 0.1: b}, 0.0) == [b]  # l2 = 0 has no log: the nearest solution only

@@ -359,3 +359,26 @@ def test_cli_unfreeze_and_its_errors(tmp_path, porter_cli):
         r = porter_cli("finetune", str(src), str(data), "-o", str(tmp_path / "bad.onnx"), *args, "--quiet")
         assert r.returncode != 0 and msg in r.stderr and "Traceback" not in r.stderr
         assert len(r.stderr.strip().splitlines()) == 1, r.stderr
+
+
+def test_the_tail_runs_channels_last_and_keeps_constants_of_other_ranks():
+    """TailNet turns the tail's 4-D weights channels-last (a 1-channel input would otherwise leave every later layer
+    NCHW); a 5-D constant, which has no channels-last, is left as it is, and the numbers don't change."""
+    from porter.transfer.partial import TailNet
+
+    class Tail(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = torch.nn.Conv2d(1, 4, 3, padding=1)
+            self.register_buffer("scale5d", torch.full((1, 1, 1, 1, 1), 2.0))
+
+        def forward(self, x):
+            return torch.max_pool2d(self.conv(x), 2) * self.scale5d[0]
+
+    torch.manual_seed(0)
+    module, x = Tail(), torch.randn(3, 1 * 8 * 8)
+    want = module(x.reshape(3, 1, 8, 8)).reshape(3, -1)
+    net = TailNet(module, torch.nn.Identity(), (1, 8, 8), None)
+    assert module.conv.weight.is_contiguous(memory_format=torch.channels_last) and module.scale5d.dim() == 5
+    got = net.features(x)
+    torch.testing.assert_close(got, want)

@@ -116,6 +116,10 @@ def test_the_training_record_is_typed_and_reads_what_porter_wrote():
     record = TrainingRecord.from_dict(tasks)
     assert record.to_dict() == tasks
     assert record.tasks[1] == TaskTraining("age", "regression", alpha=2.0, mae=1.5, rmse=2.0, r2=-0.25)
+    # a tail that didn't help: best epoch 0 (the head alone) is a real value, not a malformed one
+    head_only = {**one_head, "partial_best_epoch": 0, "partial_kept": "head-only"}
+    assert TrainingRecord.from_dict(head_only).partial.best_epoch == 0
+    assert TrainingRecord.from_dict(head_only).to_dict() == head_only
 
 
 def test_the_training_record_reads_malformed_values_as_absent():

@@ -52,7 +52,7 @@ def make_head(kind: str, in_features: int, classes: int, *, hidden: int = 256, d
     return Head()
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)  # arrays: compared and hashed by identity
 class LinearHead:
     """The linear probe's head as arrays (float32): logits = ((x - mean) / std) @ weight.T + bias. Built, evaluated,
     checked and exported without torch, so the default finetune never imports it (~1.4 s); ``to_torch()`` gives the
@@ -107,9 +107,12 @@ def head_layers(head: "LinearHead | torch.nn.Module") -> tuple[np.ndarray, np.nd
 def predict_proba(head: "LinearHead | torch.nn.Module", features: np.ndarray, batch: int = 4096) -> np.ndarray:
     """Softmax probabilities of the (unfolded) head; a torch head in eval mode."""
     if isinstance(head, LinearHead):
-        logits = head.logits(features)
-        e = np.exp(logits - logits.max(1, keepdims=True))
-        return e / e.sum(1, keepdims=True)
+        out = []
+        for i in range(0, len(features), batch):
+            logits = head.logits(features[i:i + batch])
+            e = np.exp(logits - logits.max(1, keepdims=True))
+            out.append(e / e.sum(1, keepdims=True))
+        return np.concatenate(out) if out else np.zeros((0, len(head.bias)), np.float32)
     import torch
 
     head.eval()

@@ -124,7 +124,9 @@ class TailNet:
         if len(self.shape) == 3:  # image maps: channels-last weights keep every activation channels-last, even after
             import torch  # a 1-channel input, whose layout torch can't tell (NCHW pooling ran 3-6x slower, measured)
 
-            module.to(memory_format=torch.channels_last)
+            for t in [*module.parameters(), *module.buffers()]:
+                if t.dim() == 4:  # same tensors (the optimizer keeps them); rank 5 has no channels-last
+                    t.data = t.data.contiguous(memory_format=torch.channels_last)
 
     def features(self, x: "torch.Tensor") -> "torch.Tensor":
         import torch

@@ -118,8 +118,8 @@ def path_start(solutions: dict[float, tuple], lam: float) -> list[tuple[np.ndarr
     """Warm starts for strength ``lam`` from the solutions found so far: the nearest one, and the regularization
     path continued linearly in log(l2) from the two nearest (a continuation method's predictor step; between two
     solved strengths it interpolates). The solver starts from whichever has the lower objective."""
-    if not solutions:
-        return []
+    if not solutions or lam <= 0:  # no path to continue in log(l2) (a strength of 0 is a plain warm start)
+        return [solutions[min(solutions, key=lambda k: abs(k - lam))]] if solutions else []
     near = sorted(solutions, key=lambda k: abs(math.log(k / lam)))
     starts = [solutions[near[0]]]
     if len(near) > 1:
@@ -180,7 +180,7 @@ def fit_probe(x_train: np.ndarray, y_train: np.ndarray, x_val: np.ndarray, y_val
                     evaluate(lam)
         chosen = best_l2()
         w, b = solutions[chosen]
-        val_prob = _scores(xv, y_val, w, b, None)[2].astype(np.float32)
+        val_prob = np.ascontiguousarray(_scores(xv, y_val, w, b, None)[2], dtype=np.float32)
         head_mean, head_std = mean, std
         train_only = (w, b)
         if refit:
