@@ -62,7 +62,6 @@ class LinearHead:
     std: np.ndarray
     weight: np.ndarray  # classes x features
     bias: np.ndarray
-    kind = "linear"
 
     def logits(self, features: np.ndarray) -> np.ndarray:
         x = (np.asarray(features, np.float32) - self.mean) / self.std
@@ -77,6 +76,14 @@ class LinearHead:
             head.net[-1].weight.copy_(torch.from_numpy(self.weight))
             head.net[-1].bias.copy_(torch.from_numpy(self.bias))
         return head.eval()
+
+
+def softmax_parts(logits: np.ndarray, axis: int) -> tuple[np.ndarray, np.ndarray]:
+    """(softmax, log-sum-exp) of ``logits`` along the class ``axis``, overflow-free."""
+    top = logits.max(axis, keepdims=True)
+    e = np.exp(logits - top)
+    total = e.sum(axis, keepdims=True)
+    return e / total, np.squeeze(np.log(total) + top, axis)
 
 
 def as_torch(head: Any) -> "torch.nn.Module":
@@ -109,9 +116,7 @@ def predict_proba(head: "LinearHead | torch.nn.Module", features: np.ndarray, ba
     if isinstance(head, LinearHead):
         out = []
         for i in range(0, len(features), batch):
-            logits = head.logits(features[i:i + batch])
-            e = np.exp(logits - logits.max(1, keepdims=True))
-            out.append(e / e.sum(1, keepdims=True))
+            out.append(softmax_parts(head.logits(features[i:i + batch]), axis=1)[0])
         return np.concatenate(out) if out else np.zeros((0, len(head.bias)), np.float32)
     import torch
 

@@ -20,7 +20,7 @@ from typing import Callable, Sequence
 
 import numpy as np
 
-from .heads import LinearHead, standardization
+from .heads import LinearHead, softmax_parts, standardization
 from .train import few_threads
 
 # coarse: one per decade, refined to half decades around the best. Below 1e-5 a separable training set drives the
@@ -43,14 +43,6 @@ class ProbeResult:
     @property
     def best(self) -> dict[str, float]:
         return next(p for p in self.curve if p["l2"] == self.l2)
-
-
-def _softmax_parts(logits: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """(exp(logits - max), log-sum-exp) along the class axis 0 of a (classes x n) array, overflow-free."""
-    top = logits.max(0)
-    e = np.exp(logits - top)
-    total = e.sum(0)
-    return e / total, np.log(total) + top
 
 
 class LogisticObjective:
@@ -133,7 +125,7 @@ def _scores(x: np.ndarray, y: np.ndarray, w: np.ndarray, b: np.ndarray,
             sample_w: np.ndarray | None) -> tuple[float, float, np.ndarray]:
     """(mean cross-entropy, weighted per example as in training; accuracy; class probabilities [n x classes])."""
     logits = w @ x.T + b[:, None]
-    prob, lse = _softmax_parts(logits)
+    prob, lse = softmax_parts(logits, axis=0)
     ce = lse - logits[y, np.arange(len(y))]
     loss = float((ce * sample_w).mean() if sample_w is not None else ce.mean())
     return loss, float((logits.argmax(0) == y).mean()), prob.T
